@@ -1,0 +1,136 @@
+// TurboQuant codecs: TurboQuant_mse and TurboQuant_prod (SPEC §1), with integer or fractional
+// bit widths, encoding batches of vectors into fixed-size records.
+//
+// Encoding one vector x ∈ R^d with one quantizer (a "channel group", see below):
+//   n = ‖x‖ (float32, canonical_dot order);       w = Π_unscaled x;     y = w · (gain / n)
+//   mse:  idx_j = #{k : boundary_k < y_j}          (boundaries of the Lloyd–Max codebook)
+//   prod: the same at b − 1 bits (no code at b = 1), then in the rotated frame
+//         r = y − c[idx],  γ = ‖r‖,  z_i = [⟨S_i, r⟩ >= 0]  (S: d×d i.i.d. N(0,1), seeded)
+// Decoding: x̂ = n · Πᵀ (c[idx] + sqrt(π/2)/d · γ · Sᵀ z)   (the QJL term for prod only).
+// The QJL matrix acts on the residual in the rotated frame. For a fixed rotation Π, S' = S Π is
+// again a matrix of i.i.d. N(0,1) entries, so this is exactly the estimator of SPEC §1 with
+// matrix S' applied to the residual in the original space — and it needs no inverse rotation
+// while encoding, while attention gets S q' from the query it already rotated.
+// A zero vector stores n = 0 and decodes to exactly zero. NaN or Inf input is rejected.
+//
+// Fractional bits: bits = B + f with f·d an integer in (0, d) splits the channels into an
+// "outlier" group of f·d channels quantized at B + 1 bits and the rest at B bits, each group an
+// independent quantizer with its own rotation (substream 0 and 1 of the seed) and codebook. So
+// 2.5 bits at d = 128 is 64 channels at 3 bits + 64 at 2; 3.5 is 64 at 4 + 64 at 3; the split
+// 32 × 3 + 96 × 2 is 2.25 bits. Outlier channels are given in the spec or, if not, chosen from
+// the first batch the codec encodes: the f·d channels of largest mean square (ties: lower index).
+//
+// Record layout (one encoded vector): the groups' parts, outlier group first; each part is
+//   [MSE code fields: packed_bytes(mse_bits, d_g)] [QJL signs: ceil(d_g/8), prod only]
+//   [norm n: 2 bytes f16 or 4 bytes f32] [γ: same format, prod only]
+// little-endian, no padding. The stored norm is n rounded to the norm format; a norm that does
+// not fit it (above 65504 for f16) is an error, never an infinity. With f16, norms below
+// 6.1e-5 lose relative precision (float16 subnormals) and norms below 3e-8 store as zero.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "tqkv/codebook.hpp"
+#include "tqkv/rotation.hpp"
+
+namespace tqkv {
+
+enum class CodecKind : uint8_t { mse = 0, prod = 1 };
+enum class RotationChoice : uint8_t { automatic = 0, hadamard = 1, dense = 2 };
+enum class NormFormat : uint8_t { f16 = 0, f32 = 1 };
+enum class ScalarType : uint8_t { f32 = 0, f16 = 1, bf16 = 2 };
+
+const char* to_string(CodecKind kind);
+const char* to_string(RotationChoice choice);
+const char* to_string(NormFormat format);
+/// Parse the names above ("mse", "auto"/"automatic", "f16", ...); throws tqkv::Error naming `what`.
+CodecKind parse_codec_kind(const std::string& name);
+RotationChoice parse_rotation_choice(const std::string& name);
+NormFormat parse_norm_format(const std::string& name);
+
+/// Everything that determines a codec. Saved with the data it encoded.
+struct CodecSpec {
+  int dim = 0;
+  /// mse: 1..8, prod: 1..9, integer or fractional (see above).
+  double bits = 4.0;
+  CodecKind kind = CodecKind::mse;
+  RotationChoice rotation = RotationChoice::automatic;
+  uint64_t seed = 0;
+  NormFormat norm_format = NormFormat::f16;
+  /// Fractional bits only: the channels quantized at the higher width, ascending. Empty: chosen
+  /// from the first batch encoded.
+  std::vector<int> outlier_channels;
+
+  bool operator==(const CodecSpec&) const = default;
+};
+
+/// One independent quantizer over a subset of the channels, and where its part of a record is.
+struct ChannelGroup {
+  std::vector<int> channels;  ///< ascending channel indices
+  int dim = 0;                ///< channels.size()
+  int bits = 0;               ///< bits per coordinate of this group's codes (prod: with QJL bit)
+  int mse_bits = 0;           ///< Lloyd–Max code width (prod: bits − 1, possibly 0)
+  bool qjl = false;           ///< prod: QJL sign bits and γ stored
+  uint32_t substream = 0;     ///< random substream of its rotation and QJL matrix
+  size_t offset = 0;          ///< start of this group's part in a record
+  size_t codes_offset = 0, signs_offset = 0, norm_offset = 0, gamma_offset = 0;  ///< absolute
+  size_t bytes = 0;           ///< size of this group's part
+};
+
+/// A TurboQuant codec. A cheap handle: copies share the same (immutable, thread-safe) tables.
+class Codec {
+ public:
+  /// Validates `spec` and builds codebooks, rotations and QJL matrices. Throws tqkv::Error.
+  explicit Codec(const CodecSpec& spec);
+
+  /// The spec, with the outlier channels once chosen.
+  CodecSpec spec() const;
+  int dim() const;
+  double bits() const;
+  CodecKind kind() const;
+  /// Bytes of one encoded vector (codes, signs, norms, γ).
+  size_t record_bytes() const;
+  /// False only for a fractional-bit codec whose outlier channels are not chosen yet.
+  bool ready() const;
+  /// Channel groups (one for integer bits, two for fractional). Requires ready().
+  const std::vector<ChannelGroup>& groups() const;
+  /// The rotation, codebook (null when mse_bits = 0) and QJL matrix (row-major d_g × d_g, empty
+  /// for mse) of group g, for backends that compute on codes themselves.
+  const Rotation& rotation(size_t g) const;
+  const Codebook* codebook(size_t g) const;
+  const std::vector<float>& qjl_matrix(size_t g) const;
+
+  /// Encodes n vectors of dim() elements (row-major) into n records of record_bytes(). Input
+  /// float32, float16 or bfloat16 bits. Throws tqkv::Error, before writing anything, if any
+  /// element is NaN/Inf or a norm does not fit the norm format, naming the first such vector.
+  /// A fractional codec without outlier channels takes them from this batch (first call only).
+  /// Multi-threaded over vectors (OpenMP) for large batches.
+  void encode(const void* x, ScalarType type, size_t n, uint8_t* records) const;
+  void encode(const float* x, size_t n, uint8_t* records) const {
+    encode(x, ScalarType::f32, n, records);
+  }
+  /// Decodes n records into n float32 vectors.
+  void decode(const uint8_t* records, size_t n, float* out) const;
+  /// Estimated inner products ⟨q, x̃_i⟩ for one query q (dim() floats) against n records,
+  /// computed from the codes: the query is rotated (and projected by S) once, no vector is decoded.
+  void inner_products(const float* q, const uint8_t* records, size_t n, float* out) const;
+
+  /// Outlier channels (the f·d of largest mean square) for this batch, without fixing them.
+  std::vector<int> select_outlier_channels(const float* x, size_t n) const;
+
+  struct Impl;
+
+ private:
+  std::shared_ptr<Impl> impl_;
+};
+
+/// Sets the number of threads tqkv's CPU loops use (0 = OpenMP default). Returns the previous.
+int set_num_threads(int n);
+/// The number of threads tqkv's CPU loops use.
+int num_threads();
+
+}  // namespace tqkv

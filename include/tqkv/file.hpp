@@ -1,0 +1,75 @@
+// The .tqkv file: a versioned, checksummed container, and the encoded-vectors file built on it.
+//
+// Container layout (little-endian), version 1:
+//   offset  size  field
+//        0     8  magic "TQKVFILE"
+//        8     4  format version (1)
+//       12     4  kind (1 = encoded vectors; later kinds: KV cache)
+//       16     8  metadata bytes M
+//       24     8  payload bytes P
+//       32     8  XXH3-64 of the metadata
+//       40     8  XXH3-64 of the payload
+//       48     8  XXH3-64 of bytes 0..47 (the preamble itself)
+//       56     M  metadata: UTF-8 JSON object
+//     56+M     P  payload
+// The file is exactly 56 + M + P bytes. Readers check every field, size and hash before using
+// any of it, so a truncated or corrupted file gives a clear error, never garbage.
+//
+// Encoded-vectors metadata: {"codec": {dim, bits, kind, rotation, seed, norm_format,
+// outlier_channels}, "count": N, "record_bytes": R, "tqkv_version": "x.y.z"}; payload: N records
+// of R bytes as laid out in codec.hpp. The codec spec carries the seed, so the file alone
+// reproduces the rotation, codebooks and QJL matrix.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "tqkv/codec.hpp"
+
+namespace tqkv::file {
+
+inline constexpr char kMagic[8] = {'T', 'Q', 'K', 'V', 'F', 'I', 'L', 'E'};
+inline constexpr uint32_t kVersion = 1;
+inline constexpr size_t kPreambleBytes = 56;
+
+enum class Kind : uint32_t { encoded_vectors = 1 };
+
+struct Container {
+  Kind kind = Kind::encoded_vectors;
+  std::string metadata;          ///< JSON text
+  std::vector<uint8_t> payload;
+};
+
+/// Container <-> bytes. `name` (a file name) prefixes every error message.
+std::vector<uint8_t> serialize(const Container& c);
+Container parse(std::span<const uint8_t> bytes, std::string_view name);
+
+/// Whole-file I/O. write_bytes writes "<path>.tmp" then renames, so a failure never leaves a
+/// partial file at `path`. Errors name the path.
+std::vector<uint8_t> read_bytes(const std::filesystem::path& path);
+void write_bytes(const std::filesystem::path& path, std::span<const uint8_t> bytes);
+
+/// Codec spec <-> JSON text (strict: unknown, missing or ill-typed fields are errors).
+std::string spec_to_json(const CodecSpec& spec);
+CodecSpec spec_from_json(std::string_view json, std::string_view name);
+
+/// A batch of encoded vectors with the codec that encoded them.
+struct EncodedVectors {
+  CodecSpec spec;
+  size_t count = 0;
+  size_t record_bytes = 0;
+  std::vector<uint8_t> records;  ///< count * record_bytes
+};
+
+std::vector<uint8_t> serialize_encoded(const EncodedVectors& ev);
+/// Parses and validates (kind, spec, record size against Codec(spec), payload size).
+EncodedVectors parse_encoded(std::span<const uint8_t> bytes, std::string_view name);
+void write_encoded(const std::filesystem::path& path, const EncodedVectors& ev);
+EncodedVectors read_encoded(const std::filesystem::path& path);
+
+}  // namespace tqkv::file
