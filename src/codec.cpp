@@ -76,6 +76,7 @@ int num_threads() { return thread_count(); }
 namespace {
 
 constexpr float kSqrtHalfPi = 1.2533141373155003f;  // sqrt(π/2)
+constexpr int kMaxDenseDim = 4096;
 
 // The per-group tables: everything but the channel list, which may come later.
 struct GroupTables {
@@ -380,6 +381,11 @@ Codec::Codec(const CodecSpec& spec_in) : impl_(std::make_shared<Impl>()) {
                "rotation needs a power-of-two dimension, but ",
                group_dims.size() > 1 ? "a channel group of this split has " : "dim is ", g.dim,
                "; use --rotation dense or auto");
+    // Dense rotations and QJL matrices cost d² floats and O(d³) set-up: bounded, so that a
+    // file naming a huge codec is refused instead of exhausting memory.
+    TQKV_CHECK((kind == RotationKind::hadamard && !g.qjl) || g.dim <= kMaxDenseDim, "codec: ",
+               kind == RotationKind::dense ? "the dense rotation" : "the prod codec's QJL matrix",
+               " supports dimensions up to ", kMaxDenseDim, ", got ", g.dim);
     GroupTables t{Rotation(kind, g.dim, spec.seed, g.substream), nullptr, {}, {}, 0};
     if (g.mse_bits > 0) t.codebook = Codebook::get(g.dim, g.mse_bits);
     if (g.qjl) {
@@ -434,7 +440,7 @@ void Codec::encode(const void* x, ScalarType type, size_t n, uint8_t* records) c
   TQKV_CHECK(x != nullptr && records != nullptr, "encode: null input or output pointer");
   const int d = im.spec.dim;
   const long long count = static_cast<long long>(n);
-  const int threads = n >= kParallelMin ? thread_count() : 1;
+  [[maybe_unused]] const int threads = n >= kParallelMin ? thread_count() : 1;
 
   // Validate everything before writing anything. An uncalibrated fractional codec first checks
   // the elements alone (outlier channels are chosen only from valid data), then the norms.
@@ -486,7 +492,7 @@ void Codec::decode(const uint8_t* records, size_t n, float* out) const {
   TQKV_CHECK(records != nullptr && out != nullptr, "decode: null input or output pointer");
   const int d = im.spec.dim;
   const long long count = static_cast<long long>(n);
-  const int threads = n >= kParallelMin ? thread_count() : 1;
+  [[maybe_unused]] const int threads = n >= kParallelMin ? thread_count() : 1;
 #pragma omp parallel num_threads(threads)
   {
     Scratch s(d);
@@ -526,7 +532,7 @@ void Codec::inner_products(const float* q, const uint8_t* records, size_t n, flo
     }
   }
   const long long count = static_cast<long long>(n);
-  const int threads = n >= kParallelMin ? thread_count() : 1;
+  [[maybe_unused]] const int threads = n >= kParallelMin ? thread_count() : 1;
 #pragma omp parallel num_threads(threads)
   {
     Scratch s(d);

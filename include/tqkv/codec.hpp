@@ -54,6 +54,7 @@ NormFormat parse_norm_format(const std::string& name);
 
 /// Everything that determines a codec. Saved with the data it encoded.
 struct CodecSpec {
+  /// 2..65536; dense rotations and prod codecs (d × d matrices): 2..4096.
   int dim = 0;
   /// mse: 1..8, prod: 1..9, integer or fractional (see above).
   double bits = 4.0;

@@ -286,8 +286,7 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
   try {
     app.parse(argv_rev);
   } catch (const CLI::CallForHelp&) {
-    out << app.help("", CLI::AppFormatMode::Normal);
-    for (auto* sub : app.get_subcommands()) out << sub->help();
+    out << app.help();  // delegates to the subcommand that asked for help
     return 0;
   } catch (const CLI::CallForAllHelp&) {
     out << app.help("", CLI::AppFormatMode::All);
