@@ -50,9 +50,47 @@ struct Density {
   double alpha, norm_const;
 };
 
-// ∫_a^b t² f_d = mass_d(a, b) − (C_d / C_{d+2}) mass_{d+2}(a, b), since (1 − t²) f_d ∝ f_{d+2}.
-double second_moment(const Density& f, const Density& f2, double a, double b) {
-  return f.mass(a, b) - f.norm_const / f2.norm_const * f2.mass(a, b);
+// 32-point Gauss–Legendre rule on [-1, 1]: nodes by Newton's method on P_32, computed once.
+struct GaussLegendre {
+  static constexpr int kPoints = 32;
+  double node[kPoints], weight[kPoints];
+  GaussLegendre() {
+    for (int i = 0; i < kPoints; ++i) {
+      double x = std::cos(M_PI * (i + 0.75) / (kPoints + 0.5)), dp = 0;
+      for (int it = 0; it < 100; ++it) {
+        double p0 = 1, p1 = x;  // Legendre recurrence up to P_32 and its derivative
+        for (int k = 2; k <= kPoints; ++k) {
+          const double p2 = ((2 * k - 1) * x * p1 - (k - 1) * p0) / k;
+          p0 = p1;
+          p1 = p2;
+        }
+        dp = kPoints * (x * p1 - p0) / (x * x - 1);
+        const double step = p1 / dp;
+        x -= step;
+        if (std::abs(step) < 1e-16) break;
+      }
+      node[i] = x;
+      weight[i] = 2 / ((1 - x * x) * dp * dp);
+    }
+  }
+};
+
+// ∫_a^b (t − c)² f_d(t) dt. Interior cells, where f_d is analytic, by Gauss–Legendre: no
+// cancellation however narrow the cell. The two end cells (which may hold the singularity of
+// f_2 at ±1) by the closed forms; they are wide, so their cancellation is harmless.
+double cell_squared_error(const Density& f, const Density& f2, double a, double b, double c) {
+  if (a <= -1.0 || b >= 1.0) {
+    const double second = f.mass(a, b) - f.norm_const / f2.norm_const * f2.mass(a, b);
+    return second - 2 * c * f.first_moment(a, b) + c * c * f.mass(a, b);
+  }
+  static const GaussLegendre rule;
+  const double half = 0.5 * (b - a), mid = 0.5 * (a + b);
+  double sum = 0;
+  for (int i = 0; i < GaussLegendre::kPoints; ++i) {
+    const double t = mid + half * rule.node[i];
+    sum += rule.weight[i] * (t - c) * (t - c) * f.pdf(t);
+  }
+  return sum * half;
 }
 
 struct CellStats {
@@ -174,11 +212,7 @@ Codebook::Codebook(int dim, int bits) : dim_(dim), bits_(bits) {
   const Density f2(dim + 2);
   const auto edges = edges_of(c);
   double mse = 0;
-  for (int i = 0; i < n; ++i) {
-    const double lo = edges[i], hi = edges[i + 1];
-    mse += second_moment(f, f2, lo, hi) - 2 * c[i] * f.first_moment(lo, hi) +
-           c[i] * c[i] * f.mass(lo, hi);
-  }
+  for (int i = 0; i < n; ++i) mse += cell_squared_error(f, f2, edges[i], edges[i + 1], c[i]);
   coordinate_mse_ = mse;
 }
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -123,20 +124,22 @@ void load_row(const void* x, ScalarType t, size_t i, int d, float* out) {
   throw Error("encode: unknown scalar type");
 }
 
+constexpr int kQuantizeBlock = 64;
+
 // idx_j = number of boundaries strictly below y_j. Linear count for small codebooks (vectorizes),
 // branchless binary search for large ones; both give the same integer.
 template <int B>
 void quantize(const float* y, int d, const float* boundaries, uint8_t* idx) {
   if constexpr (B <= 4) {
+    // Blocks of 64 with a compile-time trip count vectorize; `y` is padded to a multiple of 64.
     constexpr int kBoundaries = (1 << B) - 1;
-    int32_t count[64];
-    for (int j0 = 0; j0 < d; j0 += 64) {
-      const int m = std::min(64, d - j0);
-      for (int j = 0; j < m; ++j) count[j] = 0;
+    for (int j0 = 0; j0 < d; j0 += kQuantizeBlock) {
+      int32_t count[kQuantizeBlock] = {};
       for (int k = 0; k < kBoundaries; ++k) {
         const float b = boundaries[k];
-        for (int j = 0; j < m; ++j) count[j] += b < y[j0 + j] ? 1 : 0;
+        for (int j = 0; j < kQuantizeBlock; ++j) count[j] += int32_t(b < y[j0 + j]);
       }
+      const int m = std::min(kQuantizeBlock, d - j0);
       for (int j = 0; j < m; ++j) idx[j0 + j] = uint8_t(count[j]);
     }
   } else {
@@ -150,7 +153,12 @@ void quantize(const float* y, int d, const float* boundaries, uint8_t* idx) {
 }
 
 struct Scratch {
-  explicit Scratch(int d) : x(size_t(d)), g(size_t(d)), w(size_t(d)), r(size_t(d)), idx(size_t(d)) {}
+  explicit Scratch(int d)
+      : x(size_t(d)), g(size_t(d)), w(padded(d)), r(size_t(d)), idx(size_t(d)) {}
+  // w holds the rotated vector that quantize() reads in whole blocks; the padding stays zero.
+  static size_t padded(int d) {
+    return size_t((d + kQuantizeBlock - 1) / kQuantizeBlock * kQuantizeBlock);
+  }
   std::vector<float> x, g, w, r;
   std::vector<uint8_t> idx;
 };
@@ -186,10 +194,19 @@ struct Codec::Impl {
   void decode_row(const uint8_t* rec, float* out, Scratch& s) const;
 };
 
+// True when every element is finite: an exponent-bit test that vectorizes, unlike isfinite.
+bool all_finite(const float* x, int d) {
+  uint32_t bad = 0;
+  for (int j = 0; j < d; ++j)
+    bad |= ((std::bit_cast<uint32_t>(x[j]) & 0x7f800000u) == 0x7f800000u) ? 1u : 0u;
+  return bad == 0;
+}
+
 std::string Codec::Impl::check_row(const float* x, size_t i, Scratch& s) const {
-  for (int j = 0; j < spec.dim; ++j)
-    if (!std::isfinite(x[j]))
-      return detail::concat("encode: vector ", i, " has a non-finite element (", x[j],
+  if (!all_finite(x, spec.dim))
+    for (int j = 0; j < spec.dim; ++j)
+      if (!std::isfinite(x[j]))
+        return detail::concat("encode: vector ", i, " has a non-finite element (", x[j],
                             " at index ", j, ")");
   for (size_t gi = 0; gi < groups.size(); ++gi) {
     const auto& g = groups[gi];
@@ -455,7 +472,7 @@ void Codec::encode(const void* x, ScalarType type, size_t n, uint8_t* records) c
         load_row(x, type, size_t(i), d, s.x.data());
         bool bad = false;
         if (elements_only) {
-          for (int j = 0; j < d; ++j) bad |= !std::isfinite(s.x[size_t(j)]);
+          bad = !all_finite(s.x.data(), d);
         } else {
           bad = !im.check_row(s.x.data(), size_t(i), s).empty();
         }

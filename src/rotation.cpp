@@ -32,14 +32,24 @@ void hadamard_transform(float* x, int n) {
       for (int k = 0; k < 8; ++k) x[i + k] = v[k];
     }
     h = 8;
+  } else {
+    for (; h < n; h *= 2)  // n = 2 or 4
+      for (int i = 0; i < n; i += 2 * h)
+        for (int j = i; j < i + h; ++j) {
+          const float a = x[j], b = x[j + h];
+          x[j] = a + b;
+          x[j + h] = a - b;
+        }
+    return;
   }
   for (; h < n; h *= 2)
     for (int i = 0; i < n; i += 2 * h)
-      for (int j = i; j < i + h; ++j) {
-        const float a = x[j], b = x[j + h];
-        x[j] = a + b;
-        x[j + h] = a - b;
-      }
+      for (int j = i; j < i + h; j += 8)  // h >= 8: fixed 8-wide blocks vectorize
+        for (int k = j; k < j + 8; ++k) {
+          const float a = x[k], b = x[k + h];
+          x[k] = a + b;
+          x[k + h] = a - b;
+        }
 }
 
 namespace {

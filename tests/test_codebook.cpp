@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <functional>
@@ -51,16 +52,22 @@ struct GaussLegendre {
     for (int i = 0; i < kN; ++i) s += w[size_t(i)] * g(m + h * x[size_t(i)]);
     return s * h;
   }
-  // Adaptive: split until both halves agree with the whole to `rel`.
-  LD integrate(const std::function<LD(LD)>& g, LD a, LD b, LD whole, int depth = 0) const {
+  // Adaptive: split until both halves agree with the whole to 1e-15 relative, or to `abs_tol`
+  // (near ±π/2 the integrand's own rounding, not the rule, limits the agreement).
+  LD integrate(const std::function<LD(LD)>& g, LD a, LD b, LD whole, LD abs_tol,
+               int depth = 0) const {
     const LD m = (a + b) / 2;
     const LD l = rule(g, a, m), r = rule(g, m, b);
-    if (depth > 40 || fabsl(l + r - whole) <= 1e-17L * fabsl(l + r) || fabsl(l + r) < 1e-4000L)
+    if (fabsl(l + r - whole) <= std::max(1e-15L * fabsl(l + r), abs_tol)) return l + r;
+    if (depth >= 24) {
+      ADD_FAILURE() << "quadrature did not converge on [" << double(a) << ", " << double(b) << "]";
       return l + r;
-    return integrate(g, a, m, l, depth + 1) + integrate(g, m, b, r, depth + 1);
+    }
+    return integrate(g, a, m, l, abs_tol, depth + 1) + integrate(g, m, b, r, abs_tol, depth + 1);
   }
   LD integrate(const std::function<LD(LD)>& g, LD a, LD b) const {
-    return integrate(g, a, b, rule(g, a, b));
+    const LD whole = rule(g, a, b);
+    return integrate(g, a, b, whole, 1e-18L * fabsl(whole));
   }
 };
 
@@ -138,8 +145,9 @@ TEST(Codebook, MonotoneAndLowerBound) {
       }
       // The 4^-b bound is the high-dimensional (Shannon) one. It does not hold at d = 2: a unit
       // vector in R^2 is one angle, and 2b bits on one angle beat 4^-b (d = 2, b = 1: 0.189).
-      // At d = 3 the coordinate is uniform and the bound is met with equality.
-      if (d >= 3) EXPECT_GE(D, std::pow(4.0, -b) * (1 - 1e-12));
+      // At d = 3 the coordinate is uniform and the bound is met with equality (up to the 1e-10
+      // relative error of distortion(), see DimThreeIsUniform).
+      if (d >= 3) EXPECT_GE(D, std::pow(4.0, -b) * (1 - 1e-9));
     }
 }
 
@@ -150,7 +158,8 @@ TEST(Codebook, DimThreeIsUniform) {
     const int n = 1 << b;
     for (int i = 0; i < n; ++i)
       EXPECT_NEAR(cb->centroids()[size_t(i)], -1.0 + (2.0 * i + 1) / n, 1e-12) << b << " " << i;
-    EXPECT_NEAR(cb->distortion(), std::pow(4.0, -b), 1e-12 * std::pow(4.0, -b));
+    // distortion() sums E t² − 2c E t + c² P per cell, which cancels: ~5e-11 relative at b = 8.
+    EXPECT_NEAR(cb->distortion(), std::pow(4.0, -b), 1e-9 * std::pow(4.0, -b));
   }
 }
 
@@ -174,6 +183,8 @@ TEST(Codebook, DensityMatchesIndependentFormula) {
   }
 }
 
+// The codebook integrates each interior cell by Gauss–Legendre (no cancellation in narrow
+// cells); checked here against an independent adaptive quadrature in long double.
 TEST(Codebook, CentroidConditionAndDistortionByQuadrature) {
   for (int d : kDims)
     for (int b = 1; b <= 8; ++b) {
