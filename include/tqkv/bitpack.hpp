@@ -19,6 +19,8 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 
 #include "tqkv/error.hpp"
 
@@ -52,49 +54,77 @@ constexpr size_t packed_bytes(int bits, size_t n) {
 static_assert(packed_bytes(4, 128) == 64 && packed_bytes(3, 128) == 48 &&
               packed_bytes(1, 128) == 16 && packed_bytes(3, 5) == 3);
 
+namespace detail {
+// One field of width W (a compile-time constant, so the loops vectorize), holding code bits
+// [shift, shift + W).
+template <int W>
+void pack_field(const uint8_t* codes, size_t n, int shift, uint8_t* out) {
+  constexpr size_t kPerByte = 8 / W;
+  constexpr uint32_t kMask = (1u << W) - 1u;
+  const size_t full = n / kPerByte;
+  for (size_t i = 0; i < full; ++i) {
+    uint32_t byte = 0;
+    for (size_t c = 0; c < kPerByte; ++c)
+      byte |= ((uint32_t(codes[i * kPerByte + c]) >> shift) & kMask) << (c * W);
+    out[i] = uint8_t(byte);
+  }
+  if (full * kPerByte < n) {  // partial last byte; its unused bits stay zero
+    uint32_t byte = 0;
+    for (size_t j = full * kPerByte; j < n; ++j)
+      byte |= ((uint32_t(codes[j]) >> shift) & kMask) << ((j - full * kPerByte) * W);
+    out[full] = uint8_t(byte);
+  }
+}
+
+template <int W>
+void unpack_field(const uint8_t* in, size_t n, int shift, uint8_t* codes) {
+  constexpr size_t kPerByte = 8 / W;
+  constexpr uint32_t kMask = (1u << W) - 1u;
+  for (size_t j = 0; j < n; ++j) {
+    const uint32_t part = (uint32_t(in[j / kPerByte]) >> ((j % kPerByte) * W)) & kMask;
+    codes[j] = uint8_t((shift == 0 ? 0u : codes[j]) | (part << shift));
+  }
+}
+
+// Calls fn(integral_constant<int, width>, shift, byte offset) for each field of a Bits-bit code.
+template <int Bits, class Fn, size_t... K>
+void for_each_field(size_t n, Fn&& fn, std::index_sequence<K...>) {
+  constexpr auto f = field_widths(Bits);
+  int shift = 0;
+  size_t offset = 0;
+  (
+      [&] {
+        constexpr int w = f.width[K];
+        fn(std::integral_constant<int, w>{}, shift, offset);
+        shift += w;
+        offset += (n * size_t(w) + 7) / 8;
+      }(),
+      ...);
+}
+}  // namespace detail
+
 /// Packs n codes (each < 2^Bits) into packed_bytes(Bits, n) bytes at `out`.
 template <int Bits>
 void pack_codes(const uint8_t* codes, size_t n, uint8_t* out) {
   static_assert(Bits >= 1 && Bits <= 8);
-  constexpr auto f = field_widths(Bits);
-  int shift = 0;
-  for (int k = 0; k < f.count; ++k) {
-    const int w = f.width[k];
-    const size_t per_byte = size_t(8 / w);
-    const size_t bytes = (n * size_t(w) + 7) / 8;
-    const uint32_t mask = (1u << w) - 1u;
-    // One output byte at a time: a fixed number of codes each, so the loop vectorizes.
-    for (size_t i = 0; i < bytes; ++i) {
-      uint32_t byte = 0;
-      for (size_t c = 0; c < per_byte; ++c) {
-        const size_t j = i * per_byte + c;
-        const uint32_t code = j < n ? (uint32_t(codes[j]) >> shift) & mask : 0u;
-        byte |= code << (c * size_t(w));
-      }
-      out[i] = uint8_t(byte);
-    }
-    out += bytes;
-    shift += w;
-  }
+  detail::for_each_field<Bits>(
+      n,
+      [&](auto w, int shift, size_t offset) {
+        detail::pack_field<decltype(w)::value>(codes, n, shift, out + offset);
+      },
+      std::make_index_sequence<size_t(field_widths(Bits).count)>{});
 }
 
 /// Inverse of pack_codes.
 template <int Bits>
 void unpack_codes(const uint8_t* in, size_t n, uint8_t* codes) {
   static_assert(Bits >= 1 && Bits <= 8);
-  constexpr auto f = field_widths(Bits);
-  int shift = 0;
-  for (int k = 0; k < f.count; ++k) {
-    const int w = f.width[k];
-    const size_t per_byte = size_t(8 / w);
-    const uint32_t mask = (1u << w) - 1u;
-    for (size_t j = 0; j < n; ++j) {
-      const uint32_t part = (uint32_t(in[j / per_byte]) >> ((j % per_byte) * size_t(w))) & mask;
-      codes[j] = uint8_t((k == 0 ? 0u : codes[j]) | (part << shift));
-    }
-    in += (n * size_t(w) + 7) / 8;
-    shift += w;
-  }
+  detail::for_each_field<Bits>(
+      n,
+      [&](auto w, int shift, size_t offset) {
+        detail::unpack_field<decltype(w)::value>(in + offset, n, shift, codes);
+      },
+      std::make_index_sequence<size_t(field_widths(Bits).count)>{});
 }
 
 /// Calls fn(std::integral_constant<int, bits>) for bits in 1..8: the one place where a run-time
