@@ -208,6 +208,8 @@ Codebook::Codebook(int dim, int bits) : dim_(dim), bits_(bits) {
   for (int i = 0; i + 1 < n; ++i) boundaries_[i] = 0.5 * (c[i] + c[i + 1]);
   centroids_f32_.assign(c.begin(), c.end());
   boundaries_f32_.assign(boundaries_.begin(), boundaries_.end());
+  // The encoder's half-count relies on exact antisymmetry with a boundary at 0.
+  for (int i = 0; i + 1 < n; ++i) TQKV_ASSERT(boundaries_f32_[i] == -boundaries_f32_[n - 2 - i]);
 
   const Density f2(dim + 2);
   const auto edges = edges_of(c);

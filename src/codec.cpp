@@ -126,21 +126,33 @@ void load_row(const void* x, ScalarType t, size_t i, int d, float* out) {
 
 constexpr int kQuantizeBlock = 64;
 
-// idx_j = number of boundaries strictly below y_j. Linear count for small codebooks (vectorizes),
-// branchless binary search for large ones; both give the same integer.
+// idx_j = number of boundaries strictly below y_j. Small codebooks count over the positive half
+// of the boundaries only (the codebook is exactly antisymmetric, with a boundary at 0):
+//   y > 0:  idx = L/2 + #{p < y}
+//   y <= 0: idx = L/2 − 1 − #{p <= −y} = L/2 − 1 − #{p < nextup(−y)}
+// where nextup of a non-negative float is its bit pattern plus one. That is the same integer as
+// the plain count, in half the comparisons, and the block loops vectorize. Large codebooks use a
+// branchless binary search.
 template <int B>
 void quantize(const float* y, int d, const float* boundaries, uint8_t* idx) {
   if constexpr (B <= 4) {
-    // Blocks of 64 with a compile-time trip count vectorize; `y` is padded to a multiple of 64.
-    constexpr int kBoundaries = (1 << B) - 1;
+    constexpr int kHalf = 1 << (B - 1);  // L/2
+    const float* positive = boundaries + kHalf;  // the L/2 − 1 boundaries above 0
     for (int j0 = 0; j0 < d; j0 += kQuantizeBlock) {
+      float t[kQuantizeBlock];
       int32_t count[kQuantizeBlock] = {};
-      for (int k = 0; k < kBoundaries; ++k) {
-        const float b = boundaries[k];
-        for (int j = 0; j < kQuantizeBlock; ++j) count[j] += int32_t(b < y[j0 + j]);
+      for (int j = 0; j < kQuantizeBlock; ++j) {
+        const float v = y[j0 + j];
+        const float nextup_neg = std::bit_cast<float>(std::bit_cast<uint32_t>(-v) + 1u);
+        t[j] = v > 0.0f ? v : nextup_neg;
+      }
+      for (int k = 0; k < kHalf - 1; ++k) {
+        const float b = positive[k];
+        for (int j = 0; j < kQuantizeBlock; ++j) count[j] += int32_t(b < t[j]);
       }
       const int m = std::min(kQuantizeBlock, d - j0);
-      for (int j = 0; j < m; ++j) idx[j0 + j] = uint8_t(count[j]);
+      for (int j = 0; j < m; ++j)
+        idx[j0 + j] = uint8_t(y[j0 + j] > 0.0f ? kHalf + count[j] : kHalf - 1 - count[j]);
     }
   } else {
     for (int j = 0; j < d; ++j) {
