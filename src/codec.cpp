@@ -543,7 +543,7 @@ void Codec::inner_products(const float* q, const uint8_t* records, size_t n, flo
 
   // Rotate (and project) the query once per group: q' = Π q_g, q_s = S q'.
   struct Prepared {
-    std::vector<float> rotated, projected, lut;  // lut: codebook scaled by nothing (c[idx])
+    std::vector<float> rotated, projected;  // Π q_g, and S Π q_g for prod
   };
   std::vector<Prepared> prep(im.groups.size());
   std::vector<float> buf(static_cast<size_t>(d));

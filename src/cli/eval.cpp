@@ -8,7 +8,7 @@
 namespace tqkv::cli {
 namespace {
 
-// Paper figures (TurboQuant, Table/Theorem 1) for the MSE of a unit vector, b = 1..4.
+// The TurboQuant paper's rounded MSE figures for a unit vector (Theorem 1), b = 1..4.
 double paper_mse(double bits) {
   static const double kFigures[] = {0.36, 0.117, 0.03, 0.009};
   const int b = int(bits);
