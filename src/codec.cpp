@@ -451,10 +451,7 @@ double Codec::bits() const { return impl_->spec.bits; }
 CodecKind Codec::kind() const { return impl_->spec.kind; }
 size_t Codec::record_bytes() const { return impl_->record_bytes; }
 bool Codec::ready() const { return impl_->ready.load(std::memory_order_acquire); }
-const std::vector<ChannelGroup>& Codec::groups() const {
-  impl_->require_ready("groups");
-  return impl_->groups;
-}
+const std::vector<ChannelGroup>& Codec::groups() const { return impl_->groups; }
 const Rotation& Codec::rotation(size_t g) const { return impl_->tables.at(g).rotation; }
 const Codebook* Codec::codebook(size_t g) const { return impl_->tables.at(g).codebook.get(); }
 const std::vector<float>& Codec::qjl_matrix(size_t g) const { return impl_->tables.at(g).s; }

@@ -58,7 +58,7 @@ uint64_t get_u64(const uint8_t* p) {
   return v;
 }
 
-bool known_kind(Kind k) { return k == Kind::encoded_vectors; }
+bool known_kind(Kind k) { return k == Kind::encoded_vectors || k == Kind::kv_cache; }
 
 // Offset of the first byte that is not part of well-formed UTF-8 (no overlong forms, no
 // surrogates, nothing above U+10FFFF), or npos if the whole text is valid.
@@ -259,7 +259,7 @@ Parsed parse_impl(std::span<const uint8_t> bytes, std::string_view name) {
 
   const uint32_t kind = get_u32(p + 12);
   TQKV_CHECK(known_kind(Kind(kind)), name, ": unsupported file kind ", kind,
-             " (this build reads kind 1: encoded vectors)");
+             " (this build reads kinds 1: encoded vectors and 2: KV cache)");
   const uint64_t m = get_u64(p + 16), n = get_u64(p + 24);
   const size_t after = size - kPreambleBytes;
   TQKV_CHECK(m <= after, name, ": truncated: header promises ", m, " bytes of metadata, file has ",
@@ -434,6 +434,118 @@ void write_encoded(const fs::path& path, const EncodedVectors& ev) {
 
 EncodedVectors read_encoded(const fs::path& path) {
   return parse_encoded(read_bytes(path), path.string());
+}
+
+}  // namespace tqkv::file
+
+namespace tqkv::file {
+
+std::vector<uint8_t> serialize_cache(const SavedCache& saved) {
+  ordered_json meta;
+  meta["layers"] = saved.layers;
+  meta["kv_heads"] = saved.kv_heads;
+  meta["head_dim"] = saved.head_dim;
+  meta["page_tokens"] = saved.page_tokens;
+  meta["max_pages"] = saved.max_pages;
+  meta["page_bytes"] = saved.page_bytes;
+  meta["key"] = spec_to_value(saved.key);
+  meta["value"] = spec_to_value(saved.value);
+  for (const char* side : {"key_codecs", "value_codecs"}) {
+    ordered_json list = ordered_json::array();
+    for (const CodecSpec& spec : side[0] == 'k' ? saved.key_specs : saved.value_specs)
+      list.push_back(spec_to_value(spec));
+    meta[side] = std::move(list);
+  }
+  ordered_json seqs = ordered_json::array();
+  uint64_t pages = 0;
+  for (const auto& s : saved.sequences) {
+    ordered_json j;
+    j["id"] = s.id;
+    j["lengths"] = s.lengths;
+    j["pages"] = s.pages;
+    seqs.push_back(std::move(j));
+    pages += s.pages;
+  }
+  meta["sequences"] = std::move(seqs);
+  meta["next_id"] = saved.next_id;
+  meta["tqkv_version"] = kTqkvVersion;
+  TQKV_CHECK(saved.page_bytes > 0 && pages <= saved.payload.size() / saved.page_bytes &&
+                 pages * saved.page_bytes == saved.payload.size(),
+             "serialize_cache: payload of ", saved.payload.size(), " bytes for ", pages,
+             " pages of ", saved.page_bytes);
+  Container c;
+  c.kind = Kind::kv_cache;
+  c.metadata = meta.dump();
+  c.payload = saved.payload;
+  return serialize(c);
+}
+
+SavedCache parse_cache(std::span<const uint8_t> bytes, std::string_view name) {
+  Parsed parsed = parse_impl(bytes, name);
+  const json& meta = parsed.metadata;
+  TQKV_CHECK(parsed.container.kind == Kind::kv_cache, name, ": file kind ",
+             uint32_t(parsed.container.kind), " is not a KV cache");
+  constexpr std::string_view what = "metadata";
+  check_keys(meta,
+             {"layers", "kv_heads", "head_dim", "page_tokens", "max_pages", "page_bytes", "key",
+              "value", "key_codecs", "value_codecs", "sequences", "next_id", "tqkv_version"},
+             name, what);
+  SavedCache saved;
+  // Bounds here keep a hostile file from sizing anything huge; KVCache checks the rest.
+  auto small = [&](const char* key, uint64_t max) {
+    const uint64_t v = get_unsigned(meta, key, name, what);
+    TQKV_CHECK(v <= max, name, ": ", what, ": '", key, "' is ", v, " (at most ", max, ")");
+    return v;
+  };
+  saved.layers = int(small("layers", 4096));
+  saved.kv_heads = int(small("kv_heads", 4096));
+  saved.head_dim = int(small("head_dim", 4096));
+  saved.page_tokens = int(small("page_tokens", 1024));
+  saved.max_pages = small("max_pages", uint64_t(1) << 31);
+  saved.page_bytes = small("page_bytes", uint64_t(1) << 40);
+  saved.next_id = get_unsigned(meta, "next_id", name, what);
+  get_string(meta, "tqkv_version", name, what);
+  saved.key = spec_from_value(meta.at("key"), name);
+  saved.value = spec_from_value(meta.at("value"), name);
+  const uint64_t pairs = uint64_t(saved.layers) * uint64_t(saved.kv_heads);
+  for (const char* side : {"key_codecs", "value_codecs"}) {
+    const json& list = meta.at(side);
+    TQKV_CHECK(list.is_array() && list.size() == pairs, name, ": ", what, ": '", side,
+               "' must be an array of ", pairs, " codec specs (one per layer and KV head)");
+    auto& specs = side[0] == 'k' ? saved.key_specs : saved.value_specs;
+    for (const json& j : list) specs.push_back(spec_from_value(j, name));
+  }
+  const json& seqs = meta.at("sequences");
+  TQKV_CHECK(seqs.is_array(), name, ": ", what, ": 'sequences' must be an array");
+  uint64_t pages = 0;
+  for (const json& j : seqs) {
+    TQKV_CHECK(j.is_object(), name, ": ", what, ": each sequence must be an object");
+    check_keys(j, {"id", "lengths", "pages"}, name, "sequence");
+    SavedCache::Sequence s;
+    s.id = get_unsigned(j, "id", name, "sequence");
+    s.pages = get_unsigned(j, "pages", name, "sequence");
+    const json& lengths = j.at("lengths");
+    TQKV_CHECK(lengths.is_array() && lengths.size() == uint64_t(saved.layers), name,
+               ": sequence ", s.id, ": 'lengths' must be an array of ", saved.layers, " integers");
+    for (const json& n : lengths) {
+      TQKV_CHECK(n.is_number_unsigned(), name, ": sequence ", s.id,
+                 ": lengths must be non-negative integers");
+      TQKV_CHECK(n.get<uint64_t>() <= (uint64_t(1) << 40), name, ": sequence ", s.id,
+                 ": a length of ", n.get<uint64_t>(), " tokens is beyond any pool");
+      s.lengths.push_back(n.get<uint64_t>());
+    }
+    TQKV_CHECK(s.pages <= saved.max_pages && pages <= saved.max_pages - s.pages, name,
+               ": the sequences hold more pages than max_pages (", saved.max_pages, ")");
+    pages += s.pages;
+    saved.sequences.push_back(std::move(s));
+  }
+  const size_t payload = parsed.container.payload.size();
+  TQKV_CHECK(saved.page_bytes > 0 && pages <= payload / saved.page_bytes &&
+                 pages * saved.page_bytes == payload,
+             name, ": payload is ", payload, " bytes, but ", pages, " pages of ",
+             saved.page_bytes, " bytes are listed");
+  saved.payload = std::move(parsed.container.payload);
+  return saved;
 }
 
 }  // namespace tqkv::file

@@ -97,7 +97,8 @@ class Codec {
   size_t record_bytes() const;
   /// False only for a fractional-bit codec whose outlier channels are not chosen yet.
   bool ready() const;
-  /// Channel groups (one for integer bits, two for fractional). Requires ready().
+  /// Channel groups (one for integer bits, two for fractional). Sizes and record offsets are
+  /// fixed at construction; the channel lists are empty until ready().
   const std::vector<ChannelGroup>& groups() const;
   /// The rotation, codebook (null when mse_bits = 0) and QJL matrix (row-major d_g × d_g, empty
   /// for mse) of group g, for backends that compute on codes themselves.

@@ -19,6 +19,12 @@
 // outlier_channels}, "count": N, "record_bytes": R, "tqkv_version": "x.y.z"}; payload: N records
 // of R bytes as laid out in codec.hpp. The codec spec carries the seed, so the file alone
 // reproduces the rotation, codebooks and QJL matrix.
+//
+// KV-cache metadata: {"layers", "kv_heads", "head_dim", "page_tokens", "max_pages", "page_bytes",
+// "key": spec, "value": spec (as configured), "key_codecs": [spec per (layer, head)],
+// "value_codecs": [...] (with the outlier channels each chose), "sequences": [{"id", "lengths":
+// [per layer], "pages"}], "next_id", "tqkv_version"}; payload: each sequence's pages in token
+// order, each page its layers in order, page_bytes bytes per page (cache.hpp's page layout).
 #pragma once
 
 #include <cstddef>
@@ -37,7 +43,7 @@ inline constexpr char kMagic[8] = {'T', 'Q', 'K', 'V', 'F', 'I', 'L', 'E'};
 inline constexpr uint32_t kVersion = 1;
 inline constexpr size_t kPreambleBytes = 56;
 
-enum class Kind : uint32_t { encoded_vectors = 1 };
+enum class Kind : uint32_t { encoded_vectors = 1, kv_cache = 2 };
 
 struct Container {
   Kind kind = Kind::encoded_vectors;
@@ -71,5 +77,26 @@ std::vector<uint8_t> serialize_encoded(const EncodedVectors& ev);
 EncodedVectors parse_encoded(std::span<const uint8_t> bytes, std::string_view name);
 void write_encoded(const std::filesystem::path& path, const EncodedVectors& ev);
 EncodedVectors read_encoded(const std::filesystem::path& path);
+
+/// A KV cache as stored in a file (KVCache::save / load build on this).
+struct SavedCache {
+  int layers = 0, kv_heads = 0, head_dim = 0, page_tokens = 0;
+  uint64_t max_pages = 0, page_bytes = 0;
+  CodecSpec key, value;
+  std::vector<CodecSpec> key_specs, value_specs;  ///< [layer * kv_heads + head]
+  struct Sequence {
+    uint64_t id = 0;
+    std::vector<uint64_t> lengths;  ///< per layer
+    uint64_t pages = 0;
+  };
+  std::vector<Sequence> sequences;
+  uint64_t next_id = 0;
+  std::vector<uint8_t> payload;
+};
+
+std::vector<uint8_t> serialize_cache(const SavedCache& saved);
+/// Parses and checks the structure (field types, counts, payload size = pages * page_bytes);
+/// KVCache::parse checks the configuration itself.
+SavedCache parse_cache(std::span<const uint8_t> bytes, std::string_view name);
 
 }  // namespace tqkv::file

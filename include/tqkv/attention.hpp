@@ -1,0 +1,69 @@
+// Attention on the compressed cache (SPEC §2), on the CPU.
+//
+// Shapes (row-major): H_q query heads, H_kv = cache.config().kv_heads, R = H_q / H_kv (GQA; query
+// head h reads KV head ⌊h / R⌋), d = head_dim. A batch of sequences b = 0..B−1 contributes L_b
+// query tokens each: the *last* L_b tokens stored at that layer (append K/V first, then attend).
+// q and out are [Σ_b L_b, H_q, d], sequence by sequence. Query token i of sequence b sits at
+// position p = T_b − L_b + i and attends causally to tokens 0..p (or the last `window` of them).
+//
+// How the fused path computes (never rebuilding K or V):
+//   q' = Π_K(scale · q) once per query row and key channel group (+ S q' for prod keys);
+//   s_t = Σ_groups n_t (⟨q', c[idx_t]⟩ + √(π/2)/d_g · γ_t ⟨S q', z_t⟩);
+//   online softmax over pages of tokens, split over token ranges into mergeable states
+//   (softmax_state.hpp); a = Σ_t p_t n_t c[idx_t] (+ Σ_t p_t n_t γ_t z_t for prod values) in the
+//   value codec's rotated space; out = Π_Vᵀ(a / l) (+ √(π/2)/d_g · Sᵀ(·)) once per query row.
+// Each KV head's codes are read once for all R query heads (and all query tokens of a tile).
+#pragma once
+
+#include <cstddef>
+#include <span>
+
+#include "tqkv/cache.hpp"
+
+namespace tqkv {
+
+struct AttentionOptions {
+  /// Softmax scale; 0 means 1/sqrt(head_dim).
+  float scale = 0.0f;
+  /// Attend only to the last `window` tokens up to and including the query's position; 0: all.
+  size_t window = 0;
+  /// Token-range splits per (sequence, KV head, query tile); 0 chooses from the thread count.
+  int splits = 0;
+};
+
+/// Fused attention from the codes: decode (every L_b = 1) and prefill / chunked prefill.
+/// Throws tqkv::Error on bad shapes, unknown sequences, L_b > T_b, H_q not a multiple of H_kv,
+/// non-finite queries or a bad scale; `out` is untouched then.
+void attend(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
+            std::span<const size_t> query_tokens, const float* q, int q_heads, float* out,
+            const AttentionOptions& options = {});
+
+/// Decode: one query token per sequence; q and out are [B, H_q, d].
+void attend_decode(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
+                   const float* q, int q_heads, float* out, const AttentionOptions& options = {});
+
+/// The reference: every key and value dequantized (Codec::decode) and attention in float64.
+/// Same arguments and semantics as attend().
+void attend_reference(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
+                      std::span<const size_t> query_tokens, const float* q, int q_heads,
+                      float* out, const AttentionOptions& options = {});
+
+/// One sequence's uncompressed keys and values, [H_kv, T, d] float32 each.
+struct DenseKV {
+  const float* k = nullptr;
+  const float* v = nullptr;
+  size_t tokens = 0;
+};
+
+/// Decode attention over uncompressed float32 K/V (the baseline an uncompressed cache gives),
+/// with the same threading, splitting and softmax as the fused path. q, out: [B, H_q, d].
+void attend_dense(std::span<const DenseKV> seqs, int kv_heads, int head_dim, const float* q,
+                  int q_heads, float* out, const AttentionOptions& options = {});
+
+/// The dequantize-then-attend fallback: decode each sequence's keys and values to float32
+/// (Codec::decode), then attend_dense. What the fused path is measured against.
+void attend_dequantized(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
+                        const float* q, int q_heads, float* out,
+                        const AttentionOptions& options = {});
+
+}  // namespace tqkv
