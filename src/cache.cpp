@@ -447,7 +447,8 @@ KVCache KVCache::parse(std::span<const uint8_t> bytes, std::string_view name, si
   for (int side = 0; side < 2; ++side) {
     const auto& specs = side == 0 ? saved.key_specs : saved.value_specs;
     auto& codecs = side == 0 ? im.key_codecs : im.value_codecs;
-    const CodecSpec& base = side == 0 ? config.key : config.value;
+    // The configured spec as the constructor normalized it (dim = head_dim).
+    const CodecSpec& base = side == 0 ? im.config.key : im.config.value;
     TQKV_CHECK(specs.size() == codecs.size(), name, ": ", specs.size(), " ",
                side == 0 ? "key" : "value", " codecs for ", codecs.size(), " (layer, head) pairs");
     for (size_t i = 0; i < specs.size(); ++i) {
