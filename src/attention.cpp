@@ -614,29 +614,40 @@ void attend_dense(std::span<const DenseKV> seqs, int kv_heads, int head_dim, con
 }
 
 void attend_dequantized(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
-                        const float* q, int q_heads, float* out,
+                        const float* q, int q_heads, float* out, std::vector<float>& workspace,
                         const AttentionOptions& options) {
   const auto& c = cache.config();
   const std::vector<size_t> ones(seqs.size(), 1);
   make_problem(cache, layer, seqs, ones, q_heads, options);  // validates
-  const size_t d = size_t(c.head_dim);
-  std::vector<std::vector<float>> k(seqs.size()), v(seqs.size());
+  const size_t d = size_t(c.head_dim), H = size_t(c.kv_heads);
+  size_t total = 0;
+  for (SequenceId s : seqs) total += 2 * H * cache.length(s, layer) * d;
+  if (workspace.size() < total) workspace.resize(total);
   std::vector<DenseKV> dense;
   std::vector<uint8_t> records;
+  float* at = workspace.data();
   for (size_t b = 0; b < seqs.size(); ++b) {
     const size_t T = cache.length(seqs[b], layer);
-    k[b].resize(size_t(c.kv_heads) * T * d);
-    v[b].resize(k[b].size());
+    float* k = at;
+    float* v = at + H * T * d;
+    at += 2 * H * T * d;
     for (int h = 0; h < c.kv_heads; ++h)
       for (int side = 0; side < 2; ++side) {
         const Codec& codec = side ? cache.value_codec(layer, h) : cache.key_codec(layer, h);
         records.resize(T * codec.record_bytes());
         cache.read_records(seqs[b], layer, h, side == 1, 0, T, records.data());
-        codec.decode(records.data(), T, (side ? v[b] : k[b]).data() + size_t(h) * T * d);
+        codec.decode(records.data(), T, (side ? v : k) + size_t(h) * T * d);
       }
-    dense.push_back({k[b].data(), v[b].data(), T});
+    dense.push_back({k, v, T});
   }
   attend_dense(dense, c.kv_heads, c.head_dim, q, q_heads, out, options);
+}
+
+void attend_dequantized(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
+                        const float* q, int q_heads, float* out,
+                        const AttentionOptions& options) {
+  std::vector<float> workspace;
+  attend_dequantized(cache, layer, seqs, q, q_heads, out, workspace, options);
 }
 
 }  // namespace tqkv

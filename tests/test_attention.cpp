@@ -286,8 +286,11 @@ TEST(AttentionKernels, SimdMatchesScalar) {
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed = " + std::to_string(seed));
   std::mt19937_64 rng(seed);
+  for (cpu::Isa isa : {cpu::Isa::avx2, cpu::Isa::avx512}) {
+  if (!cpu::isa_available(isa)) continue;
+  SCOPED_TRACE(cpu::to_string(isa));
   for (int bits = 1; bits <= 8; ++bits)
-    for (int dim : {8, 64, 96, 256})
+    for (int dim : {8, 16, 64, 96, 256})
       for (int rows : {1, 3, 4, 9}) {
         SCOPED_TRACE("bits " + std::to_string(bits) + " dim " + std::to_string(dim) + " rows " +
                      std::to_string(rows));
@@ -302,7 +305,7 @@ TEST(AttentionKernels, SimdMatchesScalar) {
         std::vector<float> s1(size_t(rows) * 16, -7.0f), s2 = s1;
         cpu::code_kernels(bits, cpu::Isa::scalar).scores(run, table.data(), q.data(), rows,
                                                          s1.data(), 16);
-        cpu::code_kernels(bits, cpu::Isa::avx2).scores(run, table.data(), q.data(), rows,
+        cpu::code_kernels(bits, isa).scores(run, table.data(), q.data(), rows,
                                                        s2.data(), 16);
         for (size_t i = 0; i < s1.size(); ++i)
           ASSERT_NEAR(s1[i], s2[i], 1e-4 * (1 + std::abs(s1[i]))) << i;
@@ -310,15 +313,16 @@ TEST(AttentionKernels, SimdMatchesScalar) {
         std::vector<float> a1 = acc0, a2 = acc0;
         cpu::code_kernels(bits, cpu::Isa::scalar).accumulate(run, table.data(), w.data(), 16,
                                                              rows, a1.data(), size_t(dim + 3));
-        cpu::code_kernels(bits, cpu::Isa::avx2).accumulate(run, table.data(), w.data(), 16,
+        cpu::code_kernels(bits, isa).accumulate(run, table.data(), w.data(), 16,
                                                            rows, a2.data(), size_t(dim + 3));
         for (size_t i = 0; i < a1.size(); ++i)
           ASSERT_NEAR(a1[i], a2[i], 1e-4 * (1 + std::abs(a1[i]))) << i;
         std::vector<float> e1(size_t(tokens) * size_t(dim), -7.0f), e2 = e1;
         cpu::code_kernels(bits, cpu::Isa::scalar).expand(run, table.data(), e1.data());
-        cpu::code_kernels(bits, cpu::Isa::avx2).expand(run, table.data(), e2.data());
+        cpu::code_kernels(bits, isa).expand(run, table.data(), e2.data());
         ASSERT_EQ(e1, e2);  // a lookup is exact
       }
+  }
   // exp: relative error within a few float ulps, and exp(−inf) = 0 exactly.
   std::vector<float> x(1003);
   std::uniform_real_distribution<float> u(-100.0f, 0.0f);

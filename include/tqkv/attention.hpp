@@ -17,6 +17,7 @@
 
 #include <cstddef>
 #include <span>
+#include <vector>
 
 #include "tqkv/cache.hpp"
 
@@ -61,7 +62,13 @@ void attend_dense(std::span<const DenseKV> seqs, int kv_heads, int head_dim, con
                   int q_heads, float* out, const AttentionOptions& options = {});
 
 /// The dequantize-then-attend fallback: decode each sequence's keys and values to float32
-/// (Codec::decode), then attend_dense. What the fused path is measured against.
+/// (Codec::decode), then attend_dense. What the fused path is measured against. `workspace`
+/// keeps the dequantized keys and values between calls (grown as needed), as an engine would,
+/// so that repeated calls cost dequantization and attention rather than fresh memory.
+void attend_dequantized(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
+                        const float* q, int q_heads, float* out, std::vector<float>& workspace,
+                        const AttentionOptions& options = {});
+/// The same with a workspace of its own.
 void attend_dequantized(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
                         const float* q, int q_heads, float* out,
                         const AttentionOptions& options = {});

@@ -2,9 +2,10 @@
 // cache) and for float32 rows (the uncompressed baseline and dequantized tiles).
 //
 // One interface, several instruction sets: kernels_scalar.cpp is the reference and runs
-// everywhere; kernels_avx2.cpp (x86-64 AVX2 + FMA, compiled with its own flags) is chosen at run
-// time when the CPU has it. TQKV_SIMD=scalar (or avx2) in the environment overrides the choice.
-// Every faster path is tested against the scalar one.
+// everywhere; kernels_avx2.cpp (AVX2 + FMA) and kernels_avx512.cpp (AVX-512F), both written once
+// in simd_kernels.hpp and compiled with their own flags, are chosen at run time by what the CPU
+// has. TQKV_SIMD=scalar|avx2|avx512 in the environment overrides the choice. Every faster path
+// is tested against the scalar one.
 #pragma once
 
 #include <cstddef>
@@ -50,7 +51,7 @@ struct FloatKernels {
   void (*exp)(float* x, int n);
 };
 
-enum class Isa { scalar, avx2 };
+enum class Isa { scalar, avx2, avx512 };
 
 /// The instruction set used: the best the CPU supports unless TQKV_SIMD says otherwise.
 Isa active_isa();
@@ -67,5 +68,7 @@ const CodeKernels& code_kernels_scalar(int bits);
 const FloatKernels& float_kernels_scalar();
 const CodeKernels& code_kernels_avx2(int bits);
 const FloatKernels& float_kernels_avx2();
+const CodeKernels& code_kernels_avx512(int bits);
+const FloatKernels& float_kernels_avx512();
 
 }  // namespace tqkv::cpu

@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "cpu/kernels.hpp"
+#include "cpu/simd_kernels.hpp"
 #include "tqkv/bitpack.hpp"
 #include "tqkv/error.hpp"
 
@@ -88,149 +89,39 @@ struct Lookup {
   }
 };
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// Row blocks of up to 4 query rows share each unpacked chunk.
-
-template <class Fn>
-void for_row_blocks(int rows, Fn&& fn) {
-  int r = 0;
-  for (; r + 4 <= rows; r += 4) fn(std::integral_constant<int, 4>{}, r);
-  switch (rows - r) {
-    case 3: fn(std::integral_constant<int, 3>{}, r); break;
-    case 2: fn(std::integral_constant<int, 2>{}, r); break;
-    case 1: fn(std::integral_constant<int, 1>{}, r); break;
+struct Avx2 {
+  using F = __m256;
+  static constexpr int kLanes = 8;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static float hsum(F v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
   }
-}
-
-// Scores of RB rows against tokens, two tokens at a time (independent FMA chains). `chunk(t, c)`
-// gives the 8 values of token t, chunk c.
-template <int RB, class Chunk>
-void scores_block(int tokens, int dim, const float* q, float* out, size_t out_stride,
-                  Chunk&& chunk) {
-  const int chunks = dim / 8;
-  int t = 0;
-  for (; t + 2 <= tokens; t += 2) {
-    __m256 a0[RB], a1[RB];
-    for (int r = 0; r < RB; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
-    for (int c = 0; c < chunks; ++c) {
-      const __m256 v0 = chunk(t, c), v1 = chunk(t + 1, c);
-      for (int r = 0; r < RB; ++r) {
-        const __m256 qv = _mm256_loadu_ps(q + size_t(r) * size_t(dim) + size_t(c) * 8);
-        a0[r] = _mm256_fmadd_ps(qv, v0, a0[r]);
-        a1[r] = _mm256_fmadd_ps(qv, v1, a1[r]);
-      }
-    }
-    for (int r = 0; r < RB; ++r) {
-      out[size_t(r) * out_stride + size_t(t)] = hsum(a0[r]);
-      out[size_t(r) * out_stride + size_t(t) + 1] = hsum(a1[r]);
+  // Eight sums by a transposing hadd tree, else one at a time.
+  template <int N>
+  static void hsum_many(const F* v, float* out) {
+    if constexpr (N == 8) {
+      _mm256_storeu_ps(out, simd::hsum8(v));
+    } else {
+      for (int i = 0; i < N; ++i) out[i] = hsum(v[i]);
     }
   }
-  if (t < tokens) {
-    __m256 a0[RB];
-    for (int r = 0; r < RB; ++r) a0[r] = _mm256_setzero_ps();
-    for (int c = 0; c < chunks; ++c) {
-      const __m256 v0 = chunk(t, c);
-      for (int r = 0; r < RB; ++r)
-        a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + size_t(r) * size_t(dim) + size_t(c) * 8), v0,
-                                a0[r]);
+  template <int Bits>
+  struct Codes {
+    Lookup<Bits> lookup;
+    explicit Codes(const float* table) : lookup(table) {}
+    F operator()(const uint8_t* codes, int dim, int c) const {
+      return lookup(unpack8<Bits>(codes, dim, c));
     }
-    for (int r = 0; r < RB; ++r) out[size_t(r) * out_stride + size_t(t)] = hsum(a0[r]);
-  }
-}
-
-// acc[r] += Σ_t w[r, t] · values(t) for RB rows, chunk by chunk, two FMA chains per row.
-template <int RB, class Chunk>
-void accumulate_block(int tokens, int dim, const float* w, size_t w_stride, float* acc,
-                      size_t acc_stride, Chunk&& chunk) {
-  const int chunks = dim / 8;
-  for (int c = 0; c < chunks; ++c) {
-    __m256 a0[RB], a1[RB];
-    for (int r = 0; r < RB; ++r) {
-      a0[r] = _mm256_loadu_ps(acc + size_t(r) * acc_stride + size_t(c) * 8);
-      a1[r] = _mm256_setzero_ps();
-    }
-    int t = 0;
-    for (; t + 2 <= tokens; t += 2) {
-      const __m256 v0 = chunk(t, c), v1 = chunk(t + 1, c);
-      for (int r = 0; r < RB; ++r) {
-        const float* wr = w + size_t(r) * w_stride + size_t(t);
-        a0[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(wr), v0, a0[r]);
-        a1[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(wr + 1), v1, a1[r]);
-      }
-    }
-    if (t < tokens) {
-      const __m256 v0 = chunk(t, c);
-      for (int r = 0; r < RB; ++r)
-        a0[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + size_t(r) * w_stride + size_t(t)), v0,
-                                a0[r]);
-    }
-    for (int r = 0; r < RB; ++r)
-      _mm256_storeu_ps(acc + size_t(r) * acc_stride + size_t(c) * 8,
-                       _mm256_add_ps(a0[r], a1[r]));
-  }
-}
-
-template <int Bits>
-void code_scores(const CodeRun& run, const float* table, const float* q, int rows, float* out,
-                 size_t out_stride) {
-  const Lookup<Bits> lookup(table);
-  auto chunk = [&](int t, int c) {
-    return lookup(unpack8<Bits>(run.codes + size_t(t) * run.stride, run.dim, c));
   };
-  for_row_blocks(rows, [&](auto rb, int r) {
-    scores_block<decltype(rb)::value>(run.tokens, run.dim, q + size_t(r) * size_t(run.dim),
-                                      out + size_t(r) * out_stride, out_stride, chunk);
-  });
-}
-
-template <int Bits>
-void code_accumulate(const CodeRun& run, const float* table, const float* w, size_t w_stride,
-                     int rows, float* acc, size_t acc_stride) {
-  const Lookup<Bits> lookup(table);
-  auto chunk = [&](int t, int c) {
-    return lookup(unpack8<Bits>(run.codes + size_t(t) * run.stride, run.dim, c));
-  };
-  for_row_blocks(rows, [&](auto rb, int r) {
-    accumulate_block<decltype(rb)::value>(run.tokens, run.dim, w + size_t(r) * w_stride,
-                                          w_stride, acc + size_t(r) * acc_stride, acc_stride, chunk);
-  });
-}
-
-template <int Bits>
-void code_expand(const CodeRun& run, const float* table, float* out) {
-  const Lookup<Bits> lookup(table);
-  for (int t = 0; t < run.tokens; ++t)
-    for (int c = 0; c < run.dim / 8; ++c)
-      _mm256_storeu_ps(out + size_t(t) * size_t(run.dim) + size_t(c) * 8,
-                       lookup(unpack8<Bits>(run.codes + size_t(t) * run.stride, run.dim, c)));
-}
-
-void float_scores(const FloatRun& run, const float* q, int rows, float* out, size_t out_stride) {
-  auto chunk = [&](int t, int c) {
-    return _mm256_loadu_ps(run.rows + size_t(t) * run.stride + size_t(c) * 8);
-  };
-  for_row_blocks(rows, [&](auto rb, int r) {
-    scores_block<decltype(rb)::value>(run.tokens, run.dim, q + size_t(r) * size_t(run.dim),
-                                      out + size_t(r) * out_stride, out_stride, chunk);
-  });
-}
-
-void float_accumulate(const FloatRun& run, const float* w, size_t w_stride, int rows,
-                      float* acc, size_t acc_stride) {
-  auto chunk = [&](int t, int c) {
-    return _mm256_loadu_ps(run.rows + size_t(t) * run.stride + size_t(c) * 8);
-  };
-  for_row_blocks(rows, [&](auto rb, int r) {
-    accumulate_block<decltype(rb)::value>(run.tokens, run.dim, w + size_t(r) * w_stride,
-                                          w_stride, acc + size_t(r) * acc_stride, acc_stride, chunk);
-  });
-}
+};
 
 // exp(x) for x <= 0: x = n·ln2 + f with |f| <= ln2/2, e^f by a degree-6 polynomial (relative
 // error ~1e-7), 2^n through the exponent bits. Below −87.3 (and −inf) the result is exactly 0.
@@ -260,13 +151,13 @@ void exp_inplace(float* x, int n) {
   for (; i < n; ++i) x[i] = std::exp(x[i]);
 }
 
-template <int Bits>
-constexpr CodeKernels make() {
-  return {code_scores<Bits>, code_accumulate<Bits>, code_expand<Bits>};
-}
-constexpr CodeKernels kCode[8] = {make<1>(), make<2>(), make<3>(), make<4>(),
-                                  make<5>(), make<6>(), make<7>(), make<8>()};
-constexpr FloatKernels kFloat = {float_scores, float_accumulate, exp_inplace};
+using simd::code_kernels;
+constexpr CodeKernels kCode[8] = {
+    code_kernels<Avx2, 1>(), code_kernels<Avx2, 2>(), code_kernels<Avx2, 3>(),
+    code_kernels<Avx2, 4>(), code_kernels<Avx2, 5>(), code_kernels<Avx2, 6>(),
+    code_kernels<Avx2, 7>(), code_kernels<Avx2, 8>()};
+constexpr FloatKernels kFloat = {simd::float_scores<Avx2>, simd::float_accumulate<Avx2>,
+                                 exp_inplace};
 
 }  // namespace
 
@@ -275,5 +166,6 @@ const CodeKernels& code_kernels_avx2(int bits) {
   return kCode[bits - 1];
 }
 const FloatKernels& float_kernels_avx2() { return kFloat; }
+void exp_avx2(float* x, int n) { exp_inplace(x, n); }
 
 }  // namespace tqkv::cpu
