@@ -9,7 +9,10 @@
 #include <sstream>
 
 #include "cli.hpp"
+#include "tqkv/attention.hpp"
+#include "tqkv/cache.hpp"
 #include "tqkv/codec.hpp"
+#include "tqkv/device.hpp"
 #include "tqkv/file.hpp"
 #include "tqkv/npy.hpp"
 
@@ -48,9 +51,31 @@ class CliTest : public ::testing::Test {
     tqkv::npy::write(path(name), x, shape, type);
     return tqkv::npy::read(path(name)).data;  // as stored (f16 rounds)
   }
+  // A random array of any shape (1..3 dims), written to `name`; returns the stored values.
+  std::vector<float> write_array(const std::string& name, std::vector<size_t> shape,
+                                 uint32_t salt) {
+    std::mt19937 rng(seed_ + salt);
+    std::normal_distribution<float> normal;
+    size_t n = 1;
+    for (size_t s : shape) n *= s;
+    std::vector<float> x(n);
+    for (auto& v : x) v = normal(rng);
+    tqkv::npy::write(path(name), x, shape);
+    return x;
+  }
   uint32_t seed_ = 0;
   fs::path dir_;
 };
+
+double relative_difference(const std::vector<float>& x, const std::vector<float>& ref) {
+  EXPECT_EQ(x.size(), ref.size());
+  double err = 0, norm = 0;
+  for (size_t i = 0; i < x.size() && i < ref.size(); ++i) {
+    err += (double(x[i]) - ref[i]) * (double(x[i]) - ref[i]);
+    norm += double(ref[i]) * ref[i];
+  }
+  return std::sqrt(err / norm);
+}
 
 TEST_F(CliTest, QuantizeInfoDequantizeRoundTrip) {
   SCOPED_TRACE("seed " + std::to_string(seed_));
@@ -151,7 +176,8 @@ TEST_F(CliTest, ErrorsNameTheCulprit) {
 TEST_F(CliTest, HelpEverywhere) {
   for (auto args : {std::vector<std::string>{"--help"}, {"quantize", "--help"},
                     {"dequantize", "--help"}, {"info", "--help"}, {"eval", "--help"},
-                    {"eval", "distortion", "--help"}, {"demo", "--help"}}) {
+                    {"eval", "distortion", "--help"}, {"demo", "--help"},
+                    {"attend", "--help"}, {"bench", "--help"}, {"bench", "decode", "--help"}}) {
     const auto r = run(args);
     EXPECT_EQ(r.status, 0) << args.back();
     EXPECT_NE(r.out.find("Usage"), std::string::npos) << r.out;
@@ -170,6 +196,256 @@ TEST_F(CliTest, EvalDistortionJsonMatchesTheory) {
     EXPECT_GT(mse, row["lower_bound"].get<double>());
   }
   EXPECT_EQ(rows[1]["bits"], 3.5);
+}
+
+// attend: the fused decode and the float64 reference agree on the same compressed cache, and the
+// command builds exactly the cache its documentation describes (value seed = key seed + 1).
+TEST_F(CliTest, AttendMatchesReferenceAndLibrary) {
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  const size_t Hq = 8, Hkv = 2, T = 300, d = 64;  // T > 256: appended in two chunks
+  const auto q = write_array("q.npy", {Hq, d}, 1);
+  const auto k = write_array("k.npy", {Hkv, T, d}, 2);
+  const auto v = write_array("v.npy", {Hkv, T, d}, 3);
+  struct Case {
+    const char *key_bits, *value_bits, *codec, *window;
+  };
+  for (const Case c : {Case{"4", "4", "mse", "0"}, Case{"3.5", "2", "prod", "0"},
+                       Case{"3", "4", "mse", "100"}}) {
+    SCOPED_TRACE(std::string(c.key_bits) + "/" + c.value_bits + " " + c.codec + " window " +
+                 c.window);
+    const std::vector<std::string> common = {
+        "attend", "--q", path("q.npy"), "--k", path("k.npy"), "--v", path("v.npy"),
+        "--key-bits", c.key_bits, "--value-bits", c.value_bits, "--codec", c.codec,
+        "--seed", "7", "--window", c.window};
+    auto args = common;
+    args.insert(args.end(), {"--out", path("o.npy")});
+    auto r = run(args);
+    ASSERT_EQ(r.status, 0) << r.err;
+    EXPECT_NE(r.out.find("300 tokens"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("bytes per token"), std::string::npos) << r.out;
+    args = common;
+    args.insert(args.end(), {"--out", path("r.npy"), "--reference"});
+    r = run(args);
+    ASSERT_EQ(r.status, 0) << r.err;
+    const auto o = tqkv::npy::read(path("o.npy"));
+    const auto ref = tqkv::npy::read(path("r.npy"));
+    ASSERT_EQ(o.shape, (std::vector<size_t>{Hq, d}));
+    ASSERT_EQ(ref.shape, o.shape);
+    EXPECT_LT(relative_difference(o.data, ref.data), 1e-4);
+
+    // The same cache built directly, appended in the documented chunks of 256 tokens (the
+    // chunking matters for fractional bits only: each head's outlier channels come from its
+    // first append).
+    tqkv::CacheConfig config;
+    config.kv_heads = int(Hkv);
+    config.head_dim = int(d);
+    config.key.bits = std::stod(c.key_bits);
+    config.value.bits = std::stod(c.value_bits);
+    config.key.kind = config.value.kind = tqkv::parse_codec_kind(c.codec);
+    config.key.seed = 7;
+    config.value.seed = 8;
+    config.max_pages = 64;
+    tqkv::KVCache cache(config);
+    const auto seq = cache.add_sequence();
+    std::vector<float> kt(T * Hkv * d), vt(kt.size());
+    for (size_t t = 0; t < T; ++t)
+      for (size_t h = 0; h < Hkv; ++h)
+        for (size_t j = 0; j < d; ++j) {
+          kt[(t * Hkv + h) * d + j] = k[(h * T + t) * d + j];
+          vt[(t * Hkv + h) * d + j] = v[(h * T + t) * d + j];
+        }
+    cache.append(seq, 0, kt.data(), vt.data(), 256);
+    cache.append(seq, 0, kt.data() + 256 * Hkv * d, vt.data() + 256 * Hkv * d, T - 256);
+    tqkv::AttentionOptions options;
+    options.window = std::stoul(c.window);
+    std::vector<float> direct(Hq * d);
+    const tqkv::SequenceId seqs[1] = {seq};
+    tqkv::attend_decode(cache, 0, seqs, q.data(), int(Hq), direct.data(), options);
+    EXPECT_LT(relative_difference(o.data, direct), 1e-6);
+  }
+}
+
+TEST_F(CliTest, AttendErrorsNameTheCulprit) {
+  write_array("q.npy", {4, 64}, 1);
+  write_array("q32.npy", {4, 32}, 2);
+  write_array("q3.npy", {3, 64}, 3);
+  write_array("k.npy", {2, 20, 64}, 4);
+  write_array("v.npy", {2, 20, 64}, 5);
+  write_array("v2.npy", {2, 21, 64}, 6);
+  auto attend = [&](const std::string& q, const std::string& k, const std::string& v,
+                    std::vector<std::string> extra = {}) {
+    std::vector<std::string> args = {"attend", "--q", path(q), "--k", path(k), "--v", path(v),
+                                     "--out", path("o.npy")};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return run(args);
+  };
+  struct Expect {
+    Result r;
+    const char* needle;
+  };
+  for (const auto& [r, needle] :
+       {Expect{attend("q32.npy", "k.npy", "v.npy"), "q32.npy"},        // head dims differ
+        Expect{attend("q3.npy", "k.npy", "v.npy"), "multiple"},        // 3 query heads, 2 KV
+        Expect{attend("q.npy", "k.npy", "v2.npy"), "v2.npy"},          // K and V shapes differ
+        Expect{attend("q.npy", "missing.npy", "v.npy"), "missing.npy"},
+        Expect{attend("q.npy", "k.npy", "v.npy", {"--key-bits", "12"}), "--key-bits"},
+        Expect{attend("q.npy", "k.npy", "v.npy", {"--key-bits", "four"}), "--key-bits"},
+        Expect{attend("q.npy", "k.npy", "v.npy", {"--value-bits", "0.5"}), "--value-bits"},
+        Expect{attend("q.npy", "k.npy", "v.npy", {"--codec", "zip"}), "zip"},
+        Expect{attend("q.npy", "k.npy", "v.npy", {"--scale", "-1"}), "--scale"}}) {
+    EXPECT_EQ(r.status, 1) << needle;
+    EXPECT_NE(r.err.find(needle), std::string::npos) << r.err;
+  }
+  EXPECT_FALSE(fs::exists(path("o.npy")));
+  // A 2-D key array is refused, naming the file.
+  write_array("k2d.npy", {20, 64}, 7);
+  const auto r = attend("q.npy", "k2d.npy", "v.npy");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("k2d.npy"), std::string::npos) << r.err;
+}
+
+TEST_F(CliTest, BenchDecodeJson) {
+  const auto r = run({"bench", "decode", "--device", "cpu", "--context", "64", "--batch", "1,2",
+                      "--bits", "4,2", "--q-heads", "4", "--kv-heads", "2", "--dim", "64",
+                      "--repeats", "1", "--json"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto rows = nlohmann::json::parse(r.out);
+  ASSERT_TRUE(rows.is_array());
+  ASSERT_EQ(rows.size(), 4u);
+  for (const auto& row : rows) {
+    for (const char* field :
+         {"device", "batch", "context", "q_heads", "kv_heads", "dim", "key_bits", "value_bits",
+          "codec", "threads", "fused_us", "fallback_us", "dense_us", "compressed_bytes",
+          "fused_gbps", "dense_bytes", "speedup_vs_fallback", "speedup_vs_dense"})
+      EXPECT_TRUE(row.contains(field)) << field << " in " << row.dump();
+    EXPECT_EQ(row["device"], "cpu");
+    EXPECT_EQ(row["context"], 64);
+    EXPECT_EQ(row["q_heads"], 4);
+    EXPECT_EQ(row["kv_heads"], 2);
+    EXPECT_EQ(row["dim"], 64);
+    EXPECT_EQ(row["codec"], "mse");
+    EXPECT_GE(row["threads"].get<int>(), 1);
+    for (const char* t : {"fused_us", "fallback_us", "dense_us", "fused_gbps",
+                          "speedup_vs_fallback", "speedup_vs_dense"})
+      EXPECT_GT(row[t].get<double>(), 0) << t;
+    const size_t batch = row["batch"];
+    EXPECT_EQ(row["dense_bytes"].get<size_t>(), batch * 64 * 2 * 64 * 2 * 4);
+    // 64 tokens of 2 KV heads: keys and values, 64 coordinates each, plus f16 norms.
+    const double bits = row["key_bits"];
+    EXPECT_EQ(row["compressed_bytes"].get<size_t>(),
+              batch * 64 * 2 * 2 * (size_t(bits) * 64 / 8 + 2));
+  }
+  EXPECT_EQ(rows[0]["batch"], 1);
+  EXPECT_EQ(rows[0]["key_bits"], 4.0);
+  EXPECT_EQ(rows[1]["key_bits"], 2.0);
+  EXPECT_EQ(rows[3]["batch"], 2);
+
+  // The table form.
+  const auto t = run({"bench", "decode", "--context", "32", "--bits", "3", "--q-heads", "2",
+                      "--kv-heads", "1", "--dim", "32", "--repeats", "1", "--threads", "1"});
+  ASSERT_EQ(t.status, 0) << t.err;
+  EXPECT_NE(t.out.find("fused us"), std::string::npos) << t.out;
+  EXPECT_NE(t.out.find("1 threads"), std::string::npos) << t.out;
+}
+
+TEST_F(CliTest, BenchDecodeErrors) {
+  auto r = run({"bench", "decode", "--device", "cuda"});
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find(tqkv::cuda_backend_built() ? "CUDA decode is not implemented yet"
+                                                  : "no GPU backend built"),
+            std::string::npos)
+      << r.err;
+  // Every case fails validation, before anything is built or timed.
+  const std::vector<std::string> tiny = {"--dim", "32", "--repeats", "1"};
+  struct Expect {
+    std::vector<std::string> args;
+    const char* needle;
+  };
+  for (const auto& [extra, needle] :
+       {Expect{{"--device", "tpu"}, "--device"}, Expect{{"--context", "0"}, "--context"},
+        Expect{{"--context", "12,x"}, "--context"}, Expect{{"--batch", "-1"}, "--batch"},
+        Expect{{"--bits", "4,abc"}, "--bits"}, Expect{{"--bits", "11"}, "--bits 11"},
+        Expect{{"--context", ","}, "--context"}, Expect{{"--q-heads", "3", "--kv-heads", "2"},
+                                                        "--q-heads"}}) {
+    std::vector<std::string> args = {"bench", "decode"};
+    args.insert(args.end(), tiny.begin(), tiny.end());
+    args.insert(args.end(), extra.begin(), extra.end());
+    r = run(args);
+    EXPECT_EQ(r.status, 1) << needle;
+    EXPECT_NE(r.err.find(needle), std::string::npos) << r.err;
+  }
+  EXPECT_EQ(run({"bench"}).status, 2);  // a subcommand is required
+}
+
+TEST_F(CliTest, InfoOnKVCacheFile) {
+  tqkv::CacheConfig config;
+  config.layers = 2;
+  config.kv_heads = 2;
+  config.head_dim = 64;
+  config.key.bits = 4;
+  config.value.bits = 3.5;
+  config.value.seed = 5;
+  config.page_tokens = 16;
+  config.max_pages = 20;
+  tqkv::KVCache cache(config);
+  std::mt19937 rng(seed_);
+  std::normal_distribution<float> normal;
+  std::vector<float> k(40 * 2 * 64), v(k.size());
+  for (auto& x : k) x = normal(rng);
+  for (auto& x : v) x = normal(rng);
+  const auto a = cache.add_sequence(), b = cache.add_sequence();
+  for (int layer = 0; layer < 2; ++layer) {
+    cache.append(a, layer, k.data(), v.data(), 40);
+    cache.append(b, layer, k.data(), v.data(), layer == 0 ? 10 : 7);
+  }
+  cache.save(path("cache.tqkv"));
+
+  auto r = run({"info", path("cache.tqkv"), "--json"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["kind"], "kv_cache");
+  EXPECT_EQ(j["layers"], 2);
+  EXPECT_EQ(j["kv_heads"], 2);
+  EXPECT_EQ(j["head_dim"], 64);
+  EXPECT_EQ(j["key"]["bits"], 4.0);
+  EXPECT_EQ(j["value"]["bits"], 3.5);
+  EXPECT_EQ(j["value"]["seed"], 5);
+  EXPECT_EQ(j["page_tokens"], 16);
+  EXPECT_EQ(j["pages_total"], 20);
+  EXPECT_EQ(j["pages_used"], 3 + 1);  // 40 tokens: 3 pages; 10 tokens: 1
+  ASSERT_EQ(j["sequences"].size(), 2u);
+  EXPECT_EQ(j["sequences"][0]["id"], a);
+  EXPECT_EQ(j["sequences"][0]["lengths"], (std::vector<size_t>{40, 40}));
+  EXPECT_EQ(j["sequences"][1]["lengths"], (std::vector<size_t>{10, 7}));
+  EXPECT_EQ(j["bytes_per_token_per_layer"], cache.bytes_per_token_per_layer());
+  EXPECT_EQ(j["bytes_per_token"], cache.bytes_per_token());
+  EXPECT_EQ(j["fp16_bytes_per_token"], cache.fp16_bytes_per_token());
+  EXPECT_EQ(j["stored_bytes"], cache.stored_bytes());
+  EXPECT_NEAR(j["compression_vs_fp16"].get<double>(),
+              double(cache.fp16_bytes_per_token()) / double(cache.bytes_per_token()), 1e-12);
+  EXPECT_EQ(j["file_bytes"], fs::file_size(path("cache.tqkv")));
+
+  r = run({"info", path("cache.tqkv")});
+  ASSERT_EQ(r.status, 0) << r.err;
+  for (const char* needle : {"KV cache", "layers", "3.5-bit mse", "4 used of 20", "40 tokens",
+                             "tokens per layer 10 7", "compression", "stored bytes"})
+    EXPECT_NE(r.out.find(needle), std::string::npos) << needle << " in\n" << r.out;
+
+  // A corrupted cache file is refused, naming it.
+  auto bytes = tqkv::file::read_bytes(path("cache.tqkv"));
+  bytes[bytes.size() - 3] ^= 0x01;
+  tqkv::file::write_bytes(path("bad.tqkv"), bytes);
+  r = run({"info", path("bad.tqkv")});
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("bad.tqkv"), std::string::npos) << r.err;
+}
+
+TEST_F(CliTest, DemoShowsAttention) {
+  const auto r = run({"demo", "--samples", "200", "--context", "256"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.find("attention on a compressed cache"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("256 tokens"), std::string::npos) << r.out;
+  EXPECT_EQ(run({"demo", "--context", "0"}).status, 1);
 }
 
 }  // namespace

@@ -1,12 +1,14 @@
 #include "cli.hpp"
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <nlohmann/json.hpp>
 #include <ostream>
 #include <sstream>
 
+#include "commands.hpp"
 #include "eval.hpp"
 #include "tqkv/device.hpp"
 #include "tqkv/error.hpp"
@@ -14,13 +16,58 @@
 #include "tqkv/npy.hpp"
 
 namespace tqkv::cli {
-namespace {
+
+// ---- helpers shared with the other command files (commands.hpp) -----------------------------
 
 std::string fmt(const char* f, double v) {
   char buf[64];
   std::snprintf(buf, sizeof buf, f, v);
   return buf;
 }
+
+double parse_bits(const std::string& text, std::string_view option) {
+  size_t used = 0;
+  double v = 0;
+  try {
+    v = std::stod(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  TQKV_CHECK(used == text.size() && !text.empty() && std::isfinite(v), option, ": '", text,
+             "' is not a number");
+  return v;
+}
+
+std::vector<std::string> split_list(const std::string& text, std::string_view option) {
+  std::vector<std::string> items;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ','))
+    if (!item.empty()) items.push_back(item);
+  TQKV_CHECK(!items.empty(), option, ": empty list '", text, "'");
+  return items;
+}
+
+std::string describe(const CodecSpec& s) {
+  std::ostringstream o;
+  o << s.bits << "-bit " << to_string(s.kind) << ", rotation " << to_string(s.rotation)
+    << ", seed " << s.seed << ", norm " << to_string(s.norm_format);
+  return o.str();
+}
+
+void check_cache_codec(const CodecSpec& spec, bool value, int head_dim, std::string_view option) {
+  CacheConfig c;  // the other side keeps the default codec (4-bit mse), valid at any head_dim
+  c.head_dim = head_dim;
+  (value ? c.value : c.key) = spec;
+  c.max_pages = 0;  // validates without allocating a pool
+  try {
+    KVCache probe(c);
+  } catch (const Error& e) {
+    throw Error(detail::concat(option, ": ", e.what()));
+  }
+}
+
+namespace {
 
 // Options shared by the commands that build a codec.
 struct CodecOptions {
@@ -49,36 +96,7 @@ struct CodecOptions {
     s.seed = seed;
     return s;
   }
-  static double parse_bits(const std::string& text) {
-    size_t used = 0;
-    double v = 0;
-    try {
-      v = std::stod(text, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    TQKV_CHECK(used == text.size() && !text.empty() && std::isfinite(v), "--bits: '", text,
-               "' is not a number");
-    return v;
-  }
 };
-
-std::vector<std::string> split_list(const std::string& text) {
-  std::vector<std::string> items;
-  std::stringstream ss(text);
-  std::string item;
-  while (std::getline(ss, item, ','))
-    if (!item.empty()) items.push_back(item);
-  TQKV_CHECK(!items.empty(), "empty list '", text, "'");
-  return items;
-}
-
-std::string describe(const CodecSpec& s) {
-  std::ostringstream o;
-  o << s.bits << "-bit " << to_string(s.kind) << ", rotation " << to_string(s.rotation)
-    << ", seed " << s.seed << ", norm " << to_string(s.norm_format);
-  return o.str();
-}
 
 // ---- quantize / dequantize / info ----------------------------------------------------------
 
@@ -122,8 +140,80 @@ int dequantize(const std::string& in, const std::string& out_path, const std::st
   return 0;
 }
 
+// A KV-cache file (kind 2, KVCache::save).
+int info_cache(const std::string& in, std::span<const uint8_t> bytes, bool json,
+               std::ostream& out) {
+  const KVCache cache = KVCache::parse(bytes, in);
+  const CacheConfig& c = cache.config();
+  const size_t pages_used = cache.pages_total() - cache.pages_free();
+  const double ratio = double(cache.fp16_bytes_per_token()) / double(cache.bytes_per_token());
+  // Lengths per layer; a sequence whose layers all hold the same count prints one number.
+  std::vector<std::pair<SequenceId, std::vector<size_t>>> seqs;
+  for (const SequenceId id : cache.sequences()) {
+    std::vector<size_t> lengths;
+    for (int l = 0; l < c.layers; ++l) lengths.push_back(cache.length(id, l));
+    seqs.emplace_back(id, std::move(lengths));
+  }
+  if (json) {
+    nlohmann::json sj = nlohmann::json::array();
+    for (const auto& [id, lengths] : seqs) sj.push_back({{"id", id}, {"lengths", lengths}});
+    out << nlohmann::json{{"file", in},
+                          {"kind", "kv_cache"},
+                          {"file_bytes", bytes.size()},
+                          {"layers", c.layers},
+                          {"kv_heads", c.kv_heads},
+                          {"head_dim", c.head_dim},
+                          {"key", nlohmann::json::parse(file::spec_to_json(c.key))},
+                          {"value", nlohmann::json::parse(file::spec_to_json(c.value))},
+                          {"page_tokens", c.page_tokens},
+                          {"pages_used", pages_used},
+                          {"pages_total", cache.pages_total()},
+                          {"page_bytes", cache.page_bytes()},
+                          {"sequences", sj},
+                          {"bytes_per_token_per_layer", cache.bytes_per_token_per_layer()},
+                          {"bytes_per_token", cache.bytes_per_token()},
+                          {"fp16_bytes_per_token", cache.fp16_bytes_per_token()},
+                          {"compression_vs_fp16", ratio},
+                          {"stored_bytes", cache.stored_bytes()},
+                          {"used_page_bytes", cache.used_page_bytes()}}
+               .dump(2)
+        << "\n";
+    return 0;
+  }
+  out << in << ": tqkv KV cache, format version " << file::kVersion << "\n"
+      << "  layers           " << c.layers << "\n"
+      << "  kv_heads         " << c.kv_heads << " x head_dim " << c.head_dim << "\n"
+      << "  key codec        " << describe(c.key) << "\n"
+      << "  value codec      " << describe(c.value) << "\n"
+      << "  page_tokens      " << c.page_tokens << " (" << cache.page_bytes()
+      << " bytes per page, all layers)\n"
+      << "  pages            " << pages_used << " used of " << cache.pages_total() << "\n"
+      << "  sequences        " << seqs.size() << "\n";
+  for (const auto& [id, lengths] : seqs) {
+    out << "    id " << id << ": ";
+    const bool same = std::all_of(lengths.begin(), lengths.end(),
+                                  [&](size_t n) { return n == lengths.front(); });
+    if (same) {
+      out << lengths.front() << " tokens" << (c.layers > 1 ? " in every layer" : "") << "\n";
+    } else {
+      out << "tokens per layer";
+      for (size_t n : lengths) out << " " << n;
+      out << "\n";
+    }
+  }
+  out << "  bytes per token  " << cache.bytes_per_token_per_layer() << " per layer, "
+      << cache.bytes_per_token() << " in all layers (float16: " << cache.fp16_bytes_per_token()
+      << ")\n"
+      << "  compression      " << fmt("%.2f", ratio) << "x vs float16\n"
+      << "  stored bytes     " << cache.stored_bytes() << " (pages in use: "
+      << cache.used_page_bytes() << ")\n"
+      << "  file size        " << bytes.size() << " bytes\n";
+  return 0;
+}
+
 int info(const std::string& in, bool json, std::ostream& out) {
   const auto bytes = file::read_bytes(in);
+  if (file::parse(bytes, in).kind == file::Kind::kv_cache) return info_cache(in, bytes, json, out);
   const auto ev = file::parse_encoded(bytes, in);
   const Codec codec(ev.spec);
   const int d = ev.spec.dim;
@@ -131,6 +221,7 @@ int info(const std::string& in, bool json, std::ostream& out) {
   if (json) {
     nlohmann::json j = nlohmann::json::parse(file::spec_to_json(ev.spec));
     out << nlohmann::json{{"file", in},
+                          {"kind", "encoded_vectors"},
                           {"file_bytes", bytes.size()},
                           {"codec", j},
                           {"count", ev.count},
@@ -217,7 +308,9 @@ int eval_distortion(int dim, const std::string& bits_list, const CodecOptions& o
   return 0;
 }
 
-int demo(size_t samples, std::ostream& out) {
+int demo(size_t samples, size_t context, std::ostream& out) {
+  TQKV_CHECK(samples >= 2, "--samples: need at least 2, got ", samples);
+  TQKV_CHECK(context >= 1, "--context: need at least 1 token, got ", context);
   out << "tqkv demo: TurboQuant codecs on " << samples
       << " built-in random unit vectors, dim 128 (an LLM head dimension)\n\n";
   std::vector<DistortionRow> rows;
@@ -231,6 +324,8 @@ int demo(size_t samples, std::ostream& out) {
          "a float16 vector is 256 bytes. 'MSE theory' integrates the Lloyd-Max codebook for the\n"
          "exact coordinate density; 'paper' is the TurboQuant paper's figure; 4^-b bounds any\n"
          "quantizer. prod trades MSE for unbiased inner products (IP bias ~ 0).\n";
+  out << "\n";
+  demo_attention(context, out);
   try {
     const auto gpus = list_gpus();
     out << "\nGPU backend: built, " << gpus.size() << " GPU(s) visible\n";
@@ -278,9 +373,54 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
   dist->add_flag("--json", json, "print a JSON array");
   opt.add_to(dist, false);
 
-  size_t demo_samples = 20000;
-  auto* dm = app.add_subcommand("demo", "codecs on built-in synthetic data");
+  size_t demo_samples = 20000, demo_context = 8192;
+  auto* dm = app.add_subcommand("demo", "codecs and attention on built-in synthetic data");
   dm->add_option("--samples", demo_samples, "random unit vectors")->capture_default_str();
+  dm->add_option("--context", demo_context, "tokens in the attention demo's cache")
+      ->capture_default_str();
+
+  AttendArgs at;
+  auto* att = app.add_subcommand(
+      "attend", "decode attention of one query token over K/V quantized into a KV cache");
+  att->add_option("--q", at.q, "query .npy [H_q, d] (float32 or float16)")->required();
+  att->add_option("--k", at.k, "keys .npy [H_kv, T, d]")->required();
+  att->add_option("--v", at.v, "values .npy [H_kv, T, d]")->required();
+  att->add_option("--out", at.out, "output .npy [H_q, d] float32")->required();
+  att->footer("K and V are appended to the cache in chunks of 256 tokens; with fractional bits "
+              "each KV head chooses its outlier channels from its first chunk.");
+  att->add_option("--key-bits", at.key_bits, "key bits per coordinate (fractional allowed)")
+      ->capture_default_str();
+  att->add_option("--value-bits", at.value_bits, "value bits per coordinate")
+      ->capture_default_str();
+  att->add_option("--codec", at.codec, "mse or prod (keys and values)")->capture_default_str();
+  att->add_option("--rotation", at.rotation, "auto, hadamard or dense")->capture_default_str();
+  att->add_option("--seed", at.seed, "key codec seed; the value codec uses seed + 1")
+      ->capture_default_str();
+  att->add_option("--scale", at.scale, "softmax scale; 0 means 1/sqrt(d)")->capture_default_str();
+  att->add_option("--window", at.window, "attend to the last W tokens only; 0: all")
+      ->capture_default_str();
+  att->add_flag("--reference", at.reference,
+                "float64 reference on the dequantized codes instead of the fused kernels");
+
+  BenchDecodeArgs bd;
+  auto* bench = app.add_subcommand("bench", "measure speed");
+  bench->require_subcommand(1);
+  auto* bdec = bench->add_subcommand(
+      "decode", "decode attention: fused on the codes vs dequantize-then-attend vs dense float32");
+  bdec->add_option("--device", bd.device, "cpu (cuda: not available yet)")->capture_default_str();
+  bdec->add_option("--batch", bd.batch, "comma-separated batch sizes")->capture_default_str();
+  bdec->add_option("--context", bd.context, "comma-separated context lengths (tokens)")
+      ->capture_default_str();
+  bdec->add_option("--bits", bd.bits, "comma-separated bit widths (keys and values)")
+      ->capture_default_str();
+  bdec->add_option("--threads", bd.threads, "CPU threads; 0: all")->capture_default_str();
+  bdec->add_option("--q-heads", bd.q_heads, "query heads")->capture_default_str();
+  bdec->add_option("--kv-heads", bd.kv_heads, "KV heads")->capture_default_str();
+  bdec->add_option("--dim", bd.dim, "head dimension")->capture_default_str();
+  bdec->add_option("--codec", bd.codec, "mse or prod")->capture_default_str();
+  bdec->add_option("--repeats", bd.repeats, "timed runs per measurement (best is kept)")
+      ->capture_default_str();
+  bdec->add_flag("--json", bd.json, "print a JSON array");
 
   std::vector<std::string> argv_rev(args.rbegin(), args.rend());
   try {
@@ -304,7 +444,9 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
     if (inf->parsed()) return info(in, json, out);
     if (dist->parsed())
       return eval_distortion(dim, bits_list, opt, samples, data_seed, json, out);
-    if (dm->parsed()) return demo(demo_samples, out);
+    if (dm->parsed()) return demo(demo_samples, demo_context, out);
+    if (att->parsed()) return attend(at, out);
+    if (bdec->parsed()) return bench_decode(bd, out);
   } catch (const Error& e) {
     err << "tqkv: error: " << e.what() << "\n";
     return 1;

@@ -1,0 +1,323 @@
+// tqkv bench decode, and the demo's attention section: decode attention timed on the codes
+// (fused), through dequantize-then-attend (fallback) and on dense float32 K/V.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <ostream>
+
+#include "commands.hpp"
+#include "tqkv/attention.hpp"
+#include "tqkv/device.hpp"
+#include "tqkv/error.hpp"
+
+namespace tqkv::cli {
+namespace {
+
+// Fast Gaussian numbers for synthetic K/V (statistics only matter here, not bit reproducibility
+// across platforms): SplitMix64 words, Box-Muller pairs.
+class Normals {
+ public:
+  explicit Normals(uint64_t seed) : state_(seed) {}
+  void fill(float* out, size_t n) {
+    constexpr double kTwoPi = 6.283185307179586;
+    for (size_t i = 0; i < n; i += 2) {
+      const double u1 = (double(next() >> 11) + 0.5) * 0x1p-53;  // (0, 1)
+      const double u2 = double(next() >> 11) * 0x1p-53;
+      const double r = std::sqrt(-2.0 * std::log(u1));
+      out[i] = float(r * std::cos(kTwoPi * u2));
+      if (i + 1 < n) out[i + 1] = float(r * std::sin(kTwoPi * u2));
+    }
+  }
+  std::vector<float> make(size_t n) {
+    std::vector<float> x(n);
+    fill(x.data(), n);
+    return x;
+  }
+
+ private:
+  uint64_t next() {
+    uint64_t z = (state_ += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  uint64_t state_;
+};
+
+// Sets tqkv's thread count for a scope.
+class ThreadScope {
+ public:
+  explicit ThreadScope(int n) : previous_(set_num_threads(n)) {}
+  ~ThreadScope() { set_num_threads(previous_); }
+  ThreadScope(const ThreadScope&) = delete;
+  ThreadScope& operator=(const ThreadScope&) = delete;
+
+ private:
+  int previous_;
+};
+
+// Best wall time of `repeats` runs (after one warm-up run if `warm_up`), in microseconds.
+template <class Fn>
+double best_us(int repeats, Fn&& fn, bool warm_up = true) {
+  if (warm_up) fn();
+  double best = std::numeric_limits<double>::infinity();
+  for (int r = 0; r < repeats; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    fn();
+    const auto t1 = std::chrono::steady_clock::now();
+    best = std::min(best, std::chrono::duration<double, std::micro>(t1 - t0).count());
+  }
+  return best;
+}
+
+std::vector<size_t> parse_positive_list(const std::string& text, std::string_view option) {
+  std::vector<size_t> values;
+  for (const auto& item : split_list(text, option)) {
+    size_t used = 0;
+    unsigned long long v = 0;
+    try {
+      v = std::stoull(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    TQKV_CHECK(used == item.size() && item.find('-') == std::string::npos && v > 0, option,
+               ": '", item, "' is not a positive integer");
+    values.push_back(size_t(v));
+  }
+  return values;
+}
+
+CacheConfig cache_config(int kv_heads, int dim, double bits, CodecKind kind) {
+  CacheConfig c;
+  c.layers = 1;
+  c.kv_heads = kv_heads;
+  c.head_dim = dim;
+  c.key.dim = c.value.dim = dim;
+  c.key.bits = c.value.bits = bits;
+  c.key.kind = c.value.kind = kind;
+  c.key.seed = 0;
+  c.value.seed = 1;
+  return c;
+}
+
+// Sequence `b`'s dense copy [H_kv, T, d] of a block [block_tokens, H_kv, d] repeated to T tokens.
+std::vector<float> dense_from_block(const std::vector<float>& block, size_t block_tokens,
+                                    size_t H, size_t T, size_t d) {
+  std::vector<float> x(H * T * d);
+  for (size_t h = 0; h < H; ++h)
+    for (size_t t = 0; t < T; ++t)
+      std::copy_n(&block[((t % block_tokens) * H + h) * d], d, &x[(h * T + t) * d]);
+  return x;
+}
+
+double relative_error(const std::vector<float>& x, const std::vector<float>& ref) {
+  double err = 0, norm = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    err += (double(x[i]) - ref[i]) * (double(x[i]) - ref[i]);
+    norm += double(ref[i]) * ref[i];
+  }
+  return std::sqrt(err / norm);
+}
+
+nlohmann::json to_json(const BenchRow& r) {
+  return {{"device", r.device},
+          {"batch", r.batch},
+          {"context", r.context},
+          {"q_heads", r.q_heads},
+          {"kv_heads", r.kv_heads},
+          {"dim", r.dim},
+          {"key_bits", r.key_bits},
+          {"value_bits", r.value_bits},
+          {"codec", r.codec},
+          {"threads", r.threads},
+          {"fused_us", r.fused_us},
+          {"fallback_us", r.fallback_us},
+          {"dense_us", r.dense_us},
+          {"compressed_bytes", r.compressed_bytes},
+          {"fused_gbps", r.fused_gbps},
+          {"dense_bytes", r.dense_bytes},
+          {"dense_gbps", r.dense_gbps},
+          {"speedup_vs_fallback", r.speedup_vs_fallback},
+          {"speedup_vs_dense", r.speedup_vs_dense}};
+}
+
+}  // namespace
+
+int bench_decode(const BenchDecodeArgs& a, std::ostream& out) {
+  if (a.device == "cuda")
+    throw Error(cuda_backend_built()
+                    ? "--device cuda: CUDA decode is not implemented yet (use --device cpu)"
+                    : "--device cuda: no GPU backend built (this tqkv was configured without "
+                      "CUDA; use --device cpu)");
+  TQKV_CHECK(a.device == "cpu", "--device: expected cpu or cuda, got '", a.device, "'");
+  const auto batches = parse_positive_list(a.batch, "--batch");
+  const auto contexts = parse_positive_list(a.context, "--context");
+  const auto bits_text = split_list(a.bits, "--bits");
+  std::vector<double> bits;
+  for (const auto& b : bits_text) bits.push_back(parse_bits(b, "--bits"));
+  const CodecKind kind = parse_codec_kind(a.codec);
+  TQKV_CHECK(a.threads >= 0, "--threads: must be >= 0 (0: all), got ", a.threads);
+  TQKV_CHECK(a.repeats >= 1, "--repeats: must be at least 1, got ", a.repeats);
+  TQKV_CHECK(a.kv_heads >= 1 && a.kv_heads <= 4096, "--kv-heads: must be in 1..4096, got ",
+             a.kv_heads);
+  TQKV_CHECK(a.q_heads >= 1 && a.q_heads % a.kv_heads == 0, "--q-heads: ", a.q_heads,
+             " is not a positive multiple of --kv-heads ", a.kv_heads);
+  TQKV_CHECK(a.dim >= 8 && a.dim <= 4096 && a.dim % 8 == 0,
+             "--dim: must be a multiple of 8 in 8..4096, got ", a.dim);
+  for (size_t i = 0; i < bits.size(); ++i)
+    check_cache_codec(cache_config(1, a.dim, bits[i], kind).key, false, a.dim,
+                      "--bits " + bits_text[i]);
+
+  const ThreadScope threads(a.threads);
+  const size_t H = size_t(a.kv_heads), d = size_t(a.dim), Hq = size_t(a.q_heads);
+  // One block of random K/V, appended repeatedly: filling must not dominate the run.
+  const size_t max_context = *std::max_element(contexts.begin(), contexts.end());
+  const size_t block_tokens = std::min<size_t>(1024, max_context);
+  Normals normals(12345);
+  const std::vector<float> block_k = normals.make(block_tokens * H * d);
+  const std::vector<float> block_v = normals.make(block_tokens * H * d);
+
+  std::vector<BenchRow> rows;
+  if (!a.json)
+    out << "tqkv bench decode: cpu, " << num_threads() << " threads, H_q " << Hq << ", H_kv "
+        << H << ", d " << d << ", " << to_string(kind) << " keys and values, best of "
+        << a.repeats << "\n"
+        << "batch  context  bits  fused us  fallback us   dense us  compressed MB  fused GB/s"
+           "  vs fallback  vs dense\n";
+  for (const size_t B : batches)
+    for (const size_t T : contexts)
+      for (const double b : bits) {
+        // Everything of a row lives in this scope: freed before the next row.
+        CacheConfig config = cache_config(a.kv_heads, a.dim, b, kind);
+        const std::vector<size_t> lengths(B, T);
+        config.max_pages = config.pages_for(lengths);
+        KVCache cache(config);
+        std::vector<SequenceId> seqs;
+        for (size_t s = 0; s < B; ++s) {
+          seqs.push_back(cache.add_sequence());
+          for (size_t t = 0; t < T; t += block_tokens)
+            cache.append(seqs.back(), 0, block_k.data(), block_v.data(),
+                         std::min(block_tokens, T - t));
+        }
+        std::vector<std::vector<float>> dense_k, dense_v;
+        std::vector<DenseKV> dense;
+        for (size_t s = 0; s < B; ++s) {
+          dense_k.push_back(dense_from_block(block_k, block_tokens, H, T, d));
+          dense_v.push_back(dense_from_block(block_v, block_tokens, H, T, d));
+          dense.push_back({dense_k.back().data(), dense_v.back().data(), T});
+        }
+        const std::vector<float> q = normals.make(B * Hq * d);
+        std::vector<float> o(q.size());
+
+        BenchRow r;
+        r.device = "cpu";
+        r.batch = B;
+        r.context = T;
+        r.q_heads = a.q_heads;
+        r.kv_heads = a.kv_heads;
+        r.dim = a.dim;
+        r.key_bits = r.value_bits = b;
+        r.codec = to_string(kind);
+        r.threads = num_threads();
+        r.fused_us = best_us(a.repeats, [&] {
+          attend_decode(cache, 0, seqs, q.data(), a.q_heads, o.data());
+        });
+        std::vector<float> workspace;  // kept between calls, as an engine would
+        r.fallback_us = best_us(a.repeats, [&] {
+          attend_dequantized(cache, 0, seqs, q.data(), a.q_heads, o.data(), workspace);
+        });
+        r.dense_us = best_us(a.repeats, [&] {
+          attend_dense(dense, a.kv_heads, a.dim, q.data(), a.q_heads, o.data());
+        });
+        r.compressed_bytes = B * T * cache.bytes_per_token_per_layer();
+        r.dense_bytes = B * T * H * d * 2 * sizeof(float);
+        r.fused_gbps = double(r.compressed_bytes) / (r.fused_us * 1e3);
+        r.dense_gbps = double(r.dense_bytes) / (r.dense_us * 1e3);
+        r.speedup_vs_fallback = r.fallback_us / r.fused_us;
+        r.speedup_vs_dense = r.dense_us / r.fused_us;
+        if (!a.json) {
+          char line[256];
+          std::snprintf(line, sizeof line,
+                        "%5zu  %7zu  %4.3g  %8.1f  %11.1f  %9.1f  %13.2f  %10.2f  %10.1fx"
+                        "  %7.2fx\n",
+                        B, T, b, r.fused_us, r.fallback_us, r.dense_us,
+                        double(r.compressed_bytes) / 1e6, r.fused_gbps, r.speedup_vs_fallback,
+                        r.speedup_vs_dense);
+          out << line << std::flush;
+        }
+        rows.push_back(r);
+      }
+  if (a.json) {
+    nlohmann::json arr = nlohmann::json::array();
+    for (const auto& r : rows) arr.push_back(to_json(r));
+    out << arr.dump(2) << "\n";
+  } else {
+    out << "fused: attention on the codes (attend_decode); fallback: dequantize to float32, then "
+           "attend;\ndense: float32 K/V (" << H * d * 2 * sizeof(float)
+        << " bytes per token). GB/s: compressed bytes read per second by the fused path.\n";
+  }
+  return 0;
+}
+
+void demo_attention(size_t context, std::ostream& out) {
+  constexpr int kKvHeads = 8, kQHeads = 32, kDim = 128, kRepeats = 3;
+  const size_t H = kKvHeads, Hq = kQHeads, d = kDim, T = context, R = Hq / H;
+  // Keys and values i.i.d. N(0, 1), [H_kv, T, d]. Each query head looks for one stored token of
+  // its KV head, as retrieval heads do: q = k_t + N(0, I) noise, so the softmax is peaked
+  // (about 3/4 of the weight on token t at 8192 tokens) but not one-hot.
+  Normals normals(2024);
+  const std::vector<float> k = normals.make(H * T * d), v = normals.make(H * T * d);
+  std::vector<float> q = normals.make(Hq * d);
+  for (size_t hq = 0; hq < Hq; ++hq) {
+    const size_t h = hq / R, target = (hq * 7919 + 13) % T;
+    for (size_t j = 0; j < d; ++j) q[hq * d + j] += k[(h * T + target) * d + j];
+  }
+  const DenseKV dense[1] = {{k.data(), v.data(), T}};
+  std::vector<float> exact(Hq * d), o(Hq * d);
+  attend_dense(dense, kKvHeads, kDim, q.data(), kQHeads, exact.data());
+  const double dense_us = best_us(kRepeats, [&] {
+    attend_dense(dense, kKvHeads, kDim, q.data(), kQHeads, o.data());
+  });
+
+  out << "attention on a compressed cache: " << T << " tokens, " << Hq
+      << " query heads on " << H << " KV heads, dim " << d << ", " << num_threads()
+      << " threads\n"
+         "(synthetic: K, V i.i.d. N(0, 1); each query head looks for one stored token, "
+         "q = k_t + N(0, I))\n"
+         "bits  bytes/token  vs fp16  rel err vs exact  fused us  fallback us  dense us"
+         "  vs fallback  vs dense\n";
+  for (const double bits : {4.0, 3.5, 3.0, 2.0}) {
+    CacheConfig config = cache_config(kKvHeads, kDim, bits, CodecKind::mse);
+    const size_t lengths[1] = {T};
+    config.max_pages = config.pages_for(lengths);
+    KVCache cache(config);
+    const SequenceId seq = cache.add_sequence();
+    append_head_major(cache, seq, k.data(), v.data(), T, 1024);
+    const SequenceId seqs[1] = {seq};
+    attend_decode(cache, 0, seqs, q.data(), kQHeads, o.data());
+    const double err = relative_error(o, exact);
+    const double fused_us = best_us(kRepeats, [&] {
+      attend_decode(cache, 0, seqs, q.data(), kQHeads, o.data());
+    });
+    std::vector<float> workspace;  // kept between calls, as an engine would
+    const double fallback_us = best_us(kRepeats, [&] {
+      attend_dequantized(cache, 0, seqs, q.data(), kQHeads, o.data(), workspace);
+    });
+    char line[256];
+    std::snprintf(line, sizeof line,
+                  "%4.3g  %11zu  %6.2fx  %16.4f  %8.1f  %11.1f  %8.1f  %10.1fx  %7.2fx\n", bits,
+                  cache.bytes_per_token_per_layer(),
+                  double(cache.fp16_bytes_per_token()) / double(cache.bytes_per_token()), err,
+                  fused_us, fallback_us, dense_us, fallback_us / fused_us, dense_us / fused_us);
+    out << line << std::flush;
+  }
+  out << "rel err = |O - O_exact| / |O_exact| over all heads; O_exact: float32 attention on the\n"
+         "original K/V. fused: attention on the codes (attend_decode); fallback: dequantize to\n"
+         "float32, then attend; dense: float32 K/V (" << H * d * 2 * sizeof(float)
+      << " bytes per token).\nBest of " << kRepeats << " runs after a warm-up.\n";
+}
+
+}  // namespace tqkv::cli

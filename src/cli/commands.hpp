@@ -1,0 +1,87 @@
+// The CLI's commands that work on a KV cache (attend, bench decode, the demo's attention section),
+// and the small helpers the command files share. Each command returns the exit status and throws
+// tqkv::Error (naming the option or file at fault) on bad input; cli.cpp prints it.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <iosfwd>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "tqkv/cache.hpp"
+#include "tqkv/codec.hpp"
+
+namespace tqkv::cli {
+
+// ---- shared helpers (cli.cpp) ------------------------------------------------------------------
+
+/// printf-style formatting of one number.
+std::string fmt(const char* f, double v);
+/// A bit width such as "4" or "3.5"; throws naming `option` when it is not a finite number
+/// (whether the codec supports it is checked when the codec is built).
+double parse_bits(const std::string& text, std::string_view option = "--bits");
+/// "a,b,c" -> {"a", "b", "c"} (empty items dropped); throws naming `option` when nothing is left.
+std::vector<std::string> split_list(const std::string& text, std::string_view option = "--bits");
+/// "4-bit mse, rotation auto, seed 0, norm f16".
+std::string describe(const CodecSpec& spec);
+/// Throws, prefixed with `option`, when `spec` cannot be a KV cache's key (or value) codec at
+/// `head_dim` (bits out of range, a fractional split the attention kernels cannot read, ...).
+void check_cache_codec(const CodecSpec& spec, bool value, int head_dim, std::string_view option);
+
+/// Appends head-major keys and values ([H_kv, T, d], as the CLI reads them) to layer 0 of `seq`
+/// in chunks of `chunk` tokens (each transposed to the cache's [tokens, H_kv, d]).
+void append_head_major(KVCache& cache, SequenceId seq, const float* k, const float* v,
+                       size_t tokens, size_t chunk);
+
+// ---- tqkv attend (attend.cpp) ------------------------------------------------------------------
+
+struct AttendArgs {
+  std::string q, k, v, out;  ///< Q [H_q, d]; K, V [H_kv, T, d]; O [H_q, d] (.npy)
+  std::string key_bits = "4", value_bits = "4", codec = "mse", rotation = "auto";
+  uint64_t seed = 0;  ///< key codec seed; the value codec uses seed + 1
+  float scale = 0.0f;  ///< 0: 1/sqrt(d)
+  size_t window = 0;   ///< 0: all tokens
+  bool reference = false;
+};
+
+/// Quantizes K and V into a one-layer KVCache (one sequence of T tokens), attends with the
+/// single query token Q (fused decode, or the float64 reference on the same codes), writes O.
+int attend(const AttendArgs& args, std::ostream& out);
+
+// ---- tqkv bench decode (bench.cpp) -------------------------------------------------------------
+
+struct BenchDecodeArgs {
+  std::string device = "cpu";
+  std::string batch = "1", context = "4096,32768", bits = "4,3,2";
+  std::string codec = "mse";
+  int threads = 0;  ///< 0: all (OpenMP default)
+  int q_heads = 32, kv_heads = 8, dim = 128;
+  int repeats = 5;
+  bool json = false;
+};
+
+/// One row of the decode benchmark.
+struct BenchRow {
+  std::string device;
+  size_t batch = 0, context = 0;
+  int q_heads = 0, kv_heads = 0, dim = 0;
+  double key_bits = 0, value_bits = 0;
+  std::string codec;
+  int threads = 0;
+  double fused_us = 0, fallback_us = 0, dense_us = 0;
+  size_t compressed_bytes = 0, dense_bytes = 0;
+  double fused_gbps = 0, dense_gbps = 0;
+  double speedup_vs_fallback = 0, speedup_vs_dense = 0;
+};
+
+/// Decode attention timed three ways (fused on the codes, dequantize-then-attend, dense float32)
+/// for every (batch, context, bits) row.
+int bench_decode(const BenchDecodeArgs& args, std::ostream& out);
+
+/// The demo's section "attention on a compressed cache": accuracy of fused decode against exact
+/// dense attention on synthetic data of `context` tokens, and decode timings.
+void demo_attention(size_t context, std::ostream& out);
+
+}  // namespace tqkv::cli
