@@ -77,13 +77,10 @@ class CompressedSource {
  public:
   CompressedSource(const KVCache& cache, int layer, std::span<const SequenceId> seqs)
       : cache_(cache), layer_(layer), seqs_(seqs), P_(cache.config().page_tokens),
-        isa_(cpu::active_isa()) {
-    const int d = cache.config().head_dim;
-    const Codec& k = cache.key_codec(layer, 0);
-    const Codec& v = cache.value_codec(layer, 0);
-    for (const auto& g : k.groups()) prep_dim_ += g.dim * (g.qjl ? 2 : 1);
-    for (const auto& g : v.groups()) acc_dim_ += g.dim * (g.qjl ? 2 : 1);
-    (void)d;
+        floats_(cpu::float_kernels()) {
+    for (int bits = 1; bits <= 8; ++bits) codes_[bits] = &cpu::code_kernels(bits);
+    for (const auto& g : cache.key_codec(layer, 0).groups()) prep_dim_ += g.dim * (g.qjl ? 2 : 1);
+    for (const auto& g : cache.value_codec(layer, 0).groups()) acc_dim_ += g.dim * (g.qjl ? 2 : 1);
   }
   int block_tokens() const { return P_; }
   int prep_dim() const { return prep_dim_; }
@@ -262,22 +259,20 @@ class CompressedSource {
   void run_scores(int bits, const cpu::CodeRun& r, const float* table, const float* q, int rows,
                   float* out, Scratch& s) const {
     if (rows > kExpandRows) {
-      cpu::code_kernels(bits, isa_).expand(r, table, s.tile.data());
-      cpu::float_kernels(isa_).scores({s.tile.data(), size_t(r.dim), r.tokens, r.dim}, q, rows,
-                                      out, size_t(P_));
+      codes_[bits]->expand(r, table, s.tile.data());
+      floats_.scores({s.tile.data(), size_t(r.dim), r.tokens, r.dim}, q, rows, out, size_t(P_));
     } else {
-      cpu::code_kernels(bits, isa_).scores(r, table, q, rows, out, size_t(P_));
+      codes_[bits]->scores(r, table, q, rows, out, size_t(P_));
     }
   }
   void run_accumulate(int bits, const cpu::CodeRun& r, const float* table, const float* w,
                       int rows, float* acc, Scratch& s) const {
     if (rows > kExpandRows) {
-      cpu::code_kernels(bits, isa_).expand(r, table, s.tile.data());
-      cpu::float_kernels(isa_).accumulate({s.tile.data(), size_t(r.dim), r.tokens, r.dim}, w,
-                                          size_t(P_), rows, acc, size_t(acc_dim_));
+      codes_[bits]->expand(r, table, s.tile.data());
+      floats_.accumulate({s.tile.data(), size_t(r.dim), r.tokens, r.dim}, w, size_t(P_), rows,
+                         acc, size_t(acc_dim_));
     } else {
-      cpu::code_kernels(bits, isa_).accumulate(r, table, w, size_t(P_), rows, acc,
-                                               size_t(acc_dim_));
+      codes_[bits]->accumulate(r, table, w, size_t(P_), rows, acc, size_t(acc_dim_));
     }
   }
 
@@ -285,14 +280,17 @@ class CompressedSource {
   int layer_;
   std::span<const SequenceId> seqs_;
   int P_;
-  cpu::Isa isa_;
+  // Kernel tables resolved once per call, not per block.
+  const cpu::FloatKernels& floats_;
+  const cpu::CodeKernels* codes_[9] = {};
   int prep_dim_ = 0, acc_dim_ = 0;
 };
 
 // Keys and values as float32 arrays [H_kv, T, d] per sequence.
 class DenseSource {
  public:
-  DenseSource(std::span<const DenseKV> seqs, int dim) : seqs_(seqs), dim_(dim) {}
+  DenseSource(std::span<const DenseKV> seqs, int dim)
+      : seqs_(seqs), dim_(dim), floats_(cpu::float_kernels()) {}
   static constexpr int kBlock = 64;
   int block_tokens() const { return kBlock; }
   int prep_dim() const { return dim_; }
@@ -305,13 +303,13 @@ class DenseSource {
   }
   void scores(int b, int h, size_t t0, int n, const float* prepared, int rows, float* scores,
               Scratch&) const {
-    cpu::float_kernels().scores(run(seqs_[size_t(b)].k, b, h, t0, n), prepared, rows, scores,
-                                size_t(kBlock));
+    floats_.scores(run(seqs_[size_t(b)].k, b, h, t0, n), prepared, rows, scores,
+                   size_t(kBlock));
   }
   void accumulate(int b, int h, size_t t0, int n, const float* w, int rows, float* acc,
                   Scratch&) const {
-    cpu::float_kernels().accumulate(run(seqs_[size_t(b)].v, b, h, t0, n), w, size_t(kBlock),
-                                    rows, acc, size_t(dim_));
+    floats_.accumulate(run(seqs_[size_t(b)].v, b, h, t0, n), w, size_t(kBlock), rows, acc,
+                       size_t(dim_));
   }
   void finalize(int, const float* acc, float inv_l, float* out, Scratch&) const {
     for (int j = 0; j < dim_; ++j) out[j] = acc[j] * inv_l;
@@ -324,6 +322,7 @@ class DenseSource {
   }
   std::span<const DenseKV> seqs_;
   int dim_;
+  const cpu::FloatKernels& floats_;
 };
 
 // --- the engine ----------------------------------------------------------------------------------

@@ -4,15 +4,13 @@
 #include "tqkv/npy.hpp"
 
 #include <bit>
-#include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
 #include <limits>
 #include <optional>
-#include <system_error>
 
 #include "tqkv/error.hpp"
+#include "tqkv/file.hpp"
 #include "tqkv/half.hpp"
 
 namespace tqkv::npy {
@@ -63,8 +61,6 @@ std::optional<size_t> checked_product(std::span<const size_t> shape) {
   }
   return n;
 }
-
-std::string errno_text(int e) { return e ? std::generic_category().message(e) : "unknown error"; }
 
 struct Header {
   std::string descr;
@@ -277,24 +273,7 @@ Array parse(std::span<const uint8_t> bytes, std::string_view name) {
   return a;
 }
 
-Array read(const fs::path& path) {
-  std::error_code ec;
-  TQKV_CHECK(!fs::is_directory(path, ec), "cannot read '", path.string(), "': is a directory");
-  errno = 0;
-  std::ifstream in(path, std::ios::binary);
-  TQKV_CHECK(in, "cannot open '", path.string(), "': ", errno_text(errno));
-  std::vector<uint8_t> bytes;
-  if (const auto sz = fs::file_size(path, ec); !ec) bytes.reserve(sz);
-  constexpr size_t kChunk = size_t(1) << 20;
-  while (in) {
-    const size_t old = bytes.size();
-    bytes.resize(old + kChunk);
-    in.read(reinterpret_cast<char*>(bytes.data() + old), std::streamsize(kChunk));
-    bytes.resize(old + size_t(in.gcount()));
-  }
-  TQKV_CHECK(!in.bad(), "cannot read '", path.string(), "': ", errno_text(errno));
-  return parse(bytes, path.string());
-}
+Array read(const fs::path& path) { return parse(file::read_bytes(path), path.string()); }
 
 std::vector<uint8_t> serialize(std::span<const float> data, std::span<const size_t> shape,
                                DType stored) {
@@ -340,30 +319,7 @@ std::vector<uint8_t> serialize(std::span<const float> data, std::span<const size
 
 void write(const fs::path& path, std::span<const float> data, std::span<const size_t> shape,
            DType stored) {
-  const std::vector<uint8_t> bytes = serialize(data, shape, stored);  // validate before any I/O
-  fs::path tmp = path;
-  tmp += ".tmp";
-  std::error_code ignored;
-  {
-    errno = 0;
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    TQKV_CHECK(out, "cannot write '", path.string(), "': cannot create '", tmp.string(), "': ",
-               errno_text(errno));
-    out.write(reinterpret_cast<const char*>(bytes.data()), std::streamsize(bytes.size()));
-    out.close();  // flushes, so a full disk shows up here
-    if (!out) {
-      const int e = errno;
-      fs::remove(tmp, ignored);
-      TQKV_CHECK(false, "cannot write '", tmp.string(), "': ", errno_text(e));
-    }
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) {
-    fs::remove(tmp, ignored);
-    TQKV_CHECK(false, "cannot write '", path.string(), "': rename from '", tmp.string(),
-               "' failed: ", ec.message());
-  }
+  file::write_bytes(path, serialize(data, shape, stored));  // validates before any I/O
 }
 
 }  // namespace tqkv::npy

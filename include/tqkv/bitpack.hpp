@@ -39,6 +39,14 @@ constexpr FieldWidths field_widths(int bits) {
   return f;
 }
 
+/// The code bit where field k of a b-bit code starts (the sum of the widths before it). Field k of
+/// n codes starts at byte n · field_shift(b, k) / 8 of the packed codes (n a multiple of 8).
+constexpr int field_shift(int bits, int k) {
+  int s = 0;
+  for (int i = 0; i < k; ++i) s += field_widths(bits).width[i];
+  return s;
+}
+
 static_assert(field_widths(7).count == 3 && field_widths(7).width[0] == 4 &&
               field_widths(7).width[2] == 1);
 static_assert(field_widths(8).count == 1 && field_widths(3).width[1] == 1);

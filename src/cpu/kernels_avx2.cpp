@@ -36,22 +36,15 @@ inline __m256i field8(const uint8_t* field, int c) {
   }
 }
 
-template <int Bits, size_t K>
-constexpr int field_shift() {
-  int s = 0;
-  for (size_t i = 0; i < K; ++i) s += field_widths(Bits).width[i];
-  return s;
-}
-
 template <int Bits, size_t... K>
 inline __m256i unpack8(const uint8_t* codes, int dim, int c, std::index_sequence<K...>) {
   constexpr auto f = field_widths(Bits);
   __m256i idx = _mm256_setzero_si256();
   // Field K starts after dim * (widths before K) / 8 bytes = (dim / 8) * shift.
   ((idx = _mm256_or_si256(
-        idx, _mm256_slli_epi32(field8<f.width[K]>(codes + size_t(dim / 8) * field_shift<Bits, K>(),
+        idx, _mm256_slli_epi32(field8<f.width[K]>(codes + size_t(dim / 8) * field_shift(Bits, int(K)),
                                                   c),
-                               field_shift<Bits, K>()))),
+                               field_shift(Bits, int(K))))),
    ...);
   return idx;
 }

@@ -44,21 +44,14 @@ inline __m512i field16(const uint8_t* field, int c) {
   }
 }
 
-template <int Bits, size_t K>
-constexpr int field_shift() {
-  int s = 0;
-  for (size_t i = 0; i < K; ++i) s += field_widths(Bits).width[i];
-  return s;
-}
-
 template <int Bits, size_t... K>
 inline __m512i unpack16(const uint8_t* codes, int dim, int c, std::index_sequence<K...>) {
   constexpr auto f = field_widths(Bits);
   __m512i idx = _mm512_setzero_si512();
   ((idx = _mm512_or_si512(
         idx, _mm512_slli_epi32(
-                 field16<f.width[K]>(codes + size_t(dim / 8) * field_shift<Bits, K>(), c),
-                 field_shift<Bits, K>()))),
+                 field16<f.width[K]>(codes + size_t(dim / 8) * field_shift(Bits, int(K)), c),
+                 field_shift(Bits, int(K))))),
    ...);
   return idx;
 }
