@@ -532,6 +532,8 @@ size_t total_rows(const Problem& p) {
 void attend(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
             std::span<const size_t> query_tokens, const float* q, int q_heads, float* out,
             const AttentionOptions& options) {
+  TQKV_CHECK(!cache.device().is_cuda(), "attend: this cache lives on ", to_string(cache.device()),
+             "; GPU attention takes a GpuWorkspace and a stream");
   const Problem p = make_problem(cache, layer, seqs, query_tokens, q_heads, options);
   check_problem(p, q, total_rows(p), out);
   TQKV_CHECK(options.splits >= 0, "attend: splits must be >= 0, got ", options.splits);

@@ -1,5 +1,7 @@
 #include "tqkv/cache.hpp"
 
+#include "cache_impl.hpp"
+
 #include <algorithm>
 #include <cstdlib>
 #include <cmath>
@@ -7,6 +9,7 @@
 #include <map>
 #include <optional>
 
+#include "cuda/backend.hpp"
 #include "tqkv/bitpack.hpp"
 #include "tqkv/error.hpp"
 #include "tqkv/file.hpp"
@@ -18,19 +21,6 @@ namespace {
 
 constexpr size_t kAlign = 64;
 constexpr size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
-
-// Page memory: 64-byte aligned, not zeroed up front (a page is zeroed when it is taken).
-struct AlignedFree {
-  void operator()(uint8_t* p) const { std::free(p); }
-};
-using PoolPtr = std::unique_ptr<uint8_t, AlignedFree>;
-
-PoolPtr allocate_pool(size_t bytes) {
-  if (bytes == 0) return PoolPtr(nullptr);
-  void* p = std::aligned_alloc(kAlign, align_up(bytes));
-  TQKV_CHECK(p != nullptr, "KV cache: cannot allocate ", bytes, " bytes for the page pool");
-  return PoolPtr(static_cast<uint8_t*>(p));
-}
 
 BlockLayout make_layout(const Codec& codec, int page_tokens) {
   // groups() describes sizes and record offsets even before outlier channels are chosen.
@@ -73,50 +63,44 @@ size_t CacheConfig::pages_for(std::span<const size_t> lengths) const {
   return pages;
 }
 
-struct KVCache::Impl {
-  CacheConfig config;
-  std::vector<Codec> key_codecs, value_codecs;  // [layer * kv_heads + head]
-  BlockLayout key_layout, value_layout;
-  size_t layer_page_bytes = 0;  // one page of one layer
-  std::vector<PoolPtr> pools;   // per layer: max_pages * layer_page_bytes
-  std::vector<uint32_t> free_pages;  // a stack; the lowest page numbers are taken first
+PagePool::PagePool(Device device, size_t bytes) : device_(device) {
+  if (bytes == 0) return;
+  if (device.is_cuda()) {
+    data_ = static_cast<uint8_t*>(gpu::allocate(device, bytes));
+    return;
+  }
+  void* p = std::aligned_alloc(kAlign, align_up(bytes));
+  TQKV_CHECK(p != nullptr, "KV cache: cannot allocate ", bytes, " bytes for the page pool");
+  data_ = static_cast<uint8_t*>(p);
+}
 
-  struct Sequence {
-    std::vector<uint32_t> pages;
-    std::vector<size_t> lengths;  // per layer
-  };
-  std::map<SequenceId, Sequence> sequences;
-  SequenceId next_id = 0;
+PagePool::~PagePool() {
+  if (device_.is_cuda()) {
+    gpu::release(device_, data_);
+  } else {
+    std::free(data_);
+  }
+}
 
-  size_t codec_index(int layer, int head) const {
-    return size_t(layer) * size_t(config.kv_heads) + size_t(head);
+KVCache::Impl::Sequence& KVCache::Impl::find(SequenceId id, const char* what) {
+  auto it = sequences.find(id);
+  TQKV_CHECK(it != sequences.end(), what, ": sequence ", id, " does not exist");
+  return it->second;
+}
+
+void KVCache::Impl::check_layer(int layer, const char* what) const {
+  TQKV_CHECK(layer >= 0 && layer < config.layers, what, ": layer ", layer, " is outside 0..",
+             config.layers - 1);
+}
+
+void KVCache::Impl::release_pages_beyond(Sequence& s) {
+  const size_t longest = *std::max_element(s.lengths.begin(), s.lengths.end());
+  const size_t keep = (longest + size_t(config.page_tokens) - 1) / size_t(config.page_tokens);
+  while (s.pages.size() > keep) {
+    free_pages.push_back(s.pages.back());
+    s.pages.pop_back();
   }
-  uint8_t* block(int layer, uint32_t page, int head, bool values) const {
-    return pools[size_t(layer)].get() + size_t(page) * layer_page_bytes +
-           size_t(head) * (key_layout.block_bytes + value_layout.block_bytes) +
-           (values ? key_layout.block_bytes : 0);
-  }
-  Sequence& find(SequenceId id, const char* what) {
-    auto it = sequences.find(id);
-    TQKV_CHECK(it != sequences.end(), what, ": sequence ", id, " does not exist");
-    return it->second;
-  }
-  const Sequence& find(SequenceId id, const char* what) const {
-    return const_cast<Impl*>(this)->find(id, what);
-  }
-  void check_layer(int layer, const char* what) const {
-    TQKV_CHECK(layer >= 0 && layer < config.layers, what, ": layer ", layer, " is outside 0..",
-               config.layers - 1);
-  }
-  void release_pages_beyond(Sequence& s) {
-    const size_t longest = *std::max_element(s.lengths.begin(), s.lengths.end());
-    const size_t keep = (longest + size_t(config.page_tokens) - 1) / size_t(config.page_tokens);
-    while (s.pages.size() > keep) {
-      free_pages.push_back(s.pages.back());
-      s.pages.pop_back();
-    }
-  }
-};
+}
 
 KVCache::KVCache(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 KVCache::~KVCache() = default;
@@ -164,18 +148,225 @@ KVCache::KVCache(const CacheConfig& config) : impl_(std::make_unique<Impl>()) {
   TQKV_CHECK(c.max_pages == 0 || im.layer_page_bytes <= (size_t(1) << 40) / c.max_pages,
              "KV cache: a pool of ", c.max_pages, " pages of ", im.layer_page_bytes * c.layers,
              " bytes is larger than 1 TiB");
-  for (int l = 0; l < c.layers; ++l)
-    im.pools.push_back(allocate_pool(c.max_pages * im.layer_page_bytes));
+  if (c.device.is_cuda()) {
+    check_device(c.device);
+    TQKV_CHECK(c.max_sequences >= 1 && c.max_sequences <= 65536,
+               "KV cache: max_sequences must be in 1..65536 for a GPU cache, got ",
+               c.max_sequences);
+    TQKV_CHECK(c.max_pages <= (size_t(1) << 32) / c.max_sequences, "KV cache: device page ",
+               "tables of ", c.max_sequences, " sequences x ", c.max_pages,
+               " pages would exceed 16 GiB; lower max_sequences or max_pages");
+  }
+  for (int l = 0; l < c.layers; ++l) im.pools.emplace_back(c.device, c.max_pages * im.layer_page_bytes);
   im.free_pages.resize(c.max_pages);
   for (size_t i = 0; i < c.max_pages; ++i) im.free_pages[i] = uint32_t(c.max_pages - 1 - i);
+  if (c.device.is_cuda()) im.init_gpu();
+}
+
+// --- GPU mirror ----------------------------------------------------------------------------------
+
+namespace {
+
+// Float16 bits of two values, the first in the low half (a CUDA half2).
+uint32_t half_pair(float lo, float hi) {
+  return uint32_t(float_to_half(lo)) | (uint32_t(float_to_half(hi)) << 16);
+}
+
+// Appends `bytes` to the blob at a 256-byte boundary; returns the offset.
+size_t put(std::vector<uint8_t>& blob, const void* data, size_t bytes) {
+  const size_t at = (blob.size() + 255) / 256 * 256;
+  blob.resize(at + bytes);
+  std::memcpy(blob.data() + at, data, bytes);
+  return at;
+}
+
+}  // namespace
+
+void KVCache::Impl::init_gpu() {
+  gpu = std::make_unique<GpuMirror>();
+  GpuMirror& m = *gpu;
+  const Device dev = config.device;
+  // Every (layer, head) of a side shares rotations, codebooks and QJL matrices (same seed); only
+  // channel lists differ, so one set of tables per side serves all.
+  std::vector<uint8_t> blob;
+  std::vector<uint32_t> sign_pairs(256);
+  for (int b = 0; b < 256; ++b)
+    sign_pairs[size_t(b)] = half_pair((b & 15) == 1 ? 1.0f : -1.0f, (b >> 4) == 1 ? 1.0f : -1.0f);
+  const size_t sign_pairs_at = put(blob, sign_pairs.data(), 1024);
+  struct Offsets {
+    size_t signs = 0, rotation = 0, boundaries = 0, centroids = 0, pairs = 0, qjl = 0;
+  };
+  std::vector<Offsets> offsets[2];
+  for (int side = 0; side < 2; ++side) {
+    const Codec& codec = side ? value_codecs[0] : key_codecs[0];
+    const BlockLayout& layout = side ? value_layout : key_layout;
+    gpu::CodecTables& t = side ? m.value : m.key;
+    t.groups = int(codec.groups().size());
+    TQKV_ASSERT(t.groups <= gpu::kMaxGroups);
+    t.norm_f16 = codec.spec().norm_format == NormFormat::f16;
+    t.block_bytes = uint32_t(layout.block_bytes);
+    t.acc_dim = 0;
+    for (int gi = 0; gi < t.groups; ++gi) {
+      const ChannelGroup& g = codec.groups()[size_t(gi)];
+      const auto& lg = layout.groups[size_t(gi)];
+      gpu::GroupTables& gt = t.g[gi];
+      Offsets o;
+      gt.dim = g.dim;
+      gt.mse_bits = g.mse_bits;
+      gt.qjl = g.qjl;
+      const Rotation& rot = codec.rotation(size_t(gi));
+      gt.dense = rot.kind() == RotationKind::dense;
+      gt.gain = rot.gain();
+      gt.qjl_factor = g.qjl ? float(1.2533141373155003 / double(g.dim)) : 0.0f;
+      if (gt.dense) {
+        o.rotation = put(blob, rot.matrix().data(), rot.matrix().size() * 4);
+      } else {
+        o.signs = put(blob, rot.signs().data(), rot.signs().size() * 4);
+      }
+      if (const Codebook* cb = codec.codebook(size_t(gi))) {
+        const auto c = cb->centroids_f32();
+        const auto bd = cb->boundaries_f32();
+        o.boundaries = put(blob, bd.data(), bd.size() * 4);
+        o.centroids = put(blob, c.data(), c.size() * 4);
+        std::vector<uint32_t> pairs(256);
+        for (size_t b = 0; b < 256; ++b) {
+          const size_t lo = b & 15, hi = b >> 4;
+          pairs[b] = half_pair(lo < c.size() ? c[lo] : 0.0f, hi < c.size() ? c[hi] : 0.0f);
+        }
+        o.pairs = put(blob, pairs.data(), 1024);
+      }
+      if (g.qjl) o.qjl = put(blob, codec.qjl_matrix(size_t(gi)).data(), size_t(g.dim) * g.dim * 4);
+      gt.codes_at = uint32_t(lg.codes.block_offset);
+      gt.codes_bytes = uint32_t(lg.codes.bytes);
+      gt.signs_at = uint32_t(lg.signs.block_offset);
+      gt.signs_bytes = uint32_t(lg.signs.bytes);
+      gt.norm_at = uint32_t(lg.norm.block_offset);
+      gt.gamma_at = uint32_t(lg.gamma.block_offset);
+      t.acc_dim += g.dim * (g.qjl ? 2 : 1);
+      offsets[side].push_back(o);
+    }
+  }
+  m.tables = DeviceBuffer(dev, blob.size());
+  m.tables.upload(blob.data(), blob.size());
+  const auto* base = m.tables.as<const uint8_t>();
+  for (int side = 0; side < 2; ++side) {
+    gpu::CodecTables& t = side ? m.value : m.key;
+    for (int gi = 0; gi < t.groups; ++gi) {
+      const Offsets& o = offsets[side][size_t(gi)];
+      gpu::GroupTables& gt = t.g[gi];
+      auto at = [&](size_t off) { return reinterpret_cast<const float*>(base + off); };
+      if (gt.dense) gt.rotation = at(o.rotation); else gt.signs = at(o.signs);
+      if (gt.mse_bits > 0) {
+        gt.boundaries = at(o.boundaries);
+        gt.centroids = at(o.centroids);
+        gt.code_pairs = reinterpret_cast<const uint32_t*>(base + o.pairs);
+      }
+      if (gt.qjl) gt.qjl_matrix = at(o.qjl);
+      gt.sign_pairs = reinterpret_cast<const uint32_t*>(base + sign_pairs_at);
+    }
+  }
+  const size_t d = size_t(config.head_dim), L = size_t(config.layers);
+  const size_t H = size_t(config.kv_heads), S = config.max_sequences;
+  m.channels = DeviceBuffer(dev, L * H * 2 * d * 2);
+  for (int l = 0; l < config.layers; ++l)
+    for (int h = 0; h < config.kv_heads; ++h)
+      for (int side = 0; side < 2; ++side) upload_channels(l, h, side);
+  m.page_tables = DeviceBuffer(dev, std::max<size_t>(S * config.max_pages * 4, 4));
+  m.lengths = DeviceBuffer(dev, S * L * 4);
+  m.lengths.fill(0);
+  m.flag = DeviceBuffer(dev, 4);
+  m.free_slots.resize(S);
+  for (size_t i = 0; i < S; ++i) m.free_slots[i] = uint32_t(S - 1 - i);
+}
+
+void KVCache::Impl::upload_channels(int layer, int head, int side) {
+  const Codec& codec = (side ? value_codecs : key_codecs)[codec_index(layer, head)];
+  const size_t d = size_t(config.head_dim);
+  std::vector<int16_t> list(d);
+  size_t at = 0;
+  if (codec.ready())
+    for (const ChannelGroup& g : codec.groups())
+      for (int ch : g.channels) list[at++] = int16_t(ch);
+  for (; at < d; ++at) list[at] = int16_t(at);  // not chosen yet: never read
+  const size_t offset = ((codec_index(layer, head)) * 2 + size_t(side)) * d * 2;
+  gpu::upload(config.device, gpu->channels.as<uint8_t>() + offset, list.data(), d * 2,
+              gpu->stream);
+}
+
+void KVCache::Impl::upload_pages(const Sequence& s, size_t first) {
+  if (first >= s.pages.size()) return;
+  gpu::upload(config.device,
+              gpu->page_tables.as<uint32_t>() + size_t(s.slot) * config.max_pages + first,
+              s.pages.data() + first, (s.pages.size() - first) * 4, gpu->stream);
+}
+
+void KVCache::Impl::upload_lengths(const Sequence& s) {
+  std::vector<uint32_t> lengths(s.lengths.begin(), s.lengths.end());
+  gpu::upload(config.device, gpu->lengths.as<uint32_t>() + size_t(s.slot) * lengths.size(),
+              lengths.data(), lengths.size() * 4, gpu->stream);
+}
+
+void KVCache::Impl::zero_pages(std::span<const uint32_t> pages) {
+  // Runs of consecutive page numbers are zeroed with one call per layer.
+  for (size_t i = 0; i < pages.size();) {
+    size_t j = i + 1;
+    while (j < pages.size() && pages[j] == pages[j - 1] + 1) ++j;
+    for (int l = 0; l < config.layers; ++l) {
+      uint8_t* at = pools[size_t(l)].data() + size_t(pages[i]) * layer_page_bytes;
+      if (on_gpu()) {
+        gpu::fill(config.device, at, 0, (j - i) * layer_page_bytes, gpu->stream);
+      } else {
+        std::memset(at, 0, (j - i) * layer_page_bytes);
+      }
+    }
+    i = j;
+  }
+}
+
+gpu::CacheView KVCache::Impl::view(int layer) const {
+  gpu::CacheView v;
+  v.pool = pools[size_t(layer)].data();
+  v.layer_page_bytes = layer_page_bytes;
+  v.key_block_bytes = uint32_t(key_layout.block_bytes);
+  v.value_block_bytes = uint32_t(value_layout.block_bytes);
+  v.page_tokens = config.page_tokens;
+  v.kv_heads = config.kv_heads;
+  v.head_dim = config.head_dim;
+  v.layers = config.layers;
+  v.layer = layer;
+  v.page_tables = gpu->page_tables.as<const uint32_t>();
+  v.page_table_stride = uint32_t(config.max_pages);
+  v.lengths = gpu->lengths.as<const uint32_t>();
+  v.channels = gpu->channels.as<const int16_t>();
+  v.key = gpu->key;
+  v.value = gpu->value;
+  return v;
+}
+
+void KVCache::set_stream(CudaStream stream) {
+  TQKV_CHECK(impl_->on_gpu(), "set_stream: this cache lives on the CPU");
+  impl_->gpu->stream = stream;
+}
+CudaStream KVCache::stream() const { return impl_->on_gpu() ? impl_->gpu->stream : nullptr; }
+
+KVCache KVCache::to(Device device) const {
+  return parse(serialize(), "KV cache copy", impl_->config.max_pages, device);
 }
 
 const CacheConfig& KVCache::config() const { return impl_->config; }
 
 SequenceId KVCache::add_sequence() {
   auto& im = *impl_;
+  Impl::Sequence s{{}, std::vector<size_t>(size_t(im.config.layers), 0), 0};
+  if (im.on_gpu()) {
+    TQKV_CHECK(!im.gpu->free_slots.empty(), "add_sequence: all ", im.config.max_sequences,
+               " sequences of this GPU cache are in use (CacheConfig::max_sequences)");
+    s.slot = im.gpu->free_slots.back();
+    im.upload_lengths(s);
+    im.gpu->free_slots.pop_back();
+  }
   const SequenceId id = im.next_id++;
-  im.sequences[id] = Impl::Sequence{{}, std::vector<size_t>(size_t(im.config.layers), 0)};
+  im.sequences[id] = std::move(s);
   return id;
 }
 
@@ -192,6 +383,62 @@ std::vector<SequenceId> KVCache::sequences() const {
   return ids;
 }
 
+namespace {
+
+struct Calibrated {
+  int side;
+  size_t head;
+  Codec codec;
+};
+
+std::string append_where(SequenceId seq, int layer, int side, size_t head) {
+  return detail::concat("append: sequence ", seq, ", layer ", layer, ", ",
+                        side == 0 ? "keys" : "values", " of KV head ", head, ": ");
+}
+
+// Row i (d elements of `type`) of `x` as float32.
+void row_to_float(const uint8_t* x, ScalarType type, size_t i, size_t d, float* out) {
+  for (size_t j = 0; j < d; ++j) {
+    const size_t e = i * d + j;
+    if (type == ScalarType::f32) {
+      std::memcpy(&out[j], x + e * 4, 4);
+    } else {
+      uint16_t half = 0;
+      std::memcpy(&half, x + e * 2, 2);
+      out[j] = type == ScalarType::f16 ? half_to_float(half) : bf16_to_float(half);
+    }
+  }
+}
+
+}  // namespace
+
+// Chooses outlier channels for the (layer, head) codecs that have none yet, from host copies of
+// this append's keys and values; nothing is installed here.
+static std::vector<Calibrated> calibrate(const KVCache::Impl& im, SequenceId seq, int layer,
+                                         const uint8_t* k, const uint8_t* v, size_t tokens,
+                                         ScalarType type) {
+  const size_t H = size_t(im.config.kv_heads), d = size_t(im.config.head_dim);
+  std::vector<Calibrated> calibrated;
+  std::vector<float> rows(tokens * d);
+  for (int side = 0; side < 2; ++side) {
+    const auto& codecs = side == 0 ? im.key_codecs : im.value_codecs;
+    for (size_t h = 0; h < H; ++h) {
+      const Codec& codec = codecs[im.codec_index(layer, int(h))];
+      if (codec.ready()) continue;
+      for (size_t t = 0; t < tokens; ++t) {
+        row_to_float(side == 0 ? k : v, type, t * H + h, d, &rows[t * d]);
+        for (size_t j = 0; j < d; ++j)
+          TQKV_CHECK(std::isfinite(rows[t * d + j]), append_where(seq, layer, side, h), "token ",
+                     t, " has a non-finite element (", rows[t * d + j], " at index ", j, ")");
+      }
+      CodecSpec spec = codec.spec();
+      spec.outlier_channels = codec.select_outlier_channels(rows.data(), tokens);
+      calibrated.push_back({side, h, Codec(spec)});
+    }
+  }
+  return calibrated;
+}
+
 void KVCache::append(SequenceId seq, int layer, const void* k, const void* v, size_t tokens,
                      ScalarType type) {
   auto& im = *impl_;
@@ -200,6 +447,7 @@ void KVCache::append(SequenceId seq, int layer, const void* k, const void* v, si
   Impl::Sequence& s = im.find(seq, "append");
   if (tokens == 0) return;
   TQKV_CHECK(k != nullptr && v != nullptr, "append: null key or value pointer");
+  TQKV_CHECK(int(type) <= 2, "append: unknown scalar type ", int(type));
   const size_t P = size_t(c.page_tokens);
   const size_t old_len = s.lengths[size_t(layer)];
   const size_t new_len = old_len + tokens;
@@ -208,57 +456,115 @@ void KVCache::append(SequenceId seq, int layer, const void* k, const void* v, si
   TQKV_CHECK(extra <= im.free_pages.size(), "append: out of pages: ", tokens,
              " more tokens for sequence ", seq, " need ", extra, " new pages, but only ",
              im.free_pages.size(), " of ", c.max_pages, " are free");
+  const size_t H = size_t(c.kv_heads), d = size_t(c.head_dim);
+  const size_t elem = type == ScalarType::f32 ? 4 : 2;
+  if (im.on_gpu()) {
+    TQKV_CHECK(tokens <= (size_t(1) << 31) / (2 * H), "append: ", tokens,
+               " tokens in one GPU append is too many; append in chunks");
+    // Outlier channels, where still to choose, come from a host copy of the input.
+    std::vector<Calibrated> calibrated;
+    bool ready = true;
+    for (size_t h = 0; h < H; ++h)
+      ready &= im.key_codecs[im.codec_index(layer, int(h))].ready() &&
+               im.value_codecs[im.codec_index(layer, int(h))].ready();
+    if (!ready) {
+      std::vector<uint8_t> hk(tokens * H * d * elem), hv(hk.size());
+      gpu::download(c.device, hk.data(), k, hk.size(), im.gpu->stream);
+      gpu::download(c.device, hv.data(), v, hv.size(), im.gpu->stream);
+      calibrated = calibrate(im, seq, layer, hk.data(), hv.data(), tokens, type);
+    }
+    // Kernels read channel lists from the device; a failed append leaves only lists of codecs
+    // that hold no tokens, which nothing reads.
+    std::vector<Codec> previous;
+    for (const Calibrated& cal : calibrated) {
+      auto& slot = (cal.side == 0 ? im.key_codecs : im.value_codecs)[im.codec_index(layer, int(cal.head))];
+      previous.push_back(slot);
+      slot = cal.codec;
+      im.upload_channels(layer, int(cal.head), cal.side);
+    }
+    const size_t first_new = s.pages.size();
+    for (size_t i = 0; i < extra; ++i) {
+      s.pages.push_back(im.free_pages.back());
+      im.free_pages.pop_back();
+    }
+    im.zero_pages(std::span<const uint32_t>(s.pages).subspan(first_new));
+    im.upload_pages(s, first_new);
+    gpu::AppendParams p;
+    p.cache = im.view(layer);
+    p.k = k;
+    p.v = v;
+    p.type = int(type);
+    p.slot = s.slot;
+    p.first_token = old_len;
+    p.tokens = uint32_t(tokens);
+    p.first_invalid = im.gpu->flag.as<uint32_t>();
+    uint32_t first_invalid = 0;
+    try {
+      gpu::fill(c.device, p.first_invalid, 0xff, 4, im.gpu->stream);
+      gpu::launch_append(c.device, p, im.gpu->stream);
+      gpu::download(c.device, &first_invalid, p.first_invalid, 4, im.gpu->stream);
+    } catch (...) {
+      first_invalid = 0;  // a CUDA error: undo below, then rethrow
+      for (size_t i = first_new; i < s.pages.size(); ++i) im.free_pages.push_back(s.pages[i]);
+      s.pages.resize(first_new);
+      throw;
+    }
+    if (first_invalid != 0xffffffffu) {
+      for (size_t i = s.pages.size(); i > first_new; --i) im.free_pages.push_back(s.pages[i - 1]);
+      s.pages.resize(first_new);
+      for (size_t i = 0; i < calibrated.size(); ++i)
+        (calibrated[i].side == 0 ? im.key_codecs : im.value_codecs)
+            [im.codec_index(layer, int(calibrated[i].head))] = previous[i];
+      // Say exactly what is wrong with the vector, from a host copy of it.
+      const size_t t = first_invalid % tokens, h = (first_invalid / tokens) % H;
+      const int side = int(first_invalid / (tokens * H));
+      std::vector<uint8_t> raw(d * elem);
+      gpu::download(c.device, raw.data(),
+                    static_cast<const uint8_t*>(side == 0 ? k : v) + (t * H + h) * d * elem,
+                    raw.size(), im.gpu->stream);
+      std::vector<float> row(d);
+      row_to_float(raw.data(), type, 0, d, row.data());
+      std::vector<uint8_t> record(im.key_codecs[0].record_bytes() + im.value_codecs[0].record_bytes());
+      try {
+        (side == 0 ? im.key_codecs : im.value_codecs)[im.codec_index(layer, int(h))]
+            .encode(row.data(), 1, record.data());
+      } catch (const Error& e) {
+        std::string what = e.what();
+        const std::string vector0 = "vector 0";
+        if (auto at = what.find(vector0); at != std::string::npos)
+          what.replace(at, vector0.size(), "token " + std::to_string(t));
+        throw Error(append_where(seq, layer, side, h) + what);
+      }
+      throw Error(append_where(seq, layer, side, h) + "token " + std::to_string(t) +
+                  " cannot be encoded");
+    }
+    s.lengths[size_t(layer)] = new_len;
+    im.upload_lengths(s);
+    return;
+  }
 
   // Encode everything first (this validates the input); fractional codecs that have no channels
   // yet get candidates that are only installed once every head has encoded.
-  const size_t H = size_t(c.kv_heads), d = size_t(c.head_dim);
-  const size_t elem = type == ScalarType::f32 ? 4 : 2;
+  const auto* k8 = static_cast<const uint8_t*>(k);
+  const auto* v8 = static_cast<const uint8_t*>(v);
+  const std::vector<Calibrated> calibrated = calibrate(im, seq, layer, k8, v8, tokens, type);
   std::vector<std::vector<uint8_t>> records(2 * H);
-  struct Calibrated {
-    int side;
-    size_t head;
-    Codec codec;
-  };
-  std::vector<Calibrated> calibrated;
-  std::vector<float> head_rows;
   std::vector<uint8_t> head_raw(tokens * d * elem);
   for (int side = 0; side < 2; ++side) {
-    const auto* src = static_cast<const uint8_t*>(side == 0 ? k : v);
-    const auto& codecs = side == 0 ? im.key_codecs : im.value_codecs;
-    const auto where = [&](size_t h) {
-      return detail::concat("append: sequence ", seq, ", layer ", layer, ", ",
-                            side == 0 ? "keys" : "values", " of KV head ", h, ": ");
-    };
+    const uint8_t* src = side == 0 ? k8 : v8;
     for (size_t h = 0; h < H; ++h) {
       // Gather head h's rows [tokens, d] out of [tokens, H, d].
       for (size_t t = 0; t < tokens; ++t)
         std::memcpy(&head_raw[t * d * elem], src + (t * H + h) * d * elem, d * elem);
-      Codec codec = codecs[im.codec_index(layer, int(h))];
-      if (!codec.ready()) {
-        // Choose this head's outlier channels on a private codec, installed only on success.
-        head_rows.resize(tokens * d);
-        for (size_t i = 0; i < tokens * d; ++i) {
-          uint16_t half = 0;
-          if (type == ScalarType::f32) {
-            std::memcpy(&head_rows[i], &head_raw[i * 4], 4);
-          } else {
-            std::memcpy(&half, &head_raw[i * 2], 2);
-            head_rows[i] = type == ScalarType::f16 ? half_to_float(half) : bf16_to_float(half);
-          }
-          TQKV_CHECK(std::isfinite(head_rows[i]), where(h), "token ", i / d,
-                     " has a non-finite element (", head_rows[i], " at index ", i % d, ")");
-        }
-        CodecSpec spec = codec.spec();
-        spec.outlier_channels = codec.select_outlier_channels(head_rows.data(), tokens);
-        codec = Codec(spec);
-        calibrated.push_back({side, h, codec});
-      }
+      Codec codec = (side == 0 ? im.key_codecs : im.value_codecs)[im.codec_index(layer, int(h))];
+      for (const Calibrated& cal : calibrated)
+        if (cal.side == side && cal.head == h) codec = cal.codec;
       auto& out = records[size_t(side) * H + h];
       out.resize(tokens * codec.record_bytes());
       try {
         codec.encode(head_raw.data(), type, tokens, out.data());
       } catch (const Error& e) {
-        throw Error(where(h) + e.what());
+        throw Error(append_where(seq, layer, side, h) + e.what());
       }
     }
   }
@@ -267,14 +573,12 @@ void KVCache::append(SequenceId seq, int layer, const void* k, const void* v, si
   for (const Calibrated& c2 : calibrated)
     (c2.side == 0 ? im.key_codecs : im.value_codecs)[im.codec_index(layer, int(c2.head))] =
         c2.codec;
+  const size_t first_new = s.pages.size();
   for (size_t i = 0; i < extra; ++i) {
-    const uint32_t page = im.free_pages.back();
+    s.pages.push_back(im.free_pages.back());
     im.free_pages.pop_back();
-    for (int l = 0; l < c.layers; ++l)
-      std::memset(im.pools[size_t(l)].get() + size_t(page) * im.layer_page_bytes, 0,
-                  im.layer_page_bytes);
-    s.pages.push_back(page);
   }
+  im.zero_pages(std::span<const uint32_t>(s.pages).subspan(first_new));
   for (int side = 0; side < 2; ++side) {
     const BlockLayout& layout = side == 0 ? im.key_layout : im.value_layout;
     for (size_t h = 0; h < H; ++h) {
@@ -301,6 +605,7 @@ void KVCache::truncate(SequenceId seq, size_t tokens) {
              seq, ", which holds ", shortest, " in its shortest layer");
   for (size_t& n : s.lengths) n -= tokens;
   im.release_pages_beyond(s);
+  if (im.on_gpu()) im.upload_lengths(s);
 }
 
 void KVCache::free_sequence(SequenceId seq) {
@@ -308,6 +613,10 @@ void KVCache::free_sequence(SequenceId seq) {
   Impl::Sequence& s = im.find(seq, "free_sequence");
   std::fill(s.lengths.begin(), s.lengths.end(), 0);
   im.release_pages_beyond(s);
+  if (im.on_gpu()) {
+    im.upload_lengths(s);
+    im.gpu->free_slots.push_back(s.slot);
+  }
   im.sequences.erase(seq);
 }
 
@@ -374,9 +683,20 @@ void KVCache::read_records(SequenceId seq, int layer, int head, bool values, siz
              s.lengths[size_t(layer)], " stored");
   const BlockLayout& layout = values ? im.value_layout : im.key_layout;
   const size_t P = size_t(im.config.page_tokens);
+  std::vector<uint8_t> host_block;  // GPU caches: the block being read, copied once
+  size_t host_page = SIZE_MAX;
   for (size_t i = 0; i < count; ++i) {
     const size_t pos = first + i;
     const uint8_t* blk = im.block(layer, s.pages[pos / P], head, values);
+    if (im.on_gpu()) {
+      if (host_page != pos / P) {
+        host_block.resize(layout.block_bytes);
+        gpu::download(im.config.device, host_block.data(), blk, layout.block_bytes,
+                      im.gpu->stream);
+        host_page = pos / P;
+      }
+      blk = host_block.data();
+    }
     uint8_t* rec = records + i * layout.record_bytes;
     for_each_section(layout, [&](const SectionLayout& sec) {
       std::memcpy(rec + sec.record_offset, blk + sec.block_offset + (pos % P) * sec.bytes,
@@ -408,12 +728,23 @@ std::vector<uint8_t> KVCache::serialize() const {
   }
   saved.next_id = im.next_id;
   saved.payload.resize(pages * saved.page_bytes);
+  // GPU caches: each layer's pages up to the highest in use, copied to the host once.
+  uint32_t pages_used = 0;
+  for (const auto& [id, s] : im.sequences)
+    for (uint32_t page : s.pages) pages_used = std::max(pages_used, page + 1);
+  std::vector<std::vector<uint8_t>> host_pools(im.on_gpu() ? size_t(im.config.layers) : 0);
+  for (size_t l = 0; l < host_pools.size(); ++l) {
+    host_pools[l].resize(size_t(pages_used) * im.layer_page_bytes);
+    gpu::download(im.config.device, host_pools[l].data(), im.pools[l].data(),
+                  host_pools[l].size(), im.gpu->stream);
+  }
   uint8_t* out = saved.payload.data();
   for (const auto& [id, s] : im.sequences)
     for (uint32_t page : s.pages)
-      for (int l = 0; l < im.config.layers; ++l, out += im.layer_page_bytes)
-        std::memcpy(out, im.pools[size_t(l)].get() + size_t(page) * im.layer_page_bytes,
-                    im.layer_page_bytes);
+      for (int l = 0; l < im.config.layers; ++l, out += im.layer_page_bytes) {
+        const uint8_t* pool = im.on_gpu() ? host_pools[size_t(l)].data() : im.pools[size_t(l)].data();
+        std::memcpy(out, pool + size_t(page) * im.layer_page_bytes, im.layer_page_bytes);
+      }
   return file::serialize_cache(saved);
 }
 
@@ -421,7 +752,8 @@ void KVCache::save(const std::filesystem::path& path) const {
   file::write_bytes(path, serialize());
 }
 
-KVCache KVCache::parse(std::span<const uint8_t> bytes, std::string_view name, size_t max_pages) {
+KVCache KVCache::parse(std::span<const uint8_t> bytes, std::string_view name, size_t max_pages,
+                       Device device) {
   file::SavedCache saved = file::parse_cache(bytes, name);
   CacheConfig config;
   config.layers = saved.layers;
@@ -433,6 +765,8 @@ KVCache KVCache::parse(std::span<const uint8_t> bytes, std::string_view name, si
   size_t pages = 0;
   for (const auto& s : saved.sequences) pages += size_t(s.pages);
   config.max_pages = max_pages ? max_pages : size_t(saved.max_pages);
+  config.device = device;
+  config.max_sequences = std::max(config.max_sequences, saved.sequences.size());
   TQKV_CHECK(config.max_pages >= pages, name, ": the cache holds ", pages,
              " pages, more than the pool of ", config.max_pages);
   std::optional<KVCache> cache;
@@ -466,6 +800,10 @@ KVCache KVCache::parse(std::span<const uint8_t> bytes, std::string_view name, si
       }
     }
   }
+  if (im.on_gpu())
+    for (int l = 0; l < config.layers; ++l)
+      for (int h = 0; h < config.kv_heads; ++h)
+        for (int side = 0; side < 2; ++side) im.upload_channels(l, h, side);
   // Sequences whose layers hold tokens need codecs with channels for those layers.
   const size_t P = size_t(config.page_tokens);
   const uint8_t* in = saved.payload.data();
@@ -485,14 +823,25 @@ KVCache KVCache::parse(std::span<const uint8_t> bytes, std::string_view name, si
                " pages for ", longest, " tokens of ", P, " per page");
     TQKV_CHECK(ss.id < saved.next_id, name, ": sequence id ", ss.id, " is not below next_id ",
                saved.next_id);
-    Impl::Sequence s{{}, std::vector<size_t>(ss.lengths.begin(), ss.lengths.end())};
+    Impl::Sequence s{{}, std::vector<size_t>(ss.lengths.begin(), ss.lengths.end()), 0};
     for (uint64_t i = 0; i < ss.pages; ++i) {
       const uint32_t page = im.free_pages.back();
       im.free_pages.pop_back();
-      for (int l = 0; l < config.layers; ++l, in += im.layer_page_bytes)
-        std::memcpy(im.pools[size_t(l)].get() + size_t(page) * im.layer_page_bytes, in,
-                    im.layer_page_bytes);
+      for (int l = 0; l < config.layers; ++l, in += im.layer_page_bytes) {
+        uint8_t* at = im.pools[size_t(l)].data() + size_t(page) * im.layer_page_bytes;
+        if (im.on_gpu()) {
+          gpu::upload(device, at, in, im.layer_page_bytes, im.gpu->stream);
+        } else {
+          std::memcpy(at, in, im.layer_page_bytes);
+        }
+      }
       s.pages.push_back(page);
+    }
+    if (im.on_gpu()) {
+      s.slot = im.gpu->free_slots.back();
+      im.gpu->free_slots.pop_back();
+      im.upload_pages(s, 0);
+      im.upload_lengths(s);
     }
     TQKV_CHECK(im.sequences.emplace(ss.id, std::move(s)).second, name, ": sequence id ", ss.id,
                " appears twice");
@@ -501,8 +850,8 @@ KVCache KVCache::parse(std::span<const uint8_t> bytes, std::string_view name, si
   return std::move(*cache);
 }
 
-KVCache KVCache::load(const std::filesystem::path& path, size_t max_pages) {
-  return parse(file::read_bytes(path), path.string(), max_pages);
+KVCache KVCache::load(const std::filesystem::path& path, size_t max_pages, Device device) {
+  return parse(file::read_bytes(path), path.string(), max_pages, device);
 }
 
 }  // namespace tqkv

@@ -1,4 +1,4 @@
-// Attention on the compressed cache (SPEC §2), on the CPU.
+// Attention on the compressed cache (SPEC §2), on the CPU and (below) on the GPU.
 //
 // Shapes (row-major): H_q query heads, H_kv = cache.config().kv_heads, R = H_q / H_kv (GQA; query
 // head h reads KV head ⌊h / R⌋), d = head_dim. A batch of sequences b = 0..B−1 contributes L_b
@@ -72,5 +72,37 @@ void attend_dequantized(const KVCache& cache, int layer, std::span<const Sequenc
 void attend_dequantized(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
                         const float* q, int q_heads, float* out,
                         const AttentionOptions& options = {});
+
+// --- GPU ------------------------------------------------------------------------------------------
+// For a cache on a GPU: q and out are device memory ([Σ_b L_b, H_q, d] float32), the work is
+// queued on `stream` (the cache's stream if nullptr is passed and the cache has one) and the call
+// returns without waiting. It reads page tables and lengths from the device, allocates nothing
+// and never synchronizes, so a decode step can be captured in a CUDA graph; a replay sees the
+// tokens appended since (the split count chosen at capture stays). Codes of 1..4 bits (mse, or
+// prod up to 5 bits), channel groups of up to 256 coordinates (128 for prod and fractional bits).
+// A non-finite query gives non-finite outputs (the GPU path does not inspect q).
+
+/// Device memory for GPU attention's partial softmax states, sized once for a cache.
+class GpuWorkspace {
+ public:
+  explicit GpuWorkspace(const KVCache& cache);
+  Device device() const { return buffer_.device(); }
+  size_t bytes() const { return buffer_.bytes(); }
+  /// Work items (sequence, KV head, 16 query rows, token split) one launch can hold.
+  size_t items() const { return items_; }
+  float* data() const { return buffer_.as<float>(); }
+
+ private:
+  DeviceBuffer buffer_;
+  size_t items_ = 0;
+};
+
+void attend(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
+            std::span<const size_t> query_tokens, const float* q, int q_heads, float* out,
+            GpuWorkspace& workspace, CudaStream stream, const AttentionOptions& options = {});
+
+void attend_decode(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
+                   const float* q, int q_heads, float* out, GpuWorkspace& workspace,
+                   CudaStream stream, const AttentionOptions& options = {});
 
 }  // namespace tqkv

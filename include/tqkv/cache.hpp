@@ -23,6 +23,12 @@
 // channels given, each (layer, head) chooses its own channels from the first tokens appended to
 // it; the choice is saved with the cache.
 //
+// GPU caches. With config.device = Device::cuda(i) the pages live in plain device allocations and
+// append takes device pointers; keys and values are quantized on the GPU (src/cuda/append.cu)
+// into codes bit-identical to the CPU's. Page tables and lengths are mirrored on the device so
+// that GPU attention reads them without the host. GPU work runs on the cache's stream
+// (set_stream); append waits for it (it reports bad input). to() copies a cache between devices.
+//
 // Every mutating call validates everything first and changes nothing when it throws.
 #pragma once
 
@@ -34,6 +40,7 @@
 #include <vector>
 
 #include "tqkv/codec.hpp"
+#include "tqkv/device.hpp"
 
 namespace tqkv {
 
@@ -49,6 +56,10 @@ struct CacheConfig {
   int page_tokens = 32;
   /// Pages in the pool (each holds page_tokens tokens of every layer).
   size_t max_pages = 1024;
+  /// Where the pages live.
+  Device device;
+  /// GPU caches: sequences alive at once (sizes the device page tables, max_pages entries each).
+  size_t max_sequences = 64;
 
   /// The pages needed to hold `tokens` tokens of every sequence in `lengths`.
   size_t pages_for(std::span<const size_t> lengths) const;
@@ -84,12 +95,19 @@ class KVCache {
   KVCache& operator=(KVCache&&) noexcept;
 
   const CacheConfig& config() const;
+  Device device() const { return config().device; }
+  /// GPU caches: the CUDA stream that append and copies run on (default: nullptr).
+  void set_stream(CudaStream stream);
+  CudaStream stream() const;
+  /// A copy of this cache (codecs, sequences, codes) on `device`.
+  KVCache to(Device device) const;
 
   // --- sequences -------------------------------------------------------------------------------
   /// A new, empty sequence.
   SequenceId add_sequence();
   /// Appends `tokens` tokens to layer `layer` of sequence `seq`: k and v are
-  /// [tokens, kv_heads, head_dim] (row-major) of `type`. Quantizes on write. The codes do not
+  /// [tokens, kv_heads, head_dim] (row-major) of `type`, in the cache's device memory. Quantizes
+  /// on write. The codes do not
   /// depend on how a sequence's tokens are split into appends. Throws (changing nothing) on an
   /// unknown sequence or layer, NaN/Inf input, or when the pool has too few free pages.
   void append(SequenceId seq, int layer, const void* k, const void* v, size_t tokens,
@@ -130,11 +148,12 @@ class KVCache {
   const BlockLayout& value_layout() const;
   /// The page table of `seq` (page numbers in token order).
   std::span<const uint32_t> page_table(SequenceId seq) const;
-  /// The key / value block of KV head `head` in page `page` of layer `layer`.
+  /// The key / value block of KV head `head` in page `page` of layer `layer` (device memory for
+  /// a GPU cache).
   const uint8_t* key_block(int layer, uint32_t page, int head) const;
   const uint8_t* value_block(int layer, uint32_t page, int head) const;
   /// Copies the codec records of tokens [first, first + count) of (seq, layer, head) into
-  /// `records` (count * record_bytes): what Codec::decode reads.
+  /// `records` (count * record_bytes, host memory): what Codec::decode reads.
   void read_records(SequenceId seq, int layer, int head, bool values, size_t first, size_t count,
                     uint8_t* records) const;
 
@@ -145,11 +164,15 @@ class KVCache {
   std::vector<uint8_t> serialize() const;
   /// Loads a saved cache; truncated or corrupted files give a clear error. `max_pages`, if
   /// nonzero, sizes the pool (at least the pages the file needs); 0 keeps the saved pool size.
-  static KVCache load(const std::filesystem::path& path, size_t max_pages = 0);
+  /// `device` says where the loaded cache lives.
+  static KVCache load(const std::filesystem::path& path, size_t max_pages = 0,
+                      Device device = Device::cpu());
   static KVCache parse(std::span<const uint8_t> bytes, std::string_view name,
-                       size_t max_pages = 0);
+                       size_t max_pages = 0, Device device = Device::cpu());
 
   struct Impl;
+  /// The implementation, for tqkv's own backends (src/cache_impl.hpp).
+  const Impl& internals() const { return *impl_; }
 
  private:
   explicit KVCache(std::unique_ptr<Impl> impl);

@@ -1,13 +1,36 @@
+// A build without the CUDA backend: every GPU request is an error that says so.
+#include "cuda/backend.hpp"
 #include "tqkv/device.hpp"
 #include "tqkv/error.hpp"
 
 namespace tqkv {
 
-bool cuda_backend_built() { return false; }
-
-std::vector<GpuInfo> list_gpus() {
+namespace {
+[[noreturn]] void no_backend() {
   throw Error("no GPU backend built: this tqkv was configured without CUDA "
               "(reconfigure with -DTQKV_CUDA=ON and nvcc available)");
 }
+}  // namespace
+
+bool cuda_backend_built() { return false; }
+std::vector<GpuInfo> list_gpus() { no_backend(); }
+void check_device(Device device) {
+  if (device.is_cuda()) no_backend();
+}
+void synchronize(Device device, CudaStream) {
+  if (device.is_cuda()) no_backend();
+}
+
+namespace gpu {
+void* allocate(Device, size_t) { no_backend(); }
+void release(Device, void*) noexcept {}
+void upload(Device, void*, const void*, size_t, CudaStream) { no_backend(); }
+void download(Device, void*, const void*, size_t, CudaStream) { no_backend(); }
+void copy(Device, void*, const void*, size_t, CudaStream) { no_backend(); }
+void fill(Device, void*, uint8_t, size_t, CudaStream) { no_backend(); }
+int multiprocessors(Device) { no_backend(); }
+void launch_append(Device, const AppendParams&, CudaStream) { no_backend(); }
+void launch_attention(Device, const AttentionParams&, CudaStream) { no_backend(); }
+}  // namespace gpu
 
 }  // namespace tqkv

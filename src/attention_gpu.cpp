@@ -1,0 +1,135 @@
+// GPU attention's front end: validates on the host (lengths are known there too), cuts the batch
+// into launches that fit the workspace, chooses the token splits and launches the kernels of
+// src/cuda/attention.cu. Nothing here waits for the GPU.
+#include <algorithm>
+#include <cmath>
+
+#include "cache_impl.hpp"
+#include "cuda/backend.hpp"
+#include "tqkv/attention.hpp"
+#include "tqkv/error.hpp"
+
+namespace tqkv {
+
+namespace {
+
+constexpr size_t kWorkspaceItems = 4096;
+constexpr size_t kMinSplitTokens = 256;  // a split shorter than this costs more than it gains
+
+size_t value_acc_dim(const KVCache& cache) {
+  size_t n = 0;
+  for (const ChannelGroup& g : cache.value_codec(0, 0).groups())
+    n += size_t(g.dim) * ((g.mse_bits > 0 ? 1 : 0) + (g.qjl ? 1 : 0));
+  return n;
+}
+
+}  // namespace
+
+GpuWorkspace::GpuWorkspace(const KVCache& cache)
+    : buffer_(cache.device(), cache.device().is_cuda()
+                                  ? kWorkspaceItems * gpu::kTileRows * (2 + value_acc_dim(cache)) * 4
+                                  : 0),
+      items_(kWorkspaceItems) {
+  TQKV_CHECK(cache.device().is_cuda(), "GpuWorkspace: the cache lives on the CPU");
+}
+
+void attend(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
+            std::span<const size_t> query_tokens, const float* q, int q_heads, float* out,
+            GpuWorkspace& workspace, CudaStream stream, const AttentionOptions& options) {
+  const auto& im = cache.internals();
+  const CacheConfig& c = cache.config();
+  TQKV_CHECK(im.on_gpu(), "attend: this cache lives on the CPU; call attend without a workspace");
+  TQKV_CHECK(workspace.device() == c.device, "attend: the workspace is on ",
+             to_string(workspace.device()), " but the cache on ", to_string(c.device));
+  im.check_layer(layer, "attend");
+  TQKV_CHECK(seqs.size() == query_tokens.size(), "attend: ", seqs.size(),
+             " sequences but ", query_tokens.size(), " query token counts");
+  TQKV_CHECK(q_heads >= 1 && q_heads % c.kv_heads == 0, "attend: q_heads (", q_heads,
+             ") must be a positive multiple of the cache's kv_heads (", c.kv_heads, ")");
+  const float scale = options.scale == 0.0f ? 1.0f / std::sqrt(float(c.head_dim)) : options.scale;
+  TQKV_CHECK(std::isfinite(scale) && scale > 0, "attend: the softmax scale must be a positive ",
+             "finite number, got ", scale);
+  TQKV_CHECK(options.splits >= 0, "attend: splits must be >= 0, got ", options.splits);
+  for (const Codec* codec : {&cache.key_codec(layer, 0), &cache.value_codec(layer, 0)})
+    for (const ChannelGroup& g : codec->groups())
+      TQKV_CHECK(g.mse_bits <= 4, "attend: GPU attention reads codes of up to 4 bits; this ",
+                 "cache stores ", g.mse_bits, "-bit codes (use the CPU)");
+  const int R = q_heads / c.kv_heads;
+  size_t rows = 0;
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    TQKV_CHECK(cache.contains(seqs[b]), "attend: sequence ", seqs[b], " does not exist");
+    const size_t T = cache.length(seqs[b], layer);
+    TQKV_CHECK(query_tokens[b] <= T, "attend: sequence ", seqs[b], " has ", T,
+               " tokens at layer ", layer, ", fewer than its ", query_tokens[b],
+               " query tokens (append the new tokens' keys and values first)");
+    rows += query_tokens[b];
+  }
+  if (rows == 0) return;
+  TQKV_CHECK(q != nullptr && out != nullptr, "attend: null query or output pointer");
+  for (int h = 0; h < c.kv_heads; ++h)
+    TQKV_CHECK(cache.key_codec(layer, h).ready() && cache.value_codec(layer, h).ready(),
+               "attend: layer ", layer, " has no stored tokens to attend to");
+  if (stream == nullptr) stream = cache.stream();
+
+  gpu::AttentionParams p{};
+  p.cache = im.view(layer);
+  p.q = q;
+  p.out = out;
+  p.q_heads = q_heads;
+  p.group = R;
+  p.scale_log2 = scale * 1.4426950408889634f;
+  p.window = options.window;
+  p.partial = workspace.data();
+  const size_t capacity = workspace.items();
+  const int sms = gpu::multiprocessors(c.device);
+  size_t longest = 0;
+  auto flush = [&] {
+    if (p.batch == 0) return;
+    p.first_unit[p.batch] = p.units;
+    size_t splits = size_t(options.splits);
+    if (splits == 0) {
+      const size_t target = size_t(sms) * 16;  // warps: 4 blocks of 4 per multiprocessor
+      splits = std::max<size_t>(1, target / p.units);
+      splits = std::min(splits, std::max<size_t>(1, longest / kMinSplitTokens));
+    }
+    splits = std::max<size_t>(1, std::min(splits, capacity / p.units));
+    p.splits = int(splits);
+    gpu::launch_attention(c.device, p, stream);
+    p.batch = 0;
+    p.units = 0;
+    longest = 0;
+  };
+  // Entries: (sequence, a run of its query tokens) with at most `capacity` units each.
+  const size_t max_tokens_per_entry = std::max<size_t>(
+      1, capacity / size_t(c.kv_heads) * gpu::kTileRows / size_t(R));
+  size_t first_row = 0;
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    const size_t L = query_tokens[b];
+    const auto& s = im.find(seqs[b], "attend");
+    for (size_t i0 = 0; i0 < L; i0 += max_tokens_per_entry) {
+      const size_t n = std::min(max_tokens_per_entry, L - i0);
+      const size_t tiles = (n * size_t(R) + gpu::kTileRows - 1) / gpu::kTileRows;
+      const size_t units = tiles * size_t(c.kv_heads);
+      if (p.batch == gpu::kMaxLaunchBatch || p.units + units > capacity) flush();
+      p.slot[p.batch] = s.slot;
+      p.queries[p.batch] = uint32_t(n);
+      p.tail[p.batch] = uint32_t(L - i0 - n);
+      p.first_row[p.batch] = uint32_t(first_row + i0);
+      p.first_unit[p.batch] = p.units;
+      p.units += uint32_t(units);
+      longest = std::max(longest, s.lengths[size_t(layer)]);
+      ++p.batch;
+    }
+    first_row += L;
+  }
+  flush();
+}
+
+void attend_decode(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
+                   const float* q, int q_heads, float* out, GpuWorkspace& workspace,
+                   CudaStream stream, const AttentionOptions& options) {
+  const std::vector<size_t> ones(seqs.size(), 1);
+  attend(cache, layer, seqs, ones, q, q_heads, out, workspace, stream, options);
+}
+
+}  // namespace tqkv

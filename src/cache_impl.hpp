@@ -1,0 +1,85 @@
+// KVCache's state, shared by the cache (src/cache.cpp) and the GPU attention front end.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "cuda/params.hpp"
+#include "tqkv/cache.hpp"
+
+namespace tqkv {
+
+/// Page memory of one layer: 64-byte aligned host memory, or a device allocation.
+class PagePool {
+ public:
+  PagePool(Device device, size_t bytes);
+  ~PagePool();
+  PagePool(PagePool&& o) noexcept : device_(o.device_), data_(o.data_) { o.data_ = nullptr; }
+  PagePool& operator=(PagePool&&) = delete;
+  uint8_t* data() const { return data_; }
+
+ private:
+  Device device_;
+  uint8_t* data_ = nullptr;
+};
+
+/// The device-side mirror of a GPU cache: codec tables, page tables, lengths, channel lists.
+struct GpuMirror {
+  DeviceBuffer tables;    // rotations, codebooks, code-pair tables, QJL matrices
+  DeviceBuffer channels;  // int16 [layers][kv_heads][2][head_dim]
+  DeviceBuffer page_tables;  // uint32 [max_sequences][max_pages]
+  DeviceBuffer lengths;      // uint32 [max_sequences][layers]
+  DeviceBuffer flag;         // uint32: append's first invalid vector
+  gpu::CodecTables key, value;
+  std::vector<uint32_t> free_slots;  // a stack
+  CudaStream stream = nullptr;
+};
+
+struct KVCache::Impl {
+  CacheConfig config;
+  std::vector<Codec> key_codecs, value_codecs;  // [layer * kv_heads + head]
+  BlockLayout key_layout, value_layout;
+  size_t layer_page_bytes = 0;  // one page of one layer
+  std::vector<PagePool> pools;  // per layer: max_pages * layer_page_bytes
+  std::vector<uint32_t> free_pages;  // a stack; the lowest page numbers are taken first
+  std::unique_ptr<GpuMirror> gpu;    // GPU caches only
+
+  struct Sequence {
+    std::vector<uint32_t> pages;
+    std::vector<size_t> lengths;  // per layer
+    uint32_t slot = 0;            // GPU caches: its row in the device page tables
+  };
+  std::map<SequenceId, Sequence> sequences;
+  SequenceId next_id = 0;
+
+  bool on_gpu() const { return gpu != nullptr; }
+  size_t codec_index(int layer, int head) const {
+    return size_t(layer) * size_t(config.kv_heads) + size_t(head);
+  }
+  size_t block_offset(uint32_t page, int head, bool values) const {
+    return size_t(page) * layer_page_bytes +
+           size_t(head) * (key_layout.block_bytes + value_layout.block_bytes) +
+           (values ? key_layout.block_bytes : 0);
+  }
+  uint8_t* block(int layer, uint32_t page, int head, bool values) const {
+    return pools[size_t(layer)].data() + block_offset(page, head, values);
+  }
+  Sequence& find(SequenceId id, const char* what);
+  const Sequence& find(SequenceId id, const char* what) const {
+    return const_cast<Impl*>(this)->find(id, what);
+  }
+  void check_layer(int layer, const char* what) const;
+  void release_pages_beyond(Sequence& s);
+
+  // GPU caches.
+  void init_gpu();
+  void upload_channels(int layer, int head, int side);
+  void upload_pages(const Sequence& s, size_t first);  // page table entries [first, end)
+  void upload_lengths(const Sequence& s);
+  void zero_pages(std::span<const uint32_t> pages);
+  /// The kernels' view of layer `layer`.
+  gpu::CacheView view(int layer) const;
+};
+
+}  // namespace tqkv

@@ -1,0 +1,685 @@
+// Fused attention on the compressed cache (SPEC §2), decode and prefill, on NVIDIA GPUs (sm_80+).
+//
+// Work: a warp takes one item = (sequence, KV head, tile of 16 query rows, token split). A query
+// row is (query token i, query head r of the KV head's GQA group), so a KV head's codes are read
+// once for all R query heads of a token (and for up to 16/R tokens at prefill).
+//
+// Scores and value sums run on tensor cores (mma.m16n8k16, float16 in, float32 accumulate) fed
+// straight from the codes: a 32-bit "nibble word" holds the codes of 8 consecutive coordinates
+// (any width 1..4, and QJL sign bits, are first spread to nibbles), and a byte of two nibbles
+// indexes a 256-entry table of float16 pairs (c[lo], c[hi]) in shared memory. Because a dot
+// product may visit its coordinates in any order, each lane owns whole nibble words:
+//   keys   (B = K^T, 16 coords × 8 tokens): lane (i = lane % 4, token lane / 4) owns words
+//          [i·Wk, (i+1)·Wk) of a term, and its query fragments use the same coordinates;
+//   values (B = V, 16 tokens × 8 coords): lane (tokens 2i, 2i+1, 2i+8, 2i+9; column lane / 4)
+//          owns words [n·Wv, (n+1)·Wv); bytes pair the same coordinate of two tokens.
+// A "term" is one group's codes or one group's sign bits; each has its own per-token scale
+// (n, or n·γ·√(π/2)/d for QJL) applied to the score or folded into the probabilities.
+// The query is rotated (and projected by S) per item in shared memory, normalized per row to
+// keep float16 in range; scores are kept in log2 units (scale · log2 e folded into the query).
+// Each item leaves (m, l, acc) per row in the workspace; a merge kernel combines the splits and
+// applies each value group's inverse rotation once (plus Sᵀ for QJL values).
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+#include "cuda/backend.hpp"
+#include "cuda/common.cuh"
+
+namespace tqkv::gpu {
+
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kLutCopies = 8;  // code-pair tables replicated to spread lanes over the banks
+constexpr float kNegInf = -__builtin_huge_valf();
+
+__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// 8 two-bit codes (16 bits) → 8 nibbles; 8 one-bit codes → 8 nibbles.
+__device__ __forceinline__ uint32_t spread2(uint32_t x) {
+  x = (x | (x << 8)) & 0x00ff00ffu;
+  x = (x | (x << 4)) & 0x0f0f0f0fu;
+  return (x | (x << 2)) & 0x33333333u;
+}
+__device__ __forceinline__ uint32_t spread1(uint32_t x) {
+  x = (x | (x << 12)) & 0x000f000fu;
+  x = (x | (x << 6)) & 0x03030303u;
+  return (x | (x << 3)) & 0x11111111u;
+}
+
+// The nibble word `w` (coordinates 8w..8w+7) of one token's codes of width 1..4 (bitpack.hpp:
+// fields widest first, field k holding code bits from its shift, each a whole number of bytes
+// per 8 coordinates).
+__device__ __forceinline__ uint32_t load_word(const uint8_t* codes, int width, int dim, int w) {
+  switch (width) {
+    case 4: return *reinterpret_cast<const uint32_t*>(codes + 4 * w);
+    case 3:
+      return spread2(*reinterpret_cast<const uint16_t*>(codes + 2 * w)) |
+             (spread1(codes[dim / 4 + w]) << 2);
+    case 2: return spread2(*reinterpret_cast<const uint16_t*>(codes + 2 * w));
+    default: return spread1(codes[w]);
+  }
+}
+
+// One term: a group's codes or its QJL sign bits.
+struct Term {
+  int group = 0, sign = 0, width = 0, dim = 0, words = 0, per_lane = 0;
+  uint32_t at = 0, bytes = 0;  // section in the block
+  int lut = 0;                 // which shared-memory table
+  int acc_offset = 0;          // value side: where its accumulator sits in a row's acc
+};
+
+// The terms of a codec, in the order codes then signs per group. Returns the count.
+template <int kMaxTerms>
+__device__ int make_terms(const CodecTables& t, Term (&terms)[kMaxTerms], int lanes_per_word) {
+  int n = 0, acc = 0;
+  for (int g = 0; g < t.groups; ++g) {
+    for (int sign = 0; sign < 2; ++sign) {
+      if (sign == 0 && t.g[g].mse_bits == 0) continue;
+      if (sign == 1 && !t.g[g].qjl) continue;
+      if (n >= kMaxTerms) return n;
+      Term& x = terms[n++];
+      x.group = g;
+      x.sign = sign;
+      x.width = sign ? 1 : t.g[g].mse_bits;
+      x.dim = t.g[g].dim;
+      x.words = x.dim / 8;
+      x.per_lane = (x.words + lanes_per_word - 1) / lanes_per_word;
+      x.at = sign ? t.g[g].signs_at : t.g[g].codes_at;
+      x.bytes = sign ? t.g[g].signs_bytes : t.g[g].codes_bytes;
+      x.acc_offset = acc;
+      acc += x.dim;
+    }
+  }
+  return n;
+}
+
+// Scale of a term's contribution for token `slot` of a block: n, or n·γ (· qjl factor for keys).
+__device__ __forceinline__ float load_scalar(const uint8_t* p, int f16) {
+  return f16 ? __half2float(*reinterpret_cast<const __half*>(p))
+             : *reinterpret_cast<const float*>(p);
+}
+__device__ __forceinline__ float term_scale(const CodecTables& t, const Term& x,
+                                            const uint8_t* block, uint32_t slot, bool keys) {
+  const GroupTables& g = t.g[x.group];
+  const uint32_t nb = t.norm_f16 ? 2 : 4;
+  float s = load_scalar(block + g.norm_at + slot * nb, t.norm_f16);
+  if (x.sign) {
+    s *= load_scalar(block + g.gamma_at + slot * nb, t.norm_f16);
+    if (keys) s *= g.qjl_factor;
+  }
+  return s;
+}
+
+// Where token t of the item's sequence lives.
+struct TokenRef {
+  const uint8_t* key;
+  const uint8_t* value;
+  uint32_t slot;
+};
+__device__ __forceinline__ TokenRef token_ref(const CacheView& c, const uint32_t* pages,
+                                              uint32_t t, int head) {
+  const uint32_t page = pages[t / uint32_t(c.page_tokens)];
+  const uint8_t* kb = c.pool + uint64_t(page) * c.layer_page_bytes +
+                      uint64_t(head) * (c.key_block_bytes + c.value_block_bytes);
+  return {kb, kb + c.key_block_bytes, t % uint32_t(c.page_tokens)};
+}
+
+struct ItemGeometry {
+  int b = 0, h = 0, tile = 0;
+  uint32_t T = 0, L = 0;
+  uint32_t lo = 0, hi = 0;  // tokens any row of the tile can see
+};
+
+__device__ ItemGeometry item_geometry(const AttentionParams& p, uint32_t unit) {
+  ItemGeometry g;
+  while (g.b + 1 < p.batch && p.first_unit[g.b + 1] <= unit) ++g.b;
+  const uint32_t local = unit - p.first_unit[g.b];
+  g.h = int(local % uint32_t(p.cache.kv_heads));
+  g.tile = int(local / uint32_t(p.cache.kv_heads));
+  g.T = p.cache.lengths[size_t(p.slot[g.b]) * p.cache.layers + p.cache.layer];
+  g.L = p.queries[g.b];
+  const uint32_t R = uint32_t(p.group);
+  const uint32_t i_first = uint32_t(g.tile) * kTileRows / R;
+  const uint32_t i_last = min(g.L - 1, (uint32_t(g.tile) * kTileRows + kTileRows - 1) / R);
+  const uint32_t end = g.T - p.tail[g.b];  // one past the last query token's position
+  const uint32_t pos_first = end - g.L + i_first, pos_last = end - g.L + i_last;
+  g.hi = pos_last + 1;
+  g.lo = p.window && pos_first + 1 > p.window ? uint32_t(pos_first + 1 - p.window) : 0u;
+  return g;
+}
+
+// Row ρ of the tile: its query token (or −1 if the tile has no such row).
+__device__ __forceinline__ int row_token(const AttentionParams& p, const ItemGeometry& g,
+                                         int rho) {
+  const uint32_t i = (uint32_t(g.tile) * kTileRows + uint32_t(rho)) / uint32_t(p.group);
+  return i < g.L ? int(i) : -1;
+}
+
+template <int kTerms, int kWordsK, int kWordsV, bool kRows16>
+__global__ void __launch_bounds__(kWarps * 32)
+    attention_kernel(const AttentionParams p) {
+  constexpr int kRowRegs = kRows16 ? 2 : 1;  // fragment rows a lane holds: g (and g + 8)
+  extern __shared__ __align__(16) uint8_t shared[];
+  const CacheView& c = p.cache;
+  const int d = c.head_dim;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int quad = lane % 4, grp = lane / 4;
+
+  Term kt[kTerms], vt[kTerms];
+  const int nk = make_terms(c.key, kt, 4);
+  const int nv = make_terms(c.value, vt, 8);
+
+  // Shared memory: code-pair tables (replicated), then per warp a query-row buffer.
+  uint32_t* luts = reinterpret_cast<uint32_t*>(shared);
+  const int n_luts = nk + nv;
+  for (int t = 0; t < n_luts; ++t) {
+    const Term& x = t < nk ? kt[t] : vt[t - nk];
+    const CodecTables& ct = t < nk ? c.key : c.value;
+    const uint32_t* src = x.sign ? ct.g[x.group].sign_pairs : ct.g[x.group].code_pairs;
+    for (int e = threadIdx.x; e < 256 * kLutCopies; e += blockDim.x)
+      luts[t * 256 * kLutCopies + e] = src[e / kLutCopies];
+  }
+  for (int t = 0; t < nk; ++t) kt[t].lut = t;
+  for (int t = 0; t < nv; ++t) vt[t].lut = nk + t;
+  int qk_floats = 0;
+  for (int t = 0; t < nk; ++t) qk_floats += kt[t].dim;
+  float* qbuf = reinterpret_cast<float*>(luts + n_luts * 256 * kLutCopies) +
+                size_t(warp) * size_t(qk_floats + d);
+  float* qtmp = qbuf + qk_floats;
+  __syncthreads();
+
+  const uint32_t item = blockIdx.x * kWarps + uint32_t(warp);
+  if (item >= p.units * uint32_t(p.splits)) return;
+  const uint32_t unit = item / uint32_t(p.splits);
+  const int split = int(item % uint32_t(p.splits));
+  const ItemGeometry geo = item_geometry(p, unit);
+  const uint32_t* pages = c.page_tables + size_t(p.slot[geo.b]) * c.page_table_stride;
+  const int R = p.group;
+
+  // --- the query rows, rotated, as A fragments --------------------------------------------------
+  uint32_t qa[kTerms][kWordsK][2][2 * kRowRegs];  // [term][word][half: coords 0-3 / 4-7][reg]
+  float row_scale[kTerms][kRowRegs];              // per term and fragment row: max |q'| (log2 units)
+#pragma unroll
+  for (int t = 0; t < kTerms; ++t)
+#pragma unroll
+    for (int r = 0; r < kRowRegs; ++r) {
+      row_scale[t][r] = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kWordsK; ++k) qa[t][k][0][2 * r] = qa[t][k][0][2 * r + 1] =
+          qa[t][k][1][2 * r] = qa[t][k][1][2 * r + 1] = 0u;
+    }
+  int pos_of_row[kRowRegs], lo_of_row[kRowRegs];
+  for (int rho = 0; rho < (kRows16 ? kTileRows : 8); ++rho) {
+    const int i = row_token(p, geo, rho);
+    if (rho % 8 == grp) {
+      const int pos = i < 0 ? -1 : int(geo.T - p.tail[geo.b] - geo.L + uint32_t(i));
+      const int lo = i < 0 ? 0
+                     : p.window && uint64_t(pos) + 1 > p.window ? int(uint64_t(pos) + 1 - p.window)
+                                                                : 0;
+      if (rho < 8) {
+        pos_of_row[0] = pos;
+        lo_of_row[0] = lo;
+      } else if constexpr (kRows16) {
+        pos_of_row[kRowRegs - 1] = pos;
+        lo_of_row[kRowRegs - 1] = lo;
+      }
+    }
+    if (i < 0) continue;
+    const int qhead = geo.h * R + (geo.tile * kTileRows + rho) % R;
+    const float* q = p.q + (size_t(p.first_row[geo.b] + uint32_t(i)) * p.q_heads + qhead) * d;
+    const int16_t* channels = c.channels + ((size_t(c.layer) * c.kv_heads + geo.h) * 2) * d;
+    // Codes terms: q' = Π_g (scale · log2 e · q_g); sign terms: S q'.
+    int first = 0, at = 0;
+    for (int t = 0; t < nk; ++t) {
+      const GroupTables& g = c.key.g[kt[t].group];
+      float* x = qbuf + at;
+      if (!kt[t].sign) {
+        for (int j = lane; j < g.dim; j += 32) x[j] = q[channels[first + j]] * p.scale_log2;
+        __syncwarp();
+        if (!g.dense) {
+          for (int j = lane; j < g.dim; j += 32) x[j] *= g.signs[j];
+          for (int hs = 1; hs < g.dim; hs *= 2) {
+            __syncwarp();
+            for (int pr = lane; pr < g.dim / 2; pr += 32) {
+              const int a = (pr / hs) * 2 * hs + (pr % hs);
+              const float u = x[a], v = x[a + hs];
+              x[a] = u + v;
+              x[a + hs] = u - v;
+            }
+          }
+          __syncwarp();
+          for (int j = lane; j < g.dim; j += 32) x[j] *= g.gain;
+        } else {
+          for (int j = lane; j < g.dim; j += 32) qtmp[j] = x[j];
+          __syncwarp();
+          for (int r = lane; r < g.dim; r += 32) {
+            float s = 0.0f;
+            for (int j = 0; j < g.dim; ++j) s += g.rotation[size_t(r) * g.dim + j] * qtmp[j];
+            x[r] = s;
+          }
+        }
+        first += g.dim;
+      } else {
+        const float* rotated = qbuf;  // the group's codes term precedes it, or for 1-bit prod
+        int off = 0;                  // (no codes) the rotation is done here
+        for (int u = 0; u < t; ++u) {
+          if (kt[u].group == kt[t].group && !kt[u].sign) rotated = qbuf + off;
+          off += kt[u].dim;
+        }
+        if (g.mse_bits == 0) {  // no codes term: rotate into qtmp first
+          int ch0 = 0;
+          for (int gg = 0; gg < kt[t].group; ++gg) ch0 += c.key.g[gg].dim;
+          for (int j = lane; j < g.dim; j += 32) qtmp[j] = q[channels[ch0 + j]] * p.scale_log2;
+          __syncwarp();
+          if (!g.dense) {
+            for (int j = lane; j < g.dim; j += 32) qtmp[j] *= g.signs[j];
+            for (int hs = 1; hs < g.dim; hs *= 2) {
+              __syncwarp();
+              for (int pr = lane; pr < g.dim / 2; pr += 32) {
+                const int a = (pr / hs) * 2 * hs + (pr % hs);
+                const float u = qtmp[a], v = qtmp[a + hs];
+                qtmp[a] = u + v;
+                qtmp[a + hs] = u - v;
+              }
+            }
+            __syncwarp();
+            for (int j = lane; j < g.dim; j += 32) qtmp[j] *= g.gain;
+            __syncwarp();
+          } else {
+            for (int r = lane; r < g.dim; r += 32) {
+              float s = 0.0f;
+              for (int j = 0; j < g.dim; ++j) s += g.rotation[size_t(r) * g.dim + j] * qtmp[j];
+              x[r] = s;
+            }
+            __syncwarp();
+            for (int j = lane; j < g.dim; j += 32) qtmp[j] = x[j];
+          }
+          rotated = qtmp;
+          first += g.dim;
+          __syncwarp();
+        }
+        for (int r = lane; r < g.dim; r += 32) {
+          float s = 0.0f;
+          for (int j = 0; j < g.dim; ++j) s += g.qjl_matrix[size_t(r) * g.dim + j] * rotated[j];
+          x[r] = s;
+        }
+      }
+      __syncwarp();
+      at += kt[t].dim;
+    }
+    // Normalize each term by its largest magnitude and hand the lanes their coordinates.
+    at = 0;
+#pragma unroll
+    for (int t = 0; t < kTerms; ++t) {
+      if (t >= nk) break;
+      const float* x = qbuf + at;
+      float mx = 0.0f;
+      for (int j = lane; j < kt[t].dim; j += 32) mx = fmaxf(mx, fabsf(x[j]));
+      for (int w = 16; w >= 1; w /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, w));
+      const float inv = mx > 0.0f ? 1.0f / mx : 0.0f;
+      if (rho % 8 == grp) {
+        const int r = rho < 8 ? 0 : kRowRegs - 1;
+#pragma unroll
+        for (int rr = 0; rr < kRowRegs; ++rr) {
+          if (rr != r) continue;
+          row_scale[t][rr] = mx;
+#pragma unroll
+          for (int k = 0; k < kWordsK; ++k) {
+            const int word = quad * kt[t].per_lane + k;
+            if (k >= kt[t].per_lane || word >= kt[t].words) continue;
+            const float* v = x + 8 * word;
+            qa[t][k][0][2 * rr] = pack_half2(v[0] * inv, v[1] * inv);
+            qa[t][k][0][2 * rr + 1] = pack_half2(v[2] * inv, v[3] * inv);
+            qa[t][k][1][2 * rr] = pack_half2(v[4] * inv, v[5] * inv);
+            qa[t][k][1][2 * rr + 1] = pack_half2(v[6] * inv, v[7] * inv);
+          }
+        }
+      }
+      at += kt[t].dim;
+    }
+    __syncwarp();
+  }
+
+  // --- this split's token range -----------------------------------------------------------------
+  const uint32_t lo16 = geo.lo & ~15u;
+  const uint32_t n_tiles = (geo.hi - lo16 + 15) / 16;
+  const uint32_t per_split = (n_tiles + uint32_t(p.splits) - 1) / uint32_t(p.splits);
+  const uint32_t t_begin = lo16 + uint32_t(split) * per_split * 16;
+  const uint32_t t_end = min(geo.hi, t_begin + per_split * 16);
+
+  float m[kRowRegs], l[kRowRegs];
+  float acc[kTerms][kWordsV][8][2 * kRowRegs];
+#pragma unroll
+  for (int r = 0; r < kRowRegs; ++r) {
+    m[r] = kNegInf;
+    l[r] = 0.0f;
+  }
+#pragma unroll
+  for (int t = 0; t < kTerms; ++t)
+#pragma unroll
+    for (int k = 0; k < kWordsV; ++k)
+#pragma unroll
+      for (int e = 0; e < 8; ++e)
+#pragma unroll
+        for (int r = 0; r < 2 * kRowRegs; ++r) acc[t][k][e][r] = 0.0f;
+
+  const uint32_t lane7 = uint32_t(lane & 7);
+  auto lut = [&](int table, uint32_t byte) {
+    return luts[(uint32_t(table) * 256u + byte) * kLutCopies + lane7];
+  };
+  const uint32_t last = geo.hi - 1;
+
+  for (uint32_t base = t_begin; base < t_end; base += 16) {
+    // Scores: sc[s][·] for tokens base + 8s + 2·quad + {0, 1}, rows grp (and grp + 8).
+    float sc[2][2 * kRowRegs];
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      const TokenRef bt = token_ref(c, pages, min(base + 8 * s + grp, last), geo.h);
+      const TokenRef ct = token_ref(c, pages, min(base + 8 * s + 2 * quad, last), geo.h);
+      const uint32_t ct1 = min(base + 8 * s + 2 * quad + 1, last) == base + 8 * s + 2 * quad + 1
+                               ? ct.slot + 1 : ct.slot;
+#pragma unroll
+      for (int r = 0; r < 2 * kRowRegs; ++r) sc[s][r] = 0.0f;
+#pragma unroll
+      for (int t = 0; t < kTerms; ++t) {
+        if (t >= nk) break;
+        const Term& x = kt[t];
+        const uint8_t* codes = bt.key + x.at + bt.slot * x.bytes;
+        float cf[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int k = 0; k < kWordsK; ++k) {
+          if (k >= x.per_lane) break;
+          const int word = quad * x.per_lane + k;
+          const uint32_t w = word < x.words ? load_word(codes, x.width, x.dim, word) : 0u;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            uint32_t hi0 = 0u, hi1 = 0u;  // rows grp + 8
+            if constexpr (kRows16) {
+              hi0 = qa[t][k][h][2];
+              hi1 = qa[t][k][h][3];
+            }
+            mma16816(cf, qa[t][k][h][0], hi0, qa[t][k][h][1], hi1,
+                     lut(x.lut, (w >> (16 * h)) & 0xffu), lut(x.lut, (w >> (16 * h + 8)) & 0xffu));
+          }
+        }
+        const float n0 = term_scale(c.key, x, ct.key, ct.slot, true);
+        const float n1 = term_scale(c.key, x, ct.key, ct1, true);
+        sc[s][0] += cf[0] * n0 * row_scale[t][0];
+        sc[s][1] += cf[1] * n1 * row_scale[t][0];
+        if constexpr (kRows16) {
+          sc[s][2] += cf[2] * n0 * row_scale[t][1];
+          sc[s][3] += cf[3] * n1 * row_scale[t][1];
+        }
+      }
+    }
+    // Mask, then the online softmax per row.
+    float pr[2][2 * kRowRegs];
+    float corr[kRowRegs];
+#pragma unroll
+    for (int r = 0; r < kRowRegs; ++r) {
+      float mx = kNegInf;
+#pragma unroll
+      for (int s = 0; s < 2; ++s)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int tok = int(base) + 8 * s + 2 * quad + j;
+          const bool visible = tok <= pos_of_row[r] && tok >= lo_of_row[r];
+          float& v = sc[s][2 * r + j];
+          v = visible ? v : kNegInf;
+          mx = fmaxf(mx, v);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[r], mx);
+      corr[r] = m_new == kNegInf ? 1.0f : exp2f(m[r] - m_new);
+      float sum = 0.0f;
+#pragma unroll
+      for (int s = 0; s < 2; ++s)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const float v = sc[s][2 * r + j];
+          const float e = v == kNegInf ? 0.0f : exp2f(v - m_new);
+          pr[s][2 * r + j] = e;
+          sum += e;
+        }
+      l[r] = l[r] * corr[r] + sum;
+      m[r] = m_new;
+    }
+#pragma unroll
+    for (int t = 0; t < kTerms; ++t)
+#pragma unroll
+      for (int k = 0; k < kWordsV; ++k)
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+#pragma unroll
+          for (int r = 0; r < kRowRegs; ++r) {
+            acc[t][k][e][2 * r] *= corr[r];
+            acc[t][k][e][2 * r + 1] *= corr[r];
+          }
+
+    // Values: tokens base + 2·quad + {0, 1, 8, 9}.
+    uint32_t vtok[4];
+    TokenRef vref[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      vtok[j] = min(base + 2 * quad + (j & 1) + 8 * (j >> 1), last);
+      vref[j] = token_ref(c, pages, vtok[j], geo.h);
+    }
+#pragma unroll
+    for (int t = 0; t < kTerms; ++t) {
+      if (t >= nv) break;
+      const Term& x = vt[t];
+      float sv[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) sv[j] = term_scale(c.value, x, vref[j].value, vref[j].slot, false);
+      uint32_t pa[4];
+      pa[0] = pack_half2(pr[0][0] * sv[0], pr[0][1] * sv[1]);
+      pa[1] = kRows16 ? pack_half2(pr[0][2 * kRowRegs - 2] * sv[0], pr[0][2 * kRowRegs - 1] * sv[1]) : 0u;
+      pa[2] = pack_half2(pr[1][0] * sv[2], pr[1][1] * sv[3]);
+      pa[3] = kRows16 ? pack_half2(pr[1][2 * kRowRegs - 2] * sv[2], pr[1][2 * kRowRegs - 1] * sv[3]) : 0u;
+#pragma unroll
+      for (int k = 0; k < kWordsV; ++k) {
+        if (k >= x.per_lane) break;
+        const int word = grp * x.per_lane + k;
+        uint32_t w[4] = {0u, 0u, 0u, 0u};
+        if (word < x.words)
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            w[j] = load_word(vref[j].value + x.at + vref[j].slot * x.bytes, x.width, x.dim, word);
+        const uint32_t ab_even = (w[0] & 0x0f0f0f0fu) | ((w[1] & 0x0f0f0f0fu) << 4);
+        const uint32_t ab_odd = ((w[0] >> 4) & 0x0f0f0f0fu) | (w[1] & 0xf0f0f0f0u);
+        const uint32_t cd_even = (w[2] & 0x0f0f0f0fu) | ((w[3] & 0x0f0f0f0fu) << 4);
+        const uint32_t cd_odd = ((w[2] >> 4) & 0x0f0f0f0fu) | (w[3] & 0xf0f0f0f0u);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const uint32_t ab = (e & 1) ? ab_odd : ab_even, cd = (e & 1) ? cd_odd : cd_even;
+          const uint32_t shift = 8u * uint32_t(e >> 1);
+          float cf[4] = {acc[t][k][e][0], acc[t][k][e][1], kRows16 ? acc[t][k][e][2 * kRowRegs - 2] : 0.0f,
+                         kRows16 ? acc[t][k][e][2 * kRowRegs - 1] : 0.0f};
+          mma16816(cf, pa[0], pa[1], pa[2], pa[3], lut(x.lut, (ab >> shift) & 0xffu),
+                   lut(x.lut, (cd >> shift) & 0xffu));
+          acc[t][k][e][0] = cf[0];
+          acc[t][k][e][1] = cf[1];
+          if constexpr (kRows16) {
+            acc[t][k][e][2] = cf[2];
+            acc[t][k][e][3] = cf[3];
+          }
+        }
+      }
+    }
+  }
+
+  // --- this item's partial state ------------------------------------------------------------------
+  const int acc_dim = c.value.acc_dim;
+  float* state = p.partial + size_t(item) * kTileRows * size_t(2 + acc_dim);
+#pragma unroll
+  for (int r = 0; r < kRowRegs; ++r) {
+    float lt = l[r];
+    lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+    lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+    const int rho = grp + 8 * r;
+    float* row = state + size_t(rho) * (2 + acc_dim);
+    if (quad == 0) {
+      row[0] = m[r];
+      row[1] = lt;
+    }
+    if (m[r] == kNegInf) continue;
+#pragma unroll
+    for (int t = 0; t < kTerms; ++t) {
+      if (t >= nv) break;
+      const Term& x = vt[t];
+#pragma unroll
+      for (int k = 0; k < kWordsV; ++k) {
+        if (k >= x.per_lane) break;
+#pragma unroll
+        for (int col = 0; col < 2; ++col) {
+          const int word = (2 * quad + col) * x.per_lane + k;
+          if (word >= x.words) continue;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) row[2 + x.acc_offset + 8 * word + e] = acc[t][k][e][2 * r + col];
+        }
+      }
+    }
+  }
+}
+
+// Merges the splits of one (unit, row) and writes the output row: per value group
+// out_g = Π_gᵀ (a_codes + √(π/2)/d_g · Sᵀ a_signs) / l, scattered to the group's channels.
+__global__ void __launch_bounds__(128) merge_kernel(const AttentionParams p) {
+  extern __shared__ __align__(16) float buf[];
+  const CacheView& c = p.cache;
+  const uint32_t unit = blockIdx.x / kTileRows;
+  const int rho = int(blockIdx.x % kTileRows);
+  const ItemGeometry geo = item_geometry(p, unit);
+  const int i = row_token(p, geo, rho);
+  if (i < 0) return;
+  const int acc_dim = c.value.acc_dim, d = c.head_dim;
+  float* a = buf;              // [acc_dim]
+  float* y = buf + acc_dim;    // [d]
+  const size_t stride = size_t(kTileRows) * size_t(2 + acc_dim);
+  const float* first = p.partial + size_t(unit) * p.splits * stride + size_t(rho) * (2 + acc_dim);
+  float M = kNegInf;
+  for (int s = 0; s < p.splits; ++s) M = fmaxf(M, first[s * stride]);
+  float L = 0.0f;
+  for (int s = 0; s < p.splits; ++s)
+    if (first[s * stride] != kNegInf) L += exp2f(first[s * stride] - M) * first[s * stride + 1];
+  const float invL = 1.0f / L;
+  for (int j = threadIdx.x; j < acc_dim; j += blockDim.x) {
+    float sum = 0.0f;
+    for (int s = 0; s < p.splits; ++s) {
+      const float ms = first[s * stride];
+      if (ms != kNegInf) sum += exp2f(ms - M) * first[s * stride + 2 + j];
+    }
+    a[j] = sum * invL;
+  }
+  __syncthreads();
+  const int qhead = geo.h * p.group + (geo.tile * kTileRows + rho) % p.group;
+  float* out = p.out + (size_t(p.first_row[geo.b] + uint32_t(i)) * p.q_heads + qhead) * d;
+  const int16_t* channels = c.channels + ((size_t(c.layer) * c.kv_heads + geo.h) * 2 + 1) * d;
+  int at = 0, first_channel = 0;
+  for (int gi = 0; gi < c.value.groups; ++gi) {
+    const GroupTables& g = c.value.g[gi];
+    const float* codes = g.mse_bits > 0 ? a + at : nullptr;
+    const float* signs = g.qjl ? a + at + (g.mse_bits > 0 ? g.dim : 0) : nullptr;
+    for (int j = threadIdx.x; j < g.dim; j += blockDim.x) {
+      float v = codes ? codes[j] : 0.0f;
+      if (signs) {
+        float s = 0.0f;
+        for (int r = 0; r < g.dim; ++r) s += g.qjl_matrix[size_t(r) * g.dim + j] * signs[r];
+        v += g.qjl_factor * s;
+      }
+      y[j] = v;
+    }
+    __syncthreads();
+    if (!g.dense) {
+      for (int hs = 1; hs < g.dim; hs *= 2) {
+        for (int pr = threadIdx.x; pr < g.dim / 2; pr += blockDim.x) {
+          const int x = (pr / hs) * 2 * hs + (pr % hs);
+          const float u = y[x], v = y[x + hs];
+          y[x] = u + v;
+          y[x + hs] = u - v;
+        }
+        __syncthreads();
+      }
+      for (int j = threadIdx.x; j < g.dim; j += blockDim.x)
+        out[channels[first_channel + j]] = y[j] * g.gain * g.signs[j];
+    } else {
+      for (int col = threadIdx.x; col < g.dim; col += blockDim.x) {
+        float s = 0.0f;
+        for (int r = 0; r < g.dim; ++r) s += g.rotation[size_t(r) * g.dim + col] * y[r];
+        out[channels[first_channel + col]] = s;
+      }
+    }
+    __syncthreads();
+    at += g.dim * ((g.mse_bits > 0 ? 1 : 0) + (g.qjl ? 1 : 0));
+    first_channel += g.dim;
+  }
+}
+
+template <int kTerms, int kWordsK, int kWordsV, bool kRows16>
+void launch(const AttentionParams& p, size_t smem, CudaStream stream) {
+  auto kernel = attention_kernel<kTerms, kWordsK, kWordsV, kRows16>;
+  if (smem > 48 * 1024)
+    TQKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         int(smem)));
+  const uint32_t items = p.units * uint32_t(p.splits);
+  kernel<<<(items + kWarps - 1) / kWarps, kWarps * 32, smem, stream>>>(p);
+  TQKV_CUDA_CHECK_LAUNCH("attention_kernel");
+}
+
+int count_terms(const CodecTables& t) {
+  int n = 0;
+  for (int g = 0; g < t.groups; ++g) n += (t.g[g].mse_bits > 0) + t.g[g].qjl;
+  return n;
+}
+
+}  // namespace
+
+void launch_attention(Device device, const AttentionParams& p, CudaStream stream) {
+  DeviceGuard guard(device);
+  if (p.units == 0) return;
+  const CacheView& c = p.cache;
+  const int terms = std::max(count_terms(c.key), count_terms(c.value));
+  int max_dim = 0;
+  for (const CodecTables* t : {&c.key, &c.value})
+    for (int g = 0; g < t->groups; ++g) max_dim = std::max(max_dim, t->g[g].dim);
+  int qk_floats = 0;
+  for (int g = 0; g < c.key.groups; ++g)
+    qk_floats += c.key.g[g].dim * ((c.key.g[g].mse_bits > 0) + c.key.g[g].qjl);
+  const size_t smem = size_t(2 * terms) * 256 * kLutCopies * 4 +
+                      size_t(kWarps) * size_t(qk_floats + c.head_dim) * 4;
+  const bool rows16 = p.group * int(*std::max_element(p.queries, p.queries + p.batch)) > 8;
+  // Instantiations: terms ≤ 1 with coordinates ≤ 256 per term, or ≤ 2 / ≤ 4 terms of ≤ 128.
+  if (terms <= 1 && max_dim <= 128) {
+    rows16 ? launch<1, 4, 2, true>(p, smem, stream) : launch<1, 4, 2, false>(p, smem, stream);
+  } else if (terms <= 1 && max_dim <= 256) {
+    rows16 ? launch<1, 8, 4, true>(p, smem, stream) : launch<1, 8, 4, false>(p, smem, stream);
+  } else if (terms <= 2 && max_dim <= 128) {
+    rows16 ? launch<2, 4, 2, true>(p, smem, stream) : launch<2, 4, 2, false>(p, smem, stream);
+  } else if (terms <= 4 && max_dim <= 128) {
+    rows16 ? launch<4, 4, 2, true>(p, smem, stream) : launch<4, 4, 2, false>(p, smem, stream);
+  } else {
+    throw Error(detail::concat("GPU attention: channel groups of ", max_dim,
+                               " coordinates with ", terms, " terms are not supported (at most "
+                               "256 coordinates for integer-bit mse codecs, 128 otherwise)"));
+  }
+  const size_t merge_smem = size_t(c.value.acc_dim + c.head_dim) * 4;
+  merge_kernel<<<p.units * kTileRows, 128, merge_smem, stream>>>(p);
+  TQKV_CUDA_CHECK_LAUNCH("merge_kernel");
+}
+
+}  // namespace tqkv::gpu

@@ -1,0 +1,46 @@
+// Helpers shared by the CUDA kernels: checked calls, the cache's page addressing.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "cuda/params.hpp"
+#include "tqkv/error.hpp"
+
+#define TQKV_CUDA_CHECK(call)                                                              \
+  do {                                                                                     \
+    const cudaError_t status_ = (call);                                                    \
+    TQKV_CHECK(status_ == cudaSuccess, #call, " failed: ", cudaGetErrorString(status_)); \
+  } while (0)
+
+/// Checks the launch just made (configuration errors surface here, faults at the next sync).
+#define TQKV_CUDA_CHECK_LAUNCH(what) TQKV_CUDA_CHECK(cudaPeekAtLastError())
+
+namespace tqkv::gpu {
+
+/// Makes `device` current for the calling thread for the lifetime of the guard.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(Device device) {
+    TQKV_CUDA_CHECK(cudaGetDevice(&previous_));
+    if (device.index != previous_) TQKV_CUDA_CHECK(cudaSetDevice(device.index));
+    changed_ = device.index != previous_;
+  }
+  ~DeviceGuard() {
+    if (changed_) cudaSetDevice(previous_);
+  }
+
+ private:
+  int previous_ = 0;
+  bool changed_ = false;
+};
+
+/// The key (side 0) or value (side 1) block of KV head `head` holding token `t` of a sequence.
+__device__ inline uint8_t* block_of(const CacheView& c, const uint32_t* pages, uint64_t t,
+                                    int head, int side) {
+  const uint32_t page = pages[t / uint64_t(c.page_tokens)];
+  return c.pool + uint64_t(page) * c.layer_page_bytes +
+         uint64_t(head) * (c.key_block_bytes + c.value_block_bytes) +
+         (side ? c.key_block_bytes : 0u);
+}
+
+}  // namespace tqkv::gpu

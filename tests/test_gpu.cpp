@@ -1,0 +1,313 @@
+// The GPU backend against the CPU: codes bit-identical for the same input and seeds, attention
+// within a derived tolerance of the float64 reference over the same codes, copies between
+// devices, and bad input. Skipped where no GPU is present (these run on a GPU machine).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "tqkv/attention.hpp"
+#include "tqkv/error.hpp"
+#include "tqkv/half.hpp"
+
+namespace tqkv {
+namespace {
+
+bool have_gpu() {
+  if (!cuda_backend_built()) return false;
+  try {
+    return !list_gpus().empty();
+  } catch (const Error&) {
+    return false;
+  }
+}
+
+#define REQUIRE_GPU() \
+  if (!have_gpu()) GTEST_SKIP() << "no GPU"
+
+uint64_t fresh_seed() {
+  std::random_device rd;
+  return (uint64_t(rd()) << 32) ^ rd();
+}
+
+// Float16 operands (query, codebook, probabilities) each carry a relative rounding of at most
+// 2^-11; products are exact in the float32 accumulators.
+constexpr double kHalfEpsilon = 1.0 / 2048.0;
+// Whole-output relative error allowed for float16 operands (between 1e-3 and 1e-2 is their band).
+constexpr double kGpuRelativeTolerance = 1e-2;
+
+struct GpuSetup {
+  int layers = 1, kv_heads = 2, head_dim = 128, page_tokens = 32;
+  CodecSpec key, value;
+  std::string name() const {
+    return std::to_string(head_dim) + "d K" + std::to_string(key.bits) + to_string(key.kind) +
+           " V" + std::to_string(value.bits) + to_string(value.kind) + " P" +
+           std::to_string(page_tokens);
+  }
+};
+
+CacheConfig config_of(const GpuSetup& s, Device device) {
+  CacheConfig c;
+  c.layers = s.layers;
+  c.kv_heads = s.kv_heads;
+  c.head_dim = s.head_dim;
+  c.page_tokens = s.page_tokens;
+  c.key = s.key;
+  c.value = s.value;
+  c.max_pages = 256;
+  c.device = device;
+  return c;
+}
+
+std::vector<GpuSetup> setups(uint64_t seed) {
+  std::vector<GpuSetup> out;
+  auto add = [&](int d, double kb, CodecKind kk, double vb, CodecKind vk, int P,
+                 NormFormat nf = NormFormat::f16) {
+    GpuSetup s;
+    s.head_dim = d;
+    s.page_tokens = P;
+    s.key = {d, kb, kk, RotationChoice::automatic, seed, nf, {}};
+    s.value = {d, vb, vk, RotationChoice::automatic, seed ^ 0x5bd1e995u, nf, {}};
+    out.push_back(s);
+  };
+  for (double b : {4.0, 3.0, 2.0, 1.0}) add(128, b, CodecKind::mse, b, CodecKind::mse, 32);
+  add(128, 3.5, CodecKind::mse, 2.5, CodecKind::mse, 32);
+  add(128, 4.0, CodecKind::prod, 3.0, CodecKind::prod, 16);
+  add(128, 2.0, CodecKind::prod, 4.0, CodecKind::mse, 24, NormFormat::f32);
+  add(64, 3.0, CodecKind::mse, 4.0, CodecKind::mse, 8);
+  add(96, 4.0, CodecKind::mse, 3.0, CodecKind::mse, 32);  // dense rotations
+  add(256, 4.0, CodecKind::mse, 2.0, CodecKind::mse, 64);
+  return out;
+}
+
+// Keys with a few heavy channels, values Gaussian, as float32 / float16 / bfloat16 bits.
+std::vector<uint8_t> random_rows(std::mt19937_64& rng, size_t n, ScalarType type, bool keys) {
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  std::vector<uint8_t> out(n * (type == ScalarType::f32 ? 4 : 2));
+  for (size_t i = 0; i < n; ++i) {
+    float x = g(rng) * (keys && i % 17 == 3 ? 4.0f : 1.0f);
+    if (type == ScalarType::f32) {
+      std::memcpy(&out[i * 4], &x, 4);
+    } else {
+      const uint16_t h = type == ScalarType::f16 ? float_to_half(x) : float_to_bf16(x);
+      std::memcpy(&out[i * 2], &h, 2);
+    }
+  }
+  return out;
+}
+
+DeviceBuffer on_gpu(const std::vector<uint8_t>& host) {
+  DeviceBuffer b(Device::cuda(0), host.size());
+  b.upload(host.data(), host.size());
+  return b;
+}
+
+// Appends the same tokens, in the same chunks, to a CPU and a GPU cache.
+void append_both(KVCache& cpu, KVCache& gpu, SequenceId sc, SequenceId sg, int layer,
+                 size_t tokens, ScalarType type, std::mt19937_64& rng) {
+  const size_t n = tokens * size_t(cpu.config().kv_heads) * size_t(cpu.config().head_dim);
+  const auto k = random_rows(rng, n, type, true);
+  const auto v = random_rows(rng, n, type, false);
+  cpu.append(sc, layer, k.data(), v.data(), tokens, type);
+  const DeviceBuffer dk = on_gpu(k), dv = on_gpu(v);
+  gpu.append(sg, layer, dk.data(), dv.data(), tokens, type);
+}
+
+void expect_same_codes(const KVCache& cpu, const KVCache& gpu, SequenceId sc, SequenceId sg,
+                       const std::string& what) {
+  for (int l = 0; l < cpu.config().layers; ++l)
+    for (int h = 0; h < cpu.config().kv_heads; ++h)
+      for (bool values : {false, true}) {
+        const size_t T = cpu.length(sc, l);
+        ASSERT_EQ(T, gpu.length(sg, l));
+        const size_t rb = (values ? cpu.value_layout() : cpu.key_layout()).record_bytes;
+        std::vector<uint8_t> a(T * rb), b(T * rb, 0xAB);
+        cpu.read_records(sc, l, h, values, 0, T, a.data());
+        gpu.read_records(sg, l, h, values, 0, T, b.data());
+        for (size_t t = 0; t < T; ++t)
+          ASSERT_EQ(0, std::memcmp(&a[t * rb], &b[t * rb], rb))
+              << what << ": layer " << l << " head " << h << (values ? " values" : " keys")
+              << " token " << t << " differs";
+        EXPECT_EQ((values ? cpu.value_codec(l, h) : cpu.key_codec(l, h)).spec(),
+                  (values ? gpu.value_codec(l, h) : gpu.key_codec(l, h)).spec());
+      }
+}
+
+TEST(Gpu, CodesAreBitIdenticalToTheCpu) {
+  REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  std::mt19937_64 rng(seed);
+  for (GpuSetup s : setups(seed)) {
+    s.layers = 2;
+    for (ScalarType type : {ScalarType::f32, ScalarType::f16, ScalarType::bf16}) {
+      SCOPED_TRACE(s.name() + " input type " + std::to_string(int(type)) + " seed " +
+                   std::to_string(seed));
+      KVCache cpu(config_of(s, Device::cpu())), gpu(config_of(s, Device::cuda(0)));
+      const SequenceId a = cpu.add_sequence(), b = gpu.add_sequence();
+      // Prefill chunk, then single decode tokens, then another chunk, on both layers.
+      for (size_t chunk : {size_t(37), size_t(1), size_t(1), size_t(20)})
+        for (int l = 0; l < 2; ++l) append_both(cpu, gpu, a, b, l, chunk, type, rng);
+      expect_same_codes(cpu, gpu, a, b, s.name());
+    }
+  }
+}
+
+TEST(Gpu, WideCodesAreBitIdenticalToo) {
+  REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  std::mt19937_64 rng(seed);
+  for (auto [bits, kind] : {std::pair{8.0, CodecKind::mse}, {5.0, CodecKind::mse},
+                            {7.0, CodecKind::prod}, {1.0, CodecKind::prod}}) {
+    GpuSetup s;
+    s.key = {128, bits, kind, RotationChoice::automatic, seed, NormFormat::f16, {}};
+    s.value = s.key;
+    SCOPED_TRACE(s.name());
+    KVCache cpu(config_of(s, Device::cpu())), gpu(config_of(s, Device::cuda(0)));
+    const SequenceId a = cpu.add_sequence(), b = gpu.add_sequence();
+    append_both(cpu, gpu, a, b, 0, 45, ScalarType::f32, rng);
+    expect_same_codes(cpu, gpu, a, b, s.name());
+  }
+}
+
+// Attention on the GPU against the float64 reference on the same (GPU-made) codes.
+void check_attention(const KVCache& gpu, std::span<const SequenceId> seqs,
+                     std::span<const size_t> queries, int q_heads, const AttentionOptions& opt,
+                     std::mt19937_64& rng, const std::string& what) {
+  const int d = gpu.config().head_dim;
+  size_t rows = 0;
+  for (size_t L : queries) rows += L;
+  const size_t n = rows * size_t(q_heads) * size_t(d);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  std::vector<float> q(n);
+  for (auto& x : q) x = g(rng);
+  std::vector<float> ref(n), out(n);
+  attend_reference(gpu, 0, seqs, queries, q.data(), q_heads, ref.data(), opt);
+  DeviceBuffer dq(Device::cuda(0), n * 4), dout(Device::cuda(0), n * 4);
+  dq.upload(q.data(), n * 4);
+  dout.fill(0xff);  // NaN: an element the kernels never write fails
+  GpuWorkspace ws(gpu);
+  attend(gpu, 0, seqs, queries, dq.as<float>(), q_heads, dout.as<float>(), ws, nullptr, opt);
+  synchronize(Device::cuda(0));
+  dout.download(out.data(), n * 4);
+  double num = 0, den = 0, worst = 0;
+  double vmax = 0;
+  for (float x : ref) vmax = std::max(vmax, std::abs(double(x)));
+  for (size_t i = 0; i < n; ++i) {
+    ASSERT_TRUE(std::isfinite(out[i])) << what << ": element " << i << " not written or NaN";
+    const double e = double(out[i]) - ref[i];
+    num += e * e;
+    den += double(ref[i]) * ref[i];
+    worst = std::max(worst, std::abs(e));
+  }
+  const double rel = std::sqrt(num / den);
+  EXPECT_LE(rel, kGpuRelativeTolerance) << what;
+  // Per element: the output is a convex combination of value vectors; float16 rounding moves
+  // each score by a few ε times its size (|score| ≲ 20 here) and each value by ε.
+  EXPECT_LE(worst, 64 * kHalfEpsilon * (1.0 + vmax) * 4) << what;
+}
+
+TEST(Gpu, AttentionMatchesTheReference) {
+  REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  std::mt19937_64 rng(seed);
+  for (const GpuSetup& s : setups(seed)) {
+    KVCache gpu(config_of(s, Device::cuda(0)));
+    std::vector<SequenceId> seqs;
+    const size_t lengths[] = {1, 77, 300, 16};
+    for (size_t T : lengths) {
+      const SequenceId id = gpu.add_sequence();
+      seqs.push_back(id);
+      const size_t n = T * size_t(s.kv_heads) * size_t(s.head_dim);
+      const DeviceBuffer k = on_gpu(random_rows(rng, n, ScalarType::f32, true));
+      const DeviceBuffer v = on_gpu(random_rows(rng, n, ScalarType::f32, false));
+      gpu.append(id, 0, k.data(), v.data(), T, ScalarType::f32);
+    }
+    for (int R : {1, 4, 8}) {
+      const int q_heads = s.kv_heads * R;
+      const std::string what = s.name() + " R=" + std::to_string(R) + " seed " +
+                               std::to_string(seed);
+      const std::vector<size_t> decode(seqs.size(), 1);
+      check_attention(gpu, seqs, decode, q_heads, {}, rng, what + " decode");
+      AttentionOptions split;
+      split.splits = 3;
+      check_attention(gpu, seqs, decode, q_heads, split, rng, what + " decode, 3 splits");
+      const std::vector<size_t> prefill = {1, 77, 45, 16};
+      check_attention(gpu, seqs, prefill, q_heads, {}, rng, what + " prefill");
+      AttentionOptions window;
+      window.window = 50;
+      check_attention(gpu, seqs, prefill, q_heads, window, rng, what + " prefill, window 50");
+    }
+  }
+}
+
+TEST(Gpu, CachesCopyBetweenDevicesExactly) {
+  REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  std::mt19937_64 rng(seed);
+  GpuSetup s = setups(seed)[4];  // fractional bits: per-head outlier channels travel too
+  s.layers = 2;
+  KVCache cpu(config_of(s, Device::cpu()));
+  const SequenceId a = cpu.add_sequence();
+  for (int l = 0; l < 2; ++l) {
+    const size_t n = 50 * size_t(s.kv_heads) * size_t(s.head_dim);
+    const auto k = random_rows(rng, n, ScalarType::f32, true);
+    const auto v = random_rows(rng, n, ScalarType::f32, false);
+    cpu.append(a, l, k.data(), v.data(), 50, ScalarType::f32);
+  }
+  KVCache gpu = cpu.to(Device::cuda(0));
+  EXPECT_EQ(gpu.device(), Device::cuda(0));
+  expect_same_codes(cpu, gpu, a, a, "copy to GPU");
+  EXPECT_EQ(gpu.to(Device::cpu()).serialize(), cpu.serialize());
+  // The copy keeps working: more tokens on both give the same codes again.
+  KVCache cpu2 = gpu.to(Device::cpu());
+  append_both(cpu2, gpu, a, a, 0, 9, ScalarType::f16, rng);
+  expect_same_codes(cpu2, gpu, a, a, "after the copy");
+}
+
+TEST(Gpu, BadInputIsRefusedAndChangesNothing) {
+  REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  std::mt19937_64 rng(seed);
+  GpuSetup s = setups(seed)[0];
+  KVCache gpu(config_of(s, Device::cuda(0)));
+  const SequenceId a = gpu.add_sequence();
+  const size_t n = 40 * size_t(s.kv_heads) * size_t(s.head_dim);
+  auto k = random_rows(rng, n, ScalarType::f32, true);
+  const auto v = random_rows(rng, n, ScalarType::f32, false);
+  const size_t bad = (33 * size_t(s.kv_heads) + 1) * size_t(s.head_dim) + 5;  // token 33, head 1
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::memcpy(&k[bad * 4], &nan, 4);
+  const DeviceBuffer dk = on_gpu(k), dv = on_gpu(v);
+  const size_t free_before = gpu.pages_free();
+  try {
+    gpu.append(a, 0, dk.data(), dv.data(), 40, ScalarType::f32);
+    FAIL() << "a NaN key must be refused";
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("keys of KV head 1"), std::string::npos) << m;
+    EXPECT_NE(m.find("token 33"), std::string::npos) << m;
+    EXPECT_NE(m.find("non-finite"), std::string::npos) << m;
+  }
+  EXPECT_EQ(gpu.length(a, 0), 0u);
+  EXPECT_EQ(gpu.pages_free(), free_before);
+  // The CPU attention refuses a GPU cache and the GPU attention a CPU cache.
+  std::vector<float> q(size_t(s.kv_heads) * s.head_dim), out(q.size());
+  const SequenceId ids[] = {a};
+  EXPECT_THROW(attend_decode(gpu, 0, ids, q.data(), s.kv_heads, out.data()), Error);
+  KVCache cpu(config_of(s, Device::cpu()));
+  EXPECT_THROW(GpuWorkspace{cpu}, Error);
+  // Too many sequences for the device page tables.
+  CacheConfig small = config_of(s, Device::cuda(0));
+  small.max_sequences = 2;
+  KVCache two(small);
+  two.add_sequence();
+  two.add_sequence();
+  EXPECT_THROW(two.add_sequence(), Error);
+}
+
+}  // namespace
+}  // namespace tqkv
