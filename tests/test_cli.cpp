@@ -349,12 +349,14 @@ TEST_F(CliTest, BenchDecodeJson) {
 }
 
 TEST_F(CliTest, BenchDecodeErrors) {
-  auto r = run({"bench", "decode", "--device", "cuda"});
+  auto r = run({"bench", "decode", "--device", "cuda:99"});
   EXPECT_EQ(r.status, 1);
-  EXPECT_NE(r.err.find(tqkv::cuda_backend_built() ? "CUDA decode is not implemented yet"
-                                                  : "no GPU backend built"),
+  EXPECT_NE(r.err.find(tqkv::cuda_backend_built() ? "does not exist" : "no GPU backend built"),
             std::string::npos)
       << r.err;
+  r = run({"bench", "decode", "--device", "tpu"});
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.err.find("unknown device 'tpu'"), std::string::npos) << r.err;
   // Every case fails validation, before anything is built or timed.
   const std::vector<std::string> tiny = {"--dim", "32", "--repeats", "1"};
   struct Expect {

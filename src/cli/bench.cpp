@@ -9,6 +9,8 @@
 #include <ostream>
 
 #include "commands.hpp"
+#include "cuda/backend.hpp"
+#include "tqkv/half.hpp"
 #include "tqkv/attention.hpp"
 #include "tqkv/device.hpp"
 #include "tqkv/error.hpp"
@@ -123,6 +125,9 @@ double relative_error(const std::vector<float>& x, const std::vector<float>& ref
 }
 
 nlohmann::json to_json(const BenchRow& r) {
+  const bool gpu = r.device != "cpu";
+  auto cpu_only = [&](double x) { return gpu ? nlohmann::json(nullptr) : nlohmann::json(x); };
+  auto gpu_only = [&](double x) { return gpu ? nlohmann::json(x) : nlohmann::json(nullptr); };
   return {{"device", r.device},
           {"batch", r.batch},
           {"context", r.context},
@@ -134,25 +139,126 @@ nlohmann::json to_json(const BenchRow& r) {
           {"codec", r.codec},
           {"threads", r.threads},
           {"fused_us", r.fused_us},
-          {"fallback_us", r.fallback_us},
-          {"dense_us", r.dense_us},
+          {"fallback_us", cpu_only(r.fallback_us)},
+          {"dense_us", cpu_only(r.dense_us)},
           {"compressed_bytes", r.compressed_bytes},
           {"fused_gbps", r.fused_gbps},
           {"dense_bytes", r.dense_bytes},
-          {"dense_gbps", r.dense_gbps},
-          {"speedup_vs_fallback", r.speedup_vs_fallback},
-          {"speedup_vs_dense", r.speedup_vs_dense}};
+          {"dense_gbps", cpu_only(r.dense_gbps)},
+          {"speedup_vs_fallback", cpu_only(r.speedup_vs_fallback)},
+          {"speedup_vs_dense", cpu_only(r.speedup_vs_dense)},
+          {"memcpy_us", gpu_only(r.memcpy_us)},
+          {"memcpy_gbps", gpu_only(r.memcpy_gbps)},
+          {"fused_vs_memcpy", gpu_only(r.fused_gbps / r.memcpy_gbps)},
+          {"append_gbps", gpu_only(r.append_gbps)}};
+}
+
+// Decode on a GPU cache: fused attention and a device-to-device copy of the same compressed
+// bytes, each captured once as a CUDA graph and timed over replays (median). The peers (bf16
+// SDPA, dequantize-then-SDPA) are measured by bench/gpu_peers.py.
+std::vector<BenchRow> bench_decode_cuda(const BenchDecodeArgs& a, Device device,
+                                        const std::vector<size_t>& batches,
+                                        const std::vector<size_t>& contexts,
+                                        const std::vector<double>& bits, CodecKind kind,
+                                        std::ostream& out) {
+  const size_t H = size_t(a.kv_heads), d = size_t(a.dim), Hq = size_t(a.q_heads);
+  const size_t max_context = *std::max_element(contexts.begin(), contexts.end());
+  const size_t block_tokens = std::min<size_t>(65536, max_context);
+  Normals normals(12345);
+  std::vector<uint16_t> host(block_tokens * H * d);
+  auto random_block = [&] {
+    std::vector<float> x = normals.make(host.size());
+    for (size_t i = 0; i < x.size(); ++i) host[i] = float_to_half(x[i]);
+    DeviceBuffer buf(device, host.size() * 2);
+    buf.upload(host.data(), host.size() * 2);
+    return buf;
+  };
+  const DeviceBuffer block_k = random_block(), block_v = random_block();
+  std::vector<BenchRow> rows;
+  if (!a.json)
+    out << "tqkv bench decode: " << to_string(device) << " (" << list_gpus()[size_t(device.index)].name
+        << "), H_q " << Hq << ", H_kv " << H << ", d " << d << ", " << to_string(kind)
+        << " keys and values, CUDA graph replays, median of " << a.repeats << "\n"
+        << "batch  context  bits  fused us  memcpy us  compressed MB  fused GB/s  memcpy GB/s"
+           "  fused/memcpy  append GB/s\n";
+  for (const size_t B : batches)
+    for (const size_t T : contexts)
+      for (const double b : bits) {
+        CacheConfig config = cache_config(a.kv_heads, a.dim, b, kind);
+        const std::vector<size_t> lengths(B, T);
+        config.max_pages = config.pages_for(lengths);
+        config.device = device;
+        config.max_sequences = std::max<size_t>(64, B);
+        KVCache cache(config);
+        std::vector<SequenceId> seqs;
+        double append_seconds = 0;
+        size_t appended = 0;
+        for (size_t s = 0; s < B; ++s) {
+          seqs.push_back(cache.add_sequence());
+          for (size_t t = 0; t < T; t += block_tokens) {
+            const size_t n = std::min(block_tokens, T - t);
+            const auto t0 = std::chrono::steady_clock::now();
+            cache.append(seqs.back(), 0, block_k.data(), block_v.data(), n, ScalarType::f16);
+            append_seconds +=
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            appended += n;
+          }
+        }
+        DeviceBuffer q(device, B * Hq * d * 4), o(device, B * Hq * d * 4);
+        const std::vector<float> hq = normals.make(B * Hq * d);
+        q.upload(hq.data(), hq.size() * 4);
+        GpuWorkspace ws(cache);
+        BenchRow r;
+        r.device = to_string(device);
+        r.batch = B;
+        r.context = T;
+        r.q_heads = a.q_heads;
+        r.kv_heads = a.kv_heads;
+        r.dim = a.dim;
+        r.key_bits = r.value_bits = b;
+        r.codec = to_string(kind);
+        r.compressed_bytes = B * T * cache.bytes_per_token_per_layer();
+        r.dense_bytes = B * T * H * d * 2 * 2;  // bfloat16 K and V
+        r.fused_us = gpu::time_graph_us(device, [&](CudaStream stream) {
+          attend_decode(cache, 0, seqs, q.as<float>(), a.q_heads, o.as<float>(), ws, stream);
+        }, a.repeats, 20);
+        DeviceBuffer from(device, r.compressed_bytes), to(device, r.compressed_bytes);
+        from.fill(0x5a);
+        r.memcpy_us = gpu::time_graph_us(device, [&](CudaStream stream) {
+          gpu::copy(device, to.data(), from.data(), r.compressed_bytes, stream);
+        }, a.repeats, 20);
+        r.fused_gbps = double(r.compressed_bytes) / (r.fused_us * 1e3);
+        r.memcpy_gbps = 2.0 * double(r.compressed_bytes) / (r.memcpy_us * 1e3);
+        const double append_bytes =
+            double(appended) * double(H * d * 2 * 2 + cache.bytes_per_token_per_layer());
+        r.append_gbps = append_bytes / append_seconds / 1e9;
+        if (!a.json) {
+          char line[256];
+          std::snprintf(line, sizeof line,
+                        "%5zu  %7zu  %4.3g  %8.1f  %9.1f  %13.2f  %10.0f  %11.0f  %11.2f  %11.0f\n",
+                        B, T, b, r.fused_us, r.memcpy_us, double(r.compressed_bytes) / 1e6,
+                        r.fused_gbps, r.memcpy_gbps, r.fused_gbps / r.memcpy_gbps, r.append_gbps);
+          out << line << std::flush;
+        }
+        rows.push_back(r);
+      }
+  if (!a.json)
+    out << "fused: attend_decode on the codes; memcpy: device-to-device copy of the same bytes "
+           "(GB/s counts bytes read and written);\nappend: quantize + append of float16 K/V in "
+           << block_tokens << "-token chunks, bytes read and written, host call to return.\n";
+  return rows;
 }
 
 }  // namespace
 
 int bench_decode(const BenchDecodeArgs& a, std::ostream& out) {
-  if (a.device == "cuda")
-    throw Error(cuda_backend_built()
-                    ? "--device cuda: CUDA decode is not implemented yet (use --device cpu)"
-                    : "--device cuda: no GPU backend built (this tqkv was configured without "
-                      "CUDA; use --device cpu)");
-  TQKV_CHECK(a.device == "cpu", "--device: expected cpu or cuda, got '", a.device, "'");
+  Device device;
+  try {
+    device = parse_device(a.device);
+    check_device(device);
+  } catch (const Error& e) {
+    throw Error(std::string("--device: ") + e.what());
+  }
   const auto batches = parse_positive_list(a.batch, "--batch");
   const auto contexts = parse_positive_list(a.context, "--context");
   const auto bits_text = split_list(a.bits, "--bits");
@@ -171,6 +277,15 @@ int bench_decode(const BenchDecodeArgs& a, std::ostream& out) {
     check_cache_codec(cache_config(1, a.dim, bits[i], kind).key, false, a.dim,
                       "--bits " + bits_text[i]);
 
+  if (device.is_cuda()) {
+    const auto rows = bench_decode_cuda(a, device, batches, contexts, bits, kind, out);
+    if (a.json) {
+      nlohmann::json arr = nlohmann::json::array();
+      for (const auto& r : rows) arr.push_back(to_json(r));
+      out << arr.dump(2) << "\n";
+    }
+    return 0;
+  }
   const ThreadScope threads(a.threads);
   const size_t H = size_t(a.kv_heads), d = size_t(a.dim), Hq = size_t(a.q_heads);
   // One block of random K/V, appended repeatedly: filling must not dominate the run.

@@ -407,7 +407,7 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
   bench->require_subcommand(1);
   auto* bdec = bench->add_subcommand(
       "decode", "decode attention: fused on the codes vs dequantize-then-attend vs dense float32");
-  bdec->add_option("--device", bd.device, "cpu (cuda: not available yet)")->capture_default_str();
+  bdec->add_option("--device", bd.device, "cpu, cuda or cuda:N")->capture_default_str();
   bdec->add_option("--batch", bd.batch, "comma-separated batch sizes")->capture_default_str();
   bdec->add_option("--context", bd.context, "comma-separated context lengths (tokens)")
       ->capture_default_str();

@@ -74,6 +74,9 @@ struct BenchRow {
   size_t compressed_bytes = 0, dense_bytes = 0;
   double fused_gbps = 0, dense_gbps = 0;
   double speedup_vs_fallback = 0, speedup_vs_dense = 0;
+  // GPU rows: a device-to-device copy of compressed_bytes in the same run (bandwidth counts bytes
+  // read and written), and quantize + append (bytes read and written per second).
+  double memcpy_us = 0, memcpy_gbps = 0, append_gbps = 0;
 };
 
 /// Decode attention timed three ways (fused on the codes, dequantize-then-attend, dense float32)

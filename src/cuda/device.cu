@@ -1,4 +1,7 @@
 // The CUDA backend's device queries and memory. Every runtime call is checked.
+#include <algorithm>
+#include <vector>
+
 #include "cuda/backend.hpp"
 #include "cuda/common.cuh"
 #include "tqkv/device.hpp"
@@ -85,6 +88,54 @@ void fill(Device device, void* p, uint8_t value, size_t bytes, CudaStream stream
   if (bytes == 0) return;
   DeviceGuard guard(device);
   TQKV_CUDA_CHECK(cudaMemsetAsync(p, value, bytes, stream));
+}
+
+double time_graph_us(Device device, const std::function<void(CudaStream)>& work, int repeats,
+                     int inner) {
+  DeviceGuard guard(device);
+  cudaStream_t stream = nullptr;
+  TQKV_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  cudaEvent_t start = nullptr, stop = nullptr;
+  std::vector<float> times;
+  try {
+    TQKV_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    try {
+      work(stream);
+    } catch (...) {
+      cudaStreamEndCapture(stream, &graph);
+      throw;
+    }
+    TQKV_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+    TQKV_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    TQKV_CUDA_CHECK(cudaEventCreate(&start));
+    TQKV_CUDA_CHECK(cudaEventCreate(&stop));
+    for (int i = 0; i < 3; ++i) TQKV_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+    for (int r = 0; r < repeats; ++r) {
+      TQKV_CUDA_CHECK(cudaEventRecord(start, stream));
+      for (int i = 0; i < inner; ++i) TQKV_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+      TQKV_CUDA_CHECK(cudaEventRecord(stop, stream));
+      TQKV_CUDA_CHECK(cudaEventSynchronize(stop));
+      float ms = 0;
+      TQKV_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+      times.push_back(ms * 1e3f / float(inner));
+    }
+  } catch (...) {
+    if (exec) cudaGraphExecDestroy(exec);
+    if (graph) cudaGraphDestroy(graph);
+    if (start) cudaEventDestroy(start);
+    if (stop) cudaEventDestroy(stop);
+    cudaStreamDestroy(stream);
+    throw;
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  cudaStreamDestroy(stream);
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
 }
 
 int multiprocessors(Device device) {

@@ -29,6 +29,7 @@ void download(Device, void*, const void*, size_t, CudaStream) { no_backend(); }
 void copy(Device, void*, const void*, size_t, CudaStream) { no_backend(); }
 void fill(Device, void*, uint8_t, size_t, CudaStream) { no_backend(); }
 int multiprocessors(Device) { no_backend(); }
+double time_graph_us(Device, const std::function<void(CudaStream)>&, int, int) { no_backend(); }
 void launch_append(Device, const AppendParams&, CudaStream) { no_backend(); }
 void launch_attention(Device, const AttentionParams&, CudaStream) { no_backend(); }
 }  // namespace gpu
