@@ -130,7 +130,8 @@ def main():
             torch.cuda.empty_cache()
         sdpa_us = sdpa_cache[(B, T)]
         fallback_us = None
-        if float(bits).is_integer():
+        # The fallback's float32 intermediates take ~16 B·T·H_kv·d bytes: only where that fits.
+        if float(bits).is_integer() and 16 * B * T * H * d < 24e9:
             b = int(bits)
             nbytes = sum(d * w // 8 for w in field_widths(b))
             levels = 1 << b

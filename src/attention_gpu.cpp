@@ -3,6 +3,7 @@
 // src/cuda/attention.cu. Nothing here waits for the GPU.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 #include "cache_impl.hpp"
 #include "cuda/backend.hpp"
@@ -14,7 +15,6 @@ namespace tqkv {
 namespace {
 
 constexpr size_t kWorkspaceItems = 4096;
-constexpr size_t kMinSplitTokens = 256;  // a split shorter than this costs more than it gains
 
 size_t value_acc_dim(const KVCache& cache) {
   size_t n = 0;
@@ -81,19 +81,13 @@ void attend(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
   p.window = options.window;
   p.partial = workspace.data();
   const size_t capacity = workspace.items();
-  const int sms = gpu::multiprocessors(c.device);
   size_t longest = 0;
   auto flush = [&] {
     if (p.batch == 0) return;
     p.first_unit[p.batch] = p.units;
-    size_t splits = size_t(options.splits);
-    if (splits == 0) {
-      const size_t target = size_t(sms) * 16;  // warps: 4 blocks of 4 per multiprocessor
-      splits = std::max<size_t>(1, target / p.units);
-      splits = std::min(splits, std::max<size_t>(1, longest / kMinSplitTokens));
-    }
-    splits = std::max<size_t>(1, std::min(splits, capacity / p.units));
-    p.splits = int(splits);
+    p.splits = options.splits;  // 0: the launch fills one wave of the GPU
+    p.max_items = uint32_t(capacity);
+    p.max_tokens = uint32_t(std::min<size_t>(longest, UINT32_MAX));
     gpu::launch_attention(c.device, p, stream);
     p.batch = 0;
     p.units = 0;

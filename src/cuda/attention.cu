@@ -170,7 +170,7 @@ __device__ __forceinline__ int row_token(const AttentionParams& p, const ItemGeo
 }
 
 template <int kTerms, int kWordsK, int kWordsV, bool kRows16>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 4)
     attention_kernel(const AttentionParams p) {
   constexpr int kRowRegs = kRows16 ? 2 : 1;  // fragment rows a lane holds: g (and g + 8)
   extern __shared__ __align__(16) uint8_t shared[];
@@ -383,13 +383,21 @@ __global__ void __launch_bounds__(kWarps * 32)
   };
   const uint32_t last = geo.hi - 1;
 
+  // With pages of a multiple of 16 tokens a tile never straddles pages: one page lookup a tile.
+  const bool tile_in_page = c.page_tokens % 16 == 0;
   for (uint32_t base = t_begin; base < t_end; base += 16) {
+    const TokenRef tile = token_ref(c, pages, base, geo.h);
+    auto ref = [&](uint32_t offset) {  // token base + offset, clamped to the last visible one
+      const uint32_t t = min(base + offset, last);
+      return tile_in_page ? TokenRef{tile.key, tile.value, tile.slot + (t - base)}
+                          : token_ref(c, pages, t, geo.h);
+    };
     // Scores: sc[s][·] for tokens base + 8s + 2·quad + {0, 1}, rows grp (and grp + 8).
     float sc[2][2 * kRowRegs];
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
-      const TokenRef bt = token_ref(c, pages, min(base + 8 * s + grp, last), geo.h);
-      const TokenRef ct = token_ref(c, pages, min(base + 8 * s + 2 * quad, last), geo.h);
+      const TokenRef bt = ref(8 * s + grp);
+      const TokenRef ct = ref(8 * s + 2 * quad);
       const uint32_t ct1 = min(base + 8 * s + 2 * quad + 1, last) == base + 8 * s + 2 * quad + 1
                                ? ct.slot + 1 : ct.slot;
 #pragma unroll
@@ -472,13 +480,9 @@ __global__ void __launch_bounds__(kWarps * 32)
           }
 
     // Values: tokens base + 2·quad + {0, 1, 8, 9}.
-    uint32_t vtok[4];
     TokenRef vref[4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      vtok[j] = min(base + 2 * quad + (j & 1) + 8 * (j >> 1), last);
-      vref[j] = token_ref(c, pages, vtok[j], geo.h);
-    }
+    for (int j = 0; j < 4; ++j) vref[j] = ref(2 * quad + (j & 1) + 8 * (j >> 1));
 #pragma unroll
     for (int t = 0; t < kTerms; ++t) {
       if (t >= nv) break;
@@ -630,12 +634,24 @@ __global__ void __launch_bounds__(128) merge_kernel(const AttentionParams p) {
   }
 }
 
+// Launches the kernel; with p.splits == 0 first chooses the splits so that the items fill one
+// wave of the GPU at this kernel's occupancy (a partial second wave would idle most SMs).
 template <int kTerms, int kWordsK, int kWordsV, bool kRows16>
-void launch(const AttentionParams& p, size_t smem, CudaStream stream) {
+void launch(Device device, AttentionParams& p, size_t smem, CudaStream stream) {
   auto kernel = attention_kernel<kTerms, kWordsK, kWordsV, kRows16>;
   if (smem > 48 * 1024)
     TQKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(smem)));
+  if (p.splits == 0) {
+    int blocks_per_sm = 0;
+    TQKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel,
+                                                                  kWarps * 32, smem));
+    const uint32_t wave = uint32_t(multiprocessors(device)) * uint32_t(std::max(1, blocks_per_sm)) *
+                          uint32_t(kWarps);
+    const uint32_t tiles = std::max(1u, (p.max_tokens + 15) / 16);
+    p.splits = int(std::max(1u, std::min(wave / p.units, tiles)));
+  }
+  p.splits = int(std::max(1u, std::min(uint32_t(p.splits), p.max_items / p.units)));
   const uint32_t items = p.units * uint32_t(p.splits);
   kernel<<<(items + kWarps - 1) / kWarps, kWarps * 32, smem, stream>>>(p);
   TQKV_CUDA_CHECK_LAUNCH("attention_kernel");
@@ -649,8 +665,9 @@ int count_terms(const CodecTables& t) {
 
 }  // namespace
 
-void launch_attention(Device device, const AttentionParams& p, CudaStream stream) {
+void launch_attention(Device device, const AttentionParams& params, CudaStream stream) {
   DeviceGuard guard(device);
+  AttentionParams p = params;
   if (p.units == 0) return;
   const CacheView& c = p.cache;
   const int terms = std::max(count_terms(c.key), count_terms(c.value));
@@ -665,13 +682,13 @@ void launch_attention(Device device, const AttentionParams& p, CudaStream stream
   const bool rows16 = p.group * int(*std::max_element(p.queries, p.queries + p.batch)) > 8;
   // Instantiations: terms ≤ 1 with coordinates ≤ 256 per term, or ≤ 2 / ≤ 4 terms of ≤ 128.
   if (terms <= 1 && max_dim <= 128) {
-    rows16 ? launch<1, 4, 2, true>(p, smem, stream) : launch<1, 4, 2, false>(p, smem, stream);
+    rows16 ? launch<1, 4, 2, true>(device, p, smem, stream) : launch<1, 4, 2, false>(device, p, smem, stream);
   } else if (terms <= 1 && max_dim <= 256) {
-    rows16 ? launch<1, 8, 4, true>(p, smem, stream) : launch<1, 8, 4, false>(p, smem, stream);
+    rows16 ? launch<1, 8, 4, true>(device, p, smem, stream) : launch<1, 8, 4, false>(device, p, smem, stream);
   } else if (terms <= 2 && max_dim <= 128) {
-    rows16 ? launch<2, 4, 2, true>(p, smem, stream) : launch<2, 4, 2, false>(p, smem, stream);
+    rows16 ? launch<2, 4, 2, true>(device, p, smem, stream) : launch<2, 4, 2, false>(device, p, smem, stream);
   } else if (terms <= 4 && max_dim <= 128) {
-    rows16 ? launch<4, 4, 2, true>(p, smem, stream) : launch<4, 4, 2, false>(p, smem, stream);
+    rows16 ? launch<4, 4, 2, true>(device, p, smem, stream) : launch<4, 4, 2, false>(device, p, smem, stream);
   } else {
     throw Error(detail::concat("GPU attention: channel groups of ", max_dim,
                                " coordinates with ", terms, " terms are not supported (at most "

@@ -81,7 +81,9 @@ struct AttentionParams {
   float scale_log2 = 0;  // softmax scale · log2(e)
   uint64_t window = 0;
   int batch = 0;
-  int splits = 1;
+  int splits = 1;      // token splits per unit; 0: fill one wave of the GPU (launch chooses)
+  uint32_t max_items = 0;   // workspace capacity (units · splits)
+  uint32_t max_tokens = 0;  // longest sequence of the launch (splits beyond its tiles are idle)
   uint32_t units = 0;  // Σ_b kv_heads · tiles_b
   float* partial = nullptr;  // [units · splits][16 rows][2 + value acc_dim]
   uint32_t slot[kMaxLaunchBatch];
