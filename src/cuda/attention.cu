@@ -572,22 +572,40 @@ __global__ void __launch_bounds__(128) merge_kernel(const AttentionParams p) {
   const int i = row_token(p, geo, rho);
   if (i < 0) return;
   const int acc_dim = c.value.acc_dim, d = c.head_dim;
-  float* a = buf;              // [acc_dim]
-  float* y = buf + acc_dim;    // [d]
+  float* a = buf;                 // [acc_dim]
+  float* y = buf + acc_dim;       // [d]
+  float* weight = y + d;          // [splits]
+  __shared__ float reduce[32];
   const size_t stride = size_t(kTileRows) * size_t(2 + acc_dim);
   const float* first = p.partial + size_t(unit) * p.splits * stride + size_t(rho) * (2 + acc_dim);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  // The splits' maxima, then weights 2^(m_s − M) / L: parallel over splits (independent loads).
   float M = kNegInf;
-  for (int s = 0; s < p.splits; ++s) M = fmaxf(M, first[s * stride]);
+  for (int s = threadIdx.x; s < p.splits; s += blockDim.x) M = fmaxf(M, first[s * stride]);
+  for (int w = 16; w >= 1; w /= 2) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, w));
+  if (lane == 0) reduce[warp] = M;
+  __syncthreads();
+  M = reduce[0];
+  for (int w = 1; w < warps; ++w) M = fmaxf(M, reduce[w]);
+  __syncthreads();
   float L = 0.0f;
-  for (int s = 0; s < p.splits; ++s)
-    if (first[s * stride] != kNegInf) L += exp2f(first[s * stride] - M) * first[s * stride + 1];
+  for (int s = threadIdx.x; s < p.splits; s += blockDim.x) {
+    const float ms = first[s * stride];
+    const float e = ms == kNegInf ? 0.0f : exp2f(ms - M);
+    weight[s] = e;
+    L += e * first[s * stride + 1];
+  }
+  for (int w = 16; w >= 1; w /= 2) L += __shfl_xor_sync(0xffffffffu, L, w);
+  if (lane == 0) reduce[warp] = L;
+  __syncthreads();
+  L = 0.0f;
+  for (int w = 0; w < warps; ++w) L += reduce[w];
   const float invL = 1.0f / L;
   for (int j = threadIdx.x; j < acc_dim; j += blockDim.x) {
     float sum = 0.0f;
-    for (int s = 0; s < p.splits; ++s) {
-      const float ms = first[s * stride];
-      if (ms != kNegInf) sum += exp2f(ms - M) * first[s * stride + 2 + j];
-    }
+#pragma unroll 8
+    for (int s = 0; s < p.splits; ++s)
+      if (weight[s] != 0.0f) sum += weight[s] * first[s * stride + 2 + j];
     a[j] = sum * invL;
   }
   __syncthreads();
@@ -694,7 +712,10 @@ void launch_attention(Device device, const AttentionParams& params, CudaStream s
                                " coordinates with ", terms, " terms are not supported (at most "
                                "256 coordinates for integer-bit mse codecs, 128 otherwise)"));
   }
-  const size_t merge_smem = size_t(c.value.acc_dim + c.head_dim) * 4;
+  const size_t merge_smem = size_t(c.value.acc_dim + c.head_dim + p.splits) * 4;
+  if (merge_smem > 48 * 1024)
+    TQKV_CUDA_CHECK(cudaFuncSetAttribute(merge_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         int(merge_smem)));
   merge_kernel<<<p.units * kTileRows, 128, merge_smem, stream>>>(p);
   TQKV_CUDA_CHECK_LAUNCH("merge_kernel");
 }
