@@ -27,7 +27,7 @@ size_t value_acc_dim(const KVCache& cache) {
 
 GpuWorkspace::GpuWorkspace(const KVCache& cache)
     : buffer_(cache.device(), cache.device().is_cuda()
-                                  ? kWorkspaceItems * gpu::kTileRows * (2 + value_acc_dim(cache)) * 4
+                                  ? kWorkspaceItems * gpu::kTileRows * (4 + value_acc_dim(cache)) * 4
                                   : 0),
       items_(kWorkspaceItems) {
   TQKV_CHECK(cache.device().is_cuda(), "GpuWorkspace: the cache lives on the CPU");

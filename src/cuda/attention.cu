@@ -190,8 +190,12 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 4)
     const Term& x = t < nk ? kt[t] : vt[t - nk];
     const CodecTables& ct = t < nk ? c.key : c.value;
     const uint32_t* src = x.sign ? ct.g[x.group].sign_pairs : ct.g[x.group].code_pairs;
-    for (int e = threadIdx.x; e < 256 * kLutCopies; e += blockDim.x)
-      luts[t * 256 * kLutCopies + e] = src[e / kLutCopies];
+    // One load per entry (independent of the others), then its copies.
+    for (int e = threadIdx.x; e < 256; e += blockDim.x) {
+      const uint32_t v = src[e];
+#pragma unroll
+      for (int r = 0; r < kLutCopies; ++r) luts[(t * 256 + e) * kLutCopies + r] = v;
+    }
   }
   for (int t = 0; t < nk; ++t) kt[t].lut = t;
   for (int t = 0; t < nv; ++t) vt[t].lut = nk + t;
@@ -529,14 +533,14 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 4)
 
   // --- this item's partial state ------------------------------------------------------------------
   const int acc_dim = c.value.acc_dim;
-  float* state = p.partial + size_t(item) * kTileRows * size_t(2 + acc_dim);
+  float* state = p.partial + size_t(item) * kTileRows * size_t(4 + acc_dim);
 #pragma unroll
   for (int r = 0; r < kRowRegs; ++r) {
     float lt = l[r];
     lt += __shfl_xor_sync(0xffffffffu, lt, 1);
     lt += __shfl_xor_sync(0xffffffffu, lt, 2);
     const int rho = grp + 8 * r;
-    float* row = state + size_t(rho) * (2 + acc_dim);
+    float* row = state + size_t(rho) * (4 + acc_dim);
     if (quad == 0) {
       row[0] = m[r];
       row[1] = lt;
@@ -554,7 +558,7 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 4)
           const int word = (2 * quad + col) * x.per_lane + k;
           if (word >= x.words) continue;
 #pragma unroll
-          for (int e = 0; e < 8; ++e) row[2 + x.acc_offset + 8 * word + e] = acc[t][k][e][2 * r + col];
+          for (int e = 0; e < 8; ++e) row[4 + x.acc_offset + 8 * word + e] = acc[t][k][e][2 * r + col];
         }
       }
     }
@@ -572,14 +576,16 @@ __global__ void __launch_bounds__(128) merge_kernel(const AttentionParams p) {
   const int i = row_token(p, geo, rho);
   if (i < 0) return;
   const int acc_dim = c.value.acc_dim, d = c.head_dim;
-  float* a = buf;                 // [acc_dim]
-  float* y = buf + acc_dim;       // [d]
-  float* weight = y + d;          // [splits]
+  const int chunks = acc_dim / 4;  // float4s of a row's accumulator
+  const int phases = max(1, int(blockDim.x) / chunks);  // threads that share a float4, over splits
+  float* a = buf;                              // [phases][acc_dim]
+  float* y = buf + size_t(phases) * acc_dim;   // [d]
+  float* weight = y + d;                       // [splits]
   __shared__ float reduce[32];
-  const size_t stride = size_t(kTileRows) * size_t(2 + acc_dim);
-  const float* first = p.partial + size_t(unit) * p.splits * stride + size_t(rho) * (2 + acc_dim);
+  const size_t stride = size_t(kTileRows) * size_t(4 + acc_dim);
+  const float* first = p.partial + size_t(unit) * p.splits * stride + size_t(rho) * (4 + acc_dim);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  // The splits' maxima, then weights 2^(m_s − M) / L: parallel over splits (independent loads).
+  // The splits' maxima, then weights 2^(m_s − M): parallel over splits (independent loads).
   float M = kNegInf;
   for (int s = threadIdx.x; s < p.splits; s += blockDim.x) M = fmaxf(M, first[s * stride]);
   for (int w = 16; w >= 1; w /= 2) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, w));
@@ -600,13 +606,28 @@ __global__ void __launch_bounds__(128) merge_kernel(const AttentionParams p) {
   __syncthreads();
   L = 0.0f;
   for (int w = 0; w < warps; ++w) L += reduce[w];
+  // Accumulators: thread (phase, chunk) sums splits s ≡ phase (mod phases), 16-byte loads.
+  for (int t = threadIdx.x; t < phases * chunks; t += blockDim.x) {
+    const int chunk = t % chunks, phase = t / chunks;
+    float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 8
+    for (int s = phase; s < p.splits; s += phases) {
+      const float w = weight[s];
+      if (w == 0.0f) continue;
+      const float4 v = *reinterpret_cast<const float4*>(first + s * stride + 4 + 4 * chunk);
+      sum.x += w * v.x;
+      sum.y += w * v.y;
+      sum.z += w * v.z;
+      sum.w += w * v.w;
+    }
+    *reinterpret_cast<float4*>(a + size_t(phase) * acc_dim + 4 * chunk) = sum;
+  }
+  __syncthreads();
   const float invL = 1.0f / L;
   for (int j = threadIdx.x; j < acc_dim; j += blockDim.x) {
-    float sum = 0.0f;
-#pragma unroll 8
-    for (int s = 0; s < p.splits; ++s)
-      if (weight[s] != 0.0f) sum += weight[s] * first[s * stride + 2 + j];
-    a[j] = sum * invL;
+    float v = 0.0f;
+    for (int ph = 0; ph < phases; ++ph) v += a[size_t(ph) * acc_dim + j];
+    a[j] = v * invL;
   }
   __syncthreads();
   const int qhead = geo.h * p.group + (geo.tile * kTileRows + rho) % p.group;
@@ -712,7 +733,8 @@ void launch_attention(Device device, const AttentionParams& params, CudaStream s
                                " coordinates with ", terms, " terms are not supported (at most "
                                "256 coordinates for integer-bit mse codecs, 128 otherwise)"));
   }
-  const size_t merge_smem = size_t(c.value.acc_dim + c.head_dim + p.splits) * 4;
+  const int phases = std::max(1, 128 / (c.value.acc_dim / 4));
+  const size_t merge_smem = (size_t(phases) * c.value.acc_dim + c.head_dim + p.splits) * 4;
   if (merge_smem > 48 * 1024)
     TQKV_CUDA_CHECK(cudaFuncSetAttribute(merge_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(merge_smem)));

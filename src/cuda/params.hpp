@@ -85,7 +85,7 @@ struct AttentionParams {
   uint32_t max_items = 0;   // workspace capacity (units · splits)
   uint32_t max_tokens = 0;  // longest sequence of the launch (splits beyond its tiles are idle)
   uint32_t units = 0;  // Σ_b kv_heads · tiles_b
-  float* partial = nullptr;  // [units · splits][16 rows][2 + value acc_dim]
+  float* partial = nullptr;  // [units · splits][16 rows][m, l, 0, 0, value acc_dim floats]
   uint32_t slot[kMaxLaunchBatch];
   uint32_t queries[kMaxLaunchBatch];    // L_b
   uint32_t tail[kMaxLaunchBatch];       // tokens after b's last query token (chunked queries)
@@ -97,7 +97,7 @@ inline constexpr int kTileRows = 16;
 
 /// Floats of one work item's partial softmax state.
 inline size_t partial_floats(const CodecTables& value) {
-  return size_t(kTileRows) * size_t(2 + value.acc_dim);
+  return size_t(kTileRows) * size_t(4 + value.acc_dim);
 }
 
 }  // namespace tqkv::gpu
