@@ -16,19 +16,30 @@ namespace {
 
 constexpr size_t kWorkspaceItems = 4096;
 
-size_t value_acc_dim(const KVCache& cache) {
+// Coordinates over a codec's terms (each group's codes and QJL signs).
+size_t term_dims(const Codec& codec) {
   size_t n = 0;
-  for (const ChannelGroup& g : cache.value_codec(0, 0).groups())
+  for (const ChannelGroup& g : codec.groups())
     n += size_t(g.dim) * ((g.mse_bits > 0 ? 1 : 0) + (g.qjl ? 1 : 0));
   return n;
 }
 
+// Workspace regions: partial states per item, then prepared queries and their scales per unit.
+struct Regions {
+  size_t partial_floats, prepared_words, scale_floats;
+  explicit Regions(const KVCache& cache)
+      : partial_floats(kWorkspaceItems * gpu::kTileRows * (4 + term_dims(cache.value_codec(0, 0)))),
+        prepared_words(gpu::kTileRows * term_dims(cache.key_codec(0, 0)) / 2),
+        scale_floats(4 * gpu::kTileRows) {}
+  size_t bytes() const {
+    return (partial_floats + kWorkspaceItems * (prepared_words + scale_floats)) * 4;
+  }
+};
+
 }  // namespace
 
 GpuWorkspace::GpuWorkspace(const KVCache& cache)
-    : buffer_(cache.device(), cache.device().is_cuda()
-                                  ? kWorkspaceItems * gpu::kTileRows * (4 + value_acc_dim(cache)) * 4
-                                  : 0),
+    : buffer_(cache.device(), cache.device().is_cuda() ? Regions(cache).bytes() : 0),
       items_(kWorkspaceItems) {
   TQKV_CHECK(cache.device().is_cuda(), "GpuWorkspace: the cache lives on the CPU");
 }
@@ -79,7 +90,11 @@ void attend(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
   p.group = R;
   p.scale_log2 = scale * 1.4426950408889634f;
   p.window = options.window;
+  const Regions regions(cache);
   p.partial = workspace.data();
+  p.prepared = reinterpret_cast<uint32_t*>(workspace.data() + regions.partial_floats);
+  p.prepared_words = uint32_t(regions.prepared_words);
+  p.row_scales = reinterpret_cast<float*>(p.prepared + kWorkspaceItems * regions.prepared_words);
   const size_t capacity = workspace.items();
   size_t longest = 0;
   auto flush = [&] {

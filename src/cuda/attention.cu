@@ -31,7 +31,8 @@ namespace tqkv::gpu {
 namespace {
 
 constexpr int kWarps = 4;
-constexpr int kLutCopies = 8;  // code-pair tables replicated to spread lanes over the banks
+constexpr int kLutCopies = 8;
+constexpr int kMaxKeyTerms = 4;  // 2 groups × (codes, QJL signs)  // code-pair tables replicated to spread lanes over the banks
 constexpr float kNegInf = -__builtin_huge_valf();
 
 __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
@@ -169,80 +170,37 @@ __device__ __forceinline__ int row_token(const AttentionParams& p, const ItemGeo
   return i < g.L ? int(i) : -1;
 }
 
-template <int kTerms, int kWordsK, int kWordsV, bool kRows16>
-__global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 4)
-    attention_kernel(const AttentionParams p) {
-  constexpr int kRowRegs = kRows16 ? 2 : 1;  // fragment rows a lane holds: g (and g + 8)
-  extern __shared__ __align__(16) uint8_t shared[];
+// Rotates the query rows of each unit once (not once per split): per key term, q' = Π_g(scale ·
+// log2 e · q_g) (and S q' for QJL terms), normalized by its largest magnitude, as float16 pairs
+// [unit][term][row][coordinate / 2] with the magnitudes beside. One warp per row.
+__global__ void __launch_bounds__(128) prepare_kernel(const AttentionParams p) {
+  extern __shared__ __align__(16) float prep_shared[];
   const CacheView& c = p.cache;
   const int d = c.head_dim;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int quad = lane % 4, grp = lane / 4;
-
-  Term kt[kTerms], vt[kTerms];
+  Term kt[kMaxKeyTerms];
   const int nk = make_terms(c.key, kt, 4);
-  const int nv = make_terms(c.value, vt, 8);
-
-  // Shared memory: code-pair tables (replicated), then per warp a query-row buffer.
-  uint32_t* luts = reinterpret_cast<uint32_t*>(shared);
-  const int n_luts = nk + nv;
-  for (int t = 0; t < n_luts; ++t) {
-    const Term& x = t < nk ? kt[t] : vt[t - nk];
-    const CodecTables& ct = t < nk ? c.key : c.value;
-    const uint32_t* src = x.sign ? ct.g[x.group].sign_pairs : ct.g[x.group].code_pairs;
-    // One load per entry (independent of the others), then its copies.
-    for (int e = threadIdx.x; e < 256; e += blockDim.x) {
-      const uint32_t v = src[e];
-#pragma unroll
-      for (int r = 0; r < kLutCopies; ++r) luts[(t * 256 + e) * kLutCopies + r] = v;
-    }
-  }
-  for (int t = 0; t < nk; ++t) kt[t].lut = t;
-  for (int t = 0; t < nv; ++t) vt[t].lut = nk + t;
   int qk_floats = 0;
   for (int t = 0; t < nk; ++t) qk_floats += kt[t].dim;
-  float* qbuf = reinterpret_cast<float*>(luts + n_luts * 256 * kLutCopies) +
-                size_t(warp) * size_t(qk_floats + d);
+  float* qbuf = prep_shared + size_t(warp) * size_t(qk_floats + d);
   float* qtmp = qbuf + qk_floats;
-  __syncthreads();
-
-  const uint32_t item = blockIdx.x * kWarps + uint32_t(warp);
-  if (item >= p.units * uint32_t(p.splits)) return;
-  const uint32_t unit = item / uint32_t(p.splits);
-  const int split = int(item % uint32_t(p.splits));
+  const uint32_t unit = blockIdx.x;
   const ItemGeometry geo = item_geometry(p, unit);
-  const uint32_t* pages = c.page_tables + size_t(p.slot[geo.b]) * c.page_table_stride;
   const int R = p.group;
-
-  // --- the query rows, rotated, as A fragments --------------------------------------------------
-  uint32_t qa[kTerms][kWordsK][2][2 * kRowRegs];  // [term][word][half: coords 0-3 / 4-7][reg]
-  float row_scale[kTerms][kRowRegs];              // per term and fragment row: max |q'| (log2 units)
-#pragma unroll
-  for (int t = 0; t < kTerms; ++t)
-#pragma unroll
-    for (int r = 0; r < kRowRegs; ++r) {
-      row_scale[t][r] = 0.0f;
-#pragma unroll
-      for (int k = 0; k < kWordsK; ++k) qa[t][k][0][2 * r] = qa[t][k][0][2 * r + 1] =
-          qa[t][k][1][2 * r] = qa[t][k][1][2 * r + 1] = 0u;
-    }
-  int pos_of_row[kRowRegs], lo_of_row[kRowRegs];
-  for (int rho = 0; rho < (kRows16 ? kTileRows : 8); ++rho) {
+  uint32_t* prepared = p.prepared + size_t(unit) * p.prepared_words;
+  float* scales = p.row_scales + size_t(unit) * kMaxKeyTerms * kTileRows;
+  for (int rho = warp; rho < kTileRows; rho += blockDim.x / 32) {
     const int i = row_token(p, geo, rho);
-    if (rho % 8 == grp) {
-      const int pos = i < 0 ? -1 : int(geo.T - p.tail[geo.b] - geo.L + uint32_t(i));
-      const int lo = i < 0 ? 0
-                     : p.window && uint64_t(pos) + 1 > p.window ? int(uint64_t(pos) + 1 - p.window)
-                                                                : 0;
-      if (rho < 8) {
-        pos_of_row[0] = pos;
-        lo_of_row[0] = lo;
-      } else if constexpr (kRows16) {
-        pos_of_row[kRowRegs - 1] = pos;
-        lo_of_row[kRowRegs - 1] = lo;
+    if (i < 0) {
+      if (lane < kMaxKeyTerms) scales[lane * kTileRows + rho] = 0.0f;
+      int at = 0;
+      for (int t = 0; t < nk; ++t) {
+        for (int j = lane; j < kt[t].dim / 2; j += 32)
+          prepared[size_t(kTileRows) * at + size_t(rho) * (kt[t].dim / 2) + j] = 0u;
+        at += kt[t].dim / 2;
       }
+      continue;
     }
-    if (i < 0) continue;
     const int qhead = geo.h * R + (geo.tile * kTileRows + rho) % R;
     const float* q = p.q + (size_t(p.first_row[geo.b] + uint32_t(i)) * p.q_heads + qhead) * d;
     const int16_t* channels = c.channels + ((size_t(c.layer) * c.kv_heads + geo.h) * 2) * d;
@@ -325,37 +283,102 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 4)
       __syncwarp();
       at += kt[t].dim;
     }
-    // Normalize each term by its largest magnitude and hand the lanes their coordinates.
-    at = 0;
-#pragma unroll
-    for (int t = 0; t < kTerms; ++t) {
-      if (t >= nk) break;
-      const float* x = qbuf + at;
+    int off = 0, words = 0;
+    for (int t = 0; t < nk; ++t) {
+      const float* x = qbuf + off;
       float mx = 0.0f;
       for (int j = lane; j < kt[t].dim; j += 32) mx = fmaxf(mx, fabsf(x[j]));
       for (int w = 16; w >= 1; w /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, w));
       const float inv = mx > 0.0f ? 1.0f / mx : 0.0f;
-      if (rho % 8 == grp) {
-        const int r = rho < 8 ? 0 : kRowRegs - 1;
-#pragma unroll
-        for (int rr = 0; rr < kRowRegs; ++rr) {
-          if (rr != r) continue;
-          row_scale[t][rr] = mx;
-#pragma unroll
-          for (int k = 0; k < kWordsK; ++k) {
-            const int word = quad * kt[t].per_lane + k;
-            if (k >= kt[t].per_lane || word >= kt[t].words) continue;
-            const float* v = x + 8 * word;
-            qa[t][k][0][2 * rr] = pack_half2(v[0] * inv, v[1] * inv);
-            qa[t][k][0][2 * rr + 1] = pack_half2(v[2] * inv, v[3] * inv);
-            qa[t][k][1][2 * rr] = pack_half2(v[4] * inv, v[5] * inv);
-            qa[t][k][1][2 * rr + 1] = pack_half2(v[6] * inv, v[7] * inv);
-          }
-        }
-      }
-      at += kt[t].dim;
+      if (lane == 0) scales[t * kTileRows + rho] = mx;
+      for (int j = lane; j < kt[t].dim / 2; j += 32)
+        prepared[size_t(kTileRows) * words + size_t(rho) * (kt[t].dim / 2) + j] =
+            pack_half2(x[2 * j] * inv, x[2 * j + 1] * inv);
+      off += kt[t].dim;
+      words += kt[t].dim / 2;
     }
     __syncwarp();
+  }
+}
+
+template <int kTerms, int kWordsK, int kWordsV, bool kRows16>
+__global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 4)
+    attention_kernel(const AttentionParams p) {
+  constexpr int kRowRegs = kRows16 ? 2 : 1;  // fragment rows a lane holds: g (and g + 8)
+  extern __shared__ __align__(16) uint8_t shared[];
+  const CacheView& c = p.cache;
+  const int d = c.head_dim;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int quad = lane % 4, grp = lane / 4;
+
+  Term kt[kTerms], vt[kTerms];
+  const int nk = make_terms(c.key, kt, 4);
+  const int nv = make_terms(c.value, vt, 8);
+
+  // Shared memory: code-pair tables (replicated), then per warp a query-row buffer.
+  uint32_t* luts = reinterpret_cast<uint32_t*>(shared);
+  const int n_luts = nk + nv;
+  for (int t = 0; t < n_luts; ++t) {
+    const Term& x = t < nk ? kt[t] : vt[t - nk];
+    const CodecTables& ct = t < nk ? c.key : c.value;
+    const uint32_t* src = x.sign ? ct.g[x.group].sign_pairs : ct.g[x.group].code_pairs;
+    // One load per entry (independent of the others), then its copies.
+    for (int e = threadIdx.x; e < 256; e += blockDim.x) {
+      const uint32_t v = src[e];
+#pragma unroll
+      for (int r = 0; r < kLutCopies; ++r) luts[(t * 256 + e) * kLutCopies + r] = v;
+    }
+  }
+  for (int t = 0; t < nk; ++t) kt[t].lut = t;
+  for (int t = 0; t < nv; ++t) vt[t].lut = nk + t;
+  __syncthreads();
+
+  const uint32_t item = blockIdx.x * kWarps + uint32_t(warp);
+  if (item >= p.units * uint32_t(p.splits)) return;
+  const uint32_t unit = item / uint32_t(p.splits);
+  const int split = int(item % uint32_t(p.splits));
+  const ItemGeometry geo = item_geometry(p, unit);
+  const uint32_t* pages = c.page_tables + size_t(p.slot[geo.b]) * c.page_table_stride;
+  const int R = p.group;
+
+  // --- the query rows (rotated once per unit by prepare_kernel), as A fragments -----------------
+  uint32_t qa[kTerms][kWordsK][2][2 * kRowRegs];  // [term][word][half: coords 0-3 / 4-7][reg]
+  float row_scale[kTerms][kRowRegs];              // per term and fragment row: max |q'| (log2 units)
+  int pos_of_row[kRowRegs], lo_of_row[kRowRegs];
+  {
+    const uint32_t* prepared = p.prepared + size_t(unit) * p.prepared_words;
+    const float* scales = p.row_scales + size_t(unit) * kMaxKeyTerms * kTileRows;
+    int at = 0;  // words of the terms before t, per row
+#pragma unroll
+    for (int t = 0; t < kTerms; ++t) {
+#pragma unroll
+      for (int r = 0; r < kRowRegs; ++r) {
+        const int rho = grp + 8 * r;
+        row_scale[t][r] = t < nk ? scales[t * kTileRows + rho] : 0.0f;
+#pragma unroll
+        for (int k = 0; k < kWordsK; ++k) {
+          const int word = t < nk ? quad * kt[t].per_lane + k : 0;
+          uint4 v = make_uint4(0u, 0u, 0u, 0u);
+          if (t < nk && k < kt[t].per_lane && word < kt[t].words)
+            v = *reinterpret_cast<const uint4*>(prepared + size_t(kTileRows) * at +
+                                                size_t(rho) * (kt[t].dim / 2) + 4 * word);
+          qa[t][k][0][2 * r] = v.x;
+          qa[t][k][0][2 * r + 1] = v.y;
+          qa[t][k][1][2 * r] = v.z;
+          qa[t][k][1][2 * r + 1] = v.w;
+        }
+      }
+      if (t < nk) at += kt[t].dim / 2;
+    }
+#pragma unroll
+    for (int r = 0; r < kRowRegs; ++r) {
+      const int i = row_token(p, geo, grp + 8 * r);
+      const int pos = i < 0 ? -1 : int(geo.T - p.tail[geo.b] - geo.L + uint32_t(i));
+      pos_of_row[r] = pos;
+      lo_of_row[r] = i < 0 ? 0
+                     : p.window && uint64_t(pos) + 1 > p.window ? int(uint64_t(pos) + 1 - p.window)
+                                                                : 0;
+    }
   }
 
   // --- this split's token range -----------------------------------------------------------------
@@ -612,13 +635,15 @@ __global__ void __launch_bounds__(128) merge_kernel(const AttentionParams p) {
     float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll 8
     for (int s = phase; s < p.splits; s += phases) {
+      // No branch, so the unrolled loads are all in flight at once; a split that saw no token
+      // has weight 0 and an accumulator never written (selected away, not multiplied: it may
+      // hold anything).
       const float w = weight[s];
-      if (w == 0.0f) continue;
       const float4 v = *reinterpret_cast<const float4*>(first + s * stride + 4 + 4 * chunk);
-      sum.x += w * v.x;
-      sum.y += w * v.y;
-      sum.z += w * v.z;
-      sum.w += w * v.w;
+      sum.x += w != 0.0f ? w * v.x : 0.0f;
+      sum.y += w != 0.0f ? w * v.y : 0.0f;
+      sum.z += w != 0.0f ? w * v.z : 0.0f;
+      sum.w += w != 0.0f ? w * v.w : 0.0f;
     }
     *reinterpret_cast<float4*>(a + size_t(phase) * acc_dim + 4 * chunk) = sum;
   }
@@ -716,8 +741,14 @@ void launch_attention(Device device, const AttentionParams& params, CudaStream s
   int qk_floats = 0;
   for (int g = 0; g < c.key.groups; ++g)
     qk_floats += c.key.g[g].dim * ((c.key.g[g].mse_bits > 0) + c.key.g[g].qjl);
-  const size_t smem = size_t(2 * terms) * 256 * kLutCopies * 4 +
-                      size_t(kWarps) * size_t(qk_floats + c.head_dim) * 4;
+  const size_t smem = size_t(2 * terms) * 256 * kLutCopies * 4;
+  const size_t prep_smem = size_t(4) * size_t(qk_floats + c.head_dim) * 4;
+  if (prep_smem > 48 * 1024)
+    TQKV_CUDA_CHECK(cudaFuncSetAttribute(prepare_kernel,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         int(prep_smem)));
+  prepare_kernel<<<p.units, 128, prep_smem, stream>>>(p);
+  TQKV_CUDA_CHECK_LAUNCH("prepare_kernel");
   const bool rows16 = p.group * int(*std::max_element(p.queries, p.queries + p.batch)) > 8;
   // Instantiations: terms ≤ 1 with coordinates ≤ 256 per term, or ≤ 2 / ≤ 4 terms of ≤ 128.
   if (terms <= 1 && max_dim <= 128) {

@@ -86,6 +86,11 @@ struct AttentionParams {
   uint32_t max_tokens = 0;  // longest sequence of the launch (splits beyond its tiles are idle)
   uint32_t units = 0;  // Σ_b kv_heads · tiles_b
   float* partial = nullptr;  // [units · splits][16 rows][m, l, 0, 0, value acc_dim floats]
+  /// Rotated, normalized query rows as float16 pairs: [unit][key term][16 rows][dim / 2], and
+  /// their magnitudes [unit][4 terms][16 rows] (workspace, written by the prepare kernel).
+  uint32_t* prepared = nullptr;
+  uint32_t prepared_words = 0;  // per unit
+  float* row_scales = nullptr;
   uint32_t slot[kMaxLaunchBatch];
   uint32_t queries[kMaxLaunchBatch];    // L_b
   uint32_t tail[kMaxLaunchBatch];       // tokens after b's last query token (chunked queries)
