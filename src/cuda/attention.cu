@@ -75,6 +75,29 @@ __device__ __forceinline__ uint32_t load_word(const uint8_t* codes, int width, i
   }
 }
 
+// Words [first, first + N) of one token's 4-bit codes (already nibble words), N = 2 or 4, with
+// one 8- or 16-byte load instead of N 4-byte loads; word by word where they pass `words`.
+template <int N>
+__device__ __forceinline__ void load_words4(const uint8_t* codes, int first, int words,
+                                            uint32_t (&w)[N]) {
+  if constexpr (N == 4) {
+    if (first + 4 <= words) {
+      const uint4 v = *reinterpret_cast<const uint4*>(codes + 4 * first);
+      w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+      return;
+    }
+  } else if constexpr (N == 2) {
+    if (first + 2 <= words) {
+      const uint2 v = *reinterpret_cast<const uint2*>(codes + 4 * first);
+      w[0] = v.x; w[1] = v.y;
+      return;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < N; ++k)
+    w[k] = first + k < words ? *reinterpret_cast<const uint32_t*>(codes + 4 * (first + k)) : 0u;
+}
+
 // One term: a group's codes or its QJL sign bits.
 struct Term {
   int group = 0, sign = 0, width = 0, dim = 0, words = 0, per_lane = 0;
@@ -404,9 +427,9 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 4)
 #pragma unroll
         for (int r = 0; r < 2 * kRowRegs; ++r) acc[t][k][e][r] = 0.0f;
 
-  const uint32_t lane7 = uint32_t(lane & 7);
+  const uint32_t copy = uint32_t(lane % kLutCopies);
   auto lut = [&](int table, uint32_t byte) {
-    return luts[(uint32_t(table) * 256u + byte) * kLutCopies + lane7];
+    return luts[(uint32_t(table) * 256u + byte) * kLutCopies + copy];
   };
   const uint32_t last = geo.hi - 1;
 
@@ -435,11 +458,17 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 4)
         const Term& x = kt[t];
         const uint8_t* codes = bt.key + x.at + bt.slot * x.bytes;
         float cf[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        // 4-bit words come with one vector load; other widths word by word, as they are used
+        // (spreading them all up front costs more registers than it saves).
+        const bool vector = x.width == 4 && x.per_lane == kWordsK;
+        uint32_t kw[kWordsK] = {};
+        if (vector) load_words4<kWordsK>(codes, quad * x.per_lane, x.words, kw);
 #pragma unroll
         for (int k = 0; k < kWordsK; ++k) {
           if (k >= x.per_lane) break;
           const int word = quad * x.per_lane + k;
-          const uint32_t w = word < x.words ? load_word(codes, x.width, x.dim, word) : 0u;
+          const uint32_t w = vector ? kw[k]
+                             : word < x.words ? load_word(codes, x.width, x.dim, word) : 0u;
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             uint32_t hi0 = 0u, hi1 = 0u;  // rows grp + 8
@@ -523,11 +552,19 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 4)
       pa[2] = pack_half2(pr[1][0] * sv[2], pr[1][1] * sv[3]);
       pa[3] = kRows16 ? pack_half2(pr[1][2 * kRowRegs - 2] * sv[2], pr[1][2 * kRowRegs - 1] * sv[3]) : 0u;
 #pragma unroll
+      const bool vector = x.width == 4 && x.per_lane == kWordsV;
+      uint32_t vw[4][kWordsV] = {};  // [token][word], 4-bit words by vector loads
+      if (vector)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          load_words4<kWordsV>(vref[j].value + x.at + vref[j].slot * x.bytes, grp * x.per_lane,
+                               x.words, vw[j]);
+#pragma unroll
       for (int k = 0; k < kWordsV; ++k) {
         if (k >= x.per_lane) break;
         const int word = grp * x.per_lane + k;
-        uint32_t w[4] = {0u, 0u, 0u, 0u};
-        if (word < x.words)
+        uint32_t w[4] = {vw[0][k], vw[1][k], vw[2][k], vw[3][k]};
+        if (!vector && word < x.words)
 #pragma unroll
           for (int j = 0; j < 4; ++j)
             w[j] = load_word(vref[j].value + x.at + vref[j].slot * x.bytes, x.width, x.dim, word);
