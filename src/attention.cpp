@@ -11,6 +11,7 @@
 #include <limits>
 #include <vector>
 
+#include "attention_problem.hpp"
 #include "cpu/kernels.hpp"
 #include "tqkv/error.hpp"
 #include "tqkv/half.hpp"
@@ -28,17 +29,9 @@ constexpr size_t kMinSplitTokens = 256;  // a split shorter than this costs more
 // kernels run on it, instead of unpacking the codes once per 4 rows.
 constexpr int kExpandRows = 8;
 
-struct Problem {
-  int q_heads = 0, kv_heads = 0, group = 0, dim = 0;  // group = R = H_q / H_kv
-  float scale = 0;
-  size_t window = 0;
-  struct Seq {
-    size_t tokens = 0;   // T
-    size_t queries = 0;  // L
-    size_t first_query_row = 0;  // index of its first query token in q / out
-  };
-  std::vector<Seq> seqs;
-};
+using Problem = detail::AttentionProblem;
+using detail::make_problem;
+using detail::total_rows;
 
 struct Unit {  // one (sequence, KV head, query tile): a set of query rows
   int b = 0, h = 0;
@@ -56,11 +49,7 @@ struct Item {  // a token range of a unit
 };
 
 void check_problem(const Problem& p, const float* q, size_t query_rows, float* out) {
-  TQKV_CHECK(p.q_heads >= 1, "attend: q_heads must be positive, got ", p.q_heads);
-  TQKV_CHECK(p.q_heads % p.kv_heads == 0, "attend: q_heads (", p.q_heads,
-             ") must be a multiple of the cache's kv_heads (", p.kv_heads, ")");
-  TQKV_CHECK(std::isfinite(p.scale) && p.scale > 0, "attend: the softmax scale must be a ",
-             "positive finite number, got ", p.scale);
+  detail::check_shape(p);
   if (query_rows == 0) return;
   TQKV_CHECK(q != nullptr && out != nullptr, "attend: null query or output pointer");
   const size_t n = query_rows * size_t(p.q_heads) * size_t(p.dim);
@@ -490,15 +479,19 @@ void run_engine(const Problem& p, const Source& src, const float* q, float* out,
   }
 }
 
-Problem make_problem(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
-                     std::span<const size_t> query_tokens, int q_heads,
-                     const AttentionOptions& options) {
+}  // namespace
+
+namespace detail {
+
+AttentionProblem make_problem(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
+                              std::span<const size_t> query_tokens, int q_heads,
+                              const AttentionOptions& options) {
   const auto& c = cache.config();
   TQKV_CHECK(layer >= 0 && layer < c.layers, "attend: layer ", layer, " is outside 0..",
              c.layers - 1);
   TQKV_CHECK(seqs.size() == query_tokens.size(), "attend: ", seqs.size(),
              " sequences but ", query_tokens.size(), " query token counts");
-  Problem p;
+  AttentionProblem p;
   p.q_heads = q_heads;
   p.kv_heads = c.kv_heads;
   p.group = q_heads / c.kv_heads;
@@ -521,13 +514,21 @@ Problem make_problem(const KVCache& cache, int layer, std::span<const SequenceId
   return p;
 }
 
-size_t total_rows(const Problem& p) {
+void check_shape(const AttentionProblem& p) {
+  TQKV_CHECK(p.q_heads >= 1, "attend: q_heads must be positive, got ", p.q_heads);
+  TQKV_CHECK(p.q_heads % p.kv_heads == 0, "attend: q_heads (", p.q_heads,
+             ") must be a multiple of the cache's kv_heads (", p.kv_heads, ")");
+  TQKV_CHECK(std::isfinite(p.scale) && p.scale > 0, "attend: the softmax scale must be a ",
+             "positive finite number, got ", p.scale);
+}
+
+size_t total_rows(const AttentionProblem& p) {
   size_t n = 0;
   for (const auto& s : p.seqs) n += s.queries;
   return n;
 }
 
-}  // namespace
+}  // namespace detail
 
 void attend(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
             std::span<const size_t> query_tokens, const float* q, int q_heads, float* out,

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "attention_problem.hpp"
 #include "cache_impl.hpp"
 #include "cuda/backend.hpp"
 #include "tqkv/attention.hpp"
@@ -16,20 +17,12 @@ namespace {
 
 constexpr size_t kWorkspaceItems = 4096;
 
-// Coordinates over a codec's terms (each group's codes and QJL signs).
-size_t term_dims(const Codec& codec) {
-  size_t n = 0;
-  for (const ChannelGroup& g : codec.groups())
-    n += size_t(g.dim) * ((g.mse_bits > 0 ? 1 : 0) + (g.qjl ? 1 : 0));
-  return n;
-}
-
 // Workspace regions: partial states per item, then prepared queries and their scales per unit.
 struct Regions {
   size_t partial_floats, prepared_words, scale_floats;
-  explicit Regions(const KVCache& cache)
-      : partial_floats(kWorkspaceItems * gpu::kTileRows * (4 + term_dims(cache.value_codec(0, 0)))),
-        prepared_words(gpu::kTileRows * term_dims(cache.key_codec(0, 0)) / 2),
+  explicit Regions(const GpuMirror& gpu)
+      : partial_floats(kWorkspaceItems * gpu::kTileRows * (4 + size_t(gpu.value.term_dim))),
+        prepared_words(gpu::kTileRows * size_t(gpu.key.term_dim) / 2),
         scale_floats(4 * gpu::kTileRows) {}
   size_t bytes() const {
     return (partial_floats + kWorkspaceItems * (prepared_words + scale_floats)) * 4;
@@ -39,7 +32,7 @@ struct Regions {
 }  // namespace
 
 GpuWorkspace::GpuWorkspace(const KVCache& cache)
-    : buffer_(cache.device(), cache.device().is_cuda() ? Regions(cache).bytes() : 0),
+    : buffer_(cache.device(), cache.internals().on_gpu() ? Regions(*cache.internals().gpu).bytes() : 0),
       items_(kWorkspaceItems) {
   TQKV_CHECK(cache.device().is_cuda(), "GpuWorkspace: the cache lives on the CPU");
 }
@@ -52,34 +45,16 @@ void attend(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
   TQKV_CHECK(im.on_gpu(), "attend: this cache lives on the CPU; call attend without a workspace");
   TQKV_CHECK(workspace.device() == c.device, "attend: the workspace is on ",
              to_string(workspace.device()), " but the cache on ", to_string(c.device));
-  im.check_layer(layer, "attend");
-  TQKV_CHECK(seqs.size() == query_tokens.size(), "attend: ", seqs.size(),
-             " sequences but ", query_tokens.size(), " query token counts");
-  TQKV_CHECK(q_heads >= 1 && q_heads % c.kv_heads == 0, "attend: q_heads (", q_heads,
-             ") must be a positive multiple of the cache's kv_heads (", c.kv_heads, ")");
-  const float scale = options.scale == 0.0f ? 1.0f / std::sqrt(float(c.head_dim)) : options.scale;
-  TQKV_CHECK(std::isfinite(scale) && scale > 0, "attend: the softmax scale must be a positive ",
-             "finite number, got ", scale);
+  const detail::AttentionProblem problem =
+      detail::make_problem(cache, layer, seqs, query_tokens, q_heads, options);
+  detail::check_shape(problem);
   TQKV_CHECK(options.splits >= 0, "attend: splits must be >= 0, got ", options.splits);
   for (const Codec* codec : {&cache.key_codec(layer, 0), &cache.value_codec(layer, 0)})
     for (const ChannelGroup& g : codec->groups())
       TQKV_CHECK(g.mse_bits <= 4, "attend: GPU attention reads codes of up to 4 bits; this ",
                  "cache stores ", g.mse_bits, "-bit codes (use the CPU)");
-  const int R = q_heads / c.kv_heads;
-  size_t rows = 0;
-  for (size_t b = 0; b < seqs.size(); ++b) {
-    TQKV_CHECK(cache.contains(seqs[b]), "attend: sequence ", seqs[b], " does not exist");
-    const size_t T = cache.length(seqs[b], layer);
-    TQKV_CHECK(query_tokens[b] <= T, "attend: sequence ", seqs[b], " has ", T,
-               " tokens at layer ", layer, ", fewer than its ", query_tokens[b],
-               " query tokens (append the new tokens' keys and values first)");
-    rows += query_tokens[b];
-  }
-  if (rows == 0) return;
+  if (detail::total_rows(problem) == 0) return;
   TQKV_CHECK(q != nullptr && out != nullptr, "attend: null query or output pointer");
-  for (int h = 0; h < c.kv_heads; ++h)
-    TQKV_CHECK(cache.key_codec(layer, h).ready() && cache.value_codec(layer, h).ready(),
-               "attend: layer ", layer, " has no stored tokens to attend to");
   if (stream == nullptr) stream = cache.stream();
 
   gpu::AttentionParams p{};
@@ -87,10 +62,10 @@ void attend(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
   p.q = q;
   p.out = out;
   p.q_heads = q_heads;
-  p.group = R;
-  p.scale_log2 = scale * 1.4426950408889634f;
+  p.group = problem.group;
+  p.scale_log2 = problem.scale * 1.4426950408889634f;
   p.window = options.window;
-  const Regions regions(cache);
+  const Regions regions(*im.gpu);
   p.partial = workspace.data();
   p.prepared = reinterpret_cast<uint32_t*>(workspace.data() + regions.partial_floats);
   p.prepared_words = uint32_t(regions.prepared_words);
@@ -110,26 +85,23 @@ void attend(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
   };
   // Entries: (sequence, a run of its query tokens) with at most `capacity` units each.
   const size_t max_tokens_per_entry = std::max<size_t>(
-      1, capacity / size_t(c.kv_heads) * gpu::kTileRows / size_t(R));
-  size_t first_row = 0;
+      1, capacity / size_t(c.kv_heads) * gpu::kTileRows / size_t(problem.group));
   for (size_t b = 0; b < seqs.size(); ++b) {
-    const size_t L = query_tokens[b];
-    const auto& s = im.find(seqs[b], "attend");
+    const size_t L = problem.seqs[b].queries;
     for (size_t i0 = 0; i0 < L; i0 += max_tokens_per_entry) {
       const size_t n = std::min(max_tokens_per_entry, L - i0);
-      const size_t tiles = (n * size_t(R) + gpu::kTileRows - 1) / gpu::kTileRows;
+      const size_t tiles = (n * size_t(problem.group) + gpu::kTileRows - 1) / gpu::kTileRows;
       const size_t units = tiles * size_t(c.kv_heads);
       if (p.batch == gpu::kMaxLaunchBatch || p.units + units > capacity) flush();
-      p.slot[p.batch] = s.slot;
+      p.slot[p.batch] = im.find(seqs[b], "attend").slot;
       p.queries[p.batch] = uint32_t(n);
       p.tail[p.batch] = uint32_t(L - i0 - n);
-      p.first_row[p.batch] = uint32_t(first_row + i0);
+      p.first_row[p.batch] = uint32_t(problem.seqs[b].first_query_row + i0);
       p.first_unit[p.batch] = p.units;
       p.units += uint32_t(units);
-      longest = std::max(longest, s.lengths[size_t(layer)]);
+      longest = std::max(longest, problem.seqs[b].tokens);
       ++p.batch;
     }
-    first_row += L;
   }
   flush();
 }

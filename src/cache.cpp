@@ -205,7 +205,7 @@ void KVCache::Impl::init_gpu() {
     TQKV_ASSERT(t.groups <= gpu::kMaxGroups);
     t.norm_f16 = codec.spec().norm_format == NormFormat::f16;
     t.block_bytes = uint32_t(layout.block_bytes);
-    t.acc_dim = 0;
+    t.term_dim = 0;
     for (int gi = 0; gi < t.groups; ++gi) {
       const ChannelGroup& g = codec.groups()[size_t(gi)];
       const auto& lg = layout.groups[size_t(gi)];
@@ -242,7 +242,7 @@ void KVCache::Impl::init_gpu() {
       gt.signs_bytes = uint32_t(lg.signs.bytes);
       gt.norm_at = uint32_t(lg.norm.block_offset);
       gt.gamma_at = uint32_t(lg.gamma.block_offset);
-      t.acc_dim += g.dim * (g.qjl ? 2 : 1);
+      t.term_dim += g.dim * ((g.mse_bits > 0 ? 1 : 0) + (g.qjl ? 1 : 0));
       offsets[side].push_back(o);
     }
   }
@@ -396,20 +396,6 @@ std::string append_where(SequenceId seq, int layer, int side, size_t head) {
                         side == 0 ? "keys" : "values", " of KV head ", head, ": ");
 }
 
-// Row i (d elements of `type`) of `x` as float32.
-void row_to_float(const uint8_t* x, ScalarType type, size_t i, size_t d, float* out) {
-  for (size_t j = 0; j < d; ++j) {
-    const size_t e = i * d + j;
-    if (type == ScalarType::f32) {
-      std::memcpy(&out[j], x + e * 4, 4);
-    } else {
-      uint16_t half = 0;
-      std::memcpy(&half, x + e * 2, 2);
-      out[j] = type == ScalarType::f16 ? half_to_float(half) : bf16_to_float(half);
-    }
-  }
-}
-
 }  // namespace
 
 // Chooses outlier channels for the (layer, head) codecs that have none yet, from host copies of
@@ -426,7 +412,7 @@ static std::vector<Calibrated> calibrate(const KVCache::Impl& im, SequenceId seq
       const Codec& codec = codecs[im.codec_index(layer, int(h))];
       if (codec.ready()) continue;
       for (size_t t = 0; t < tokens; ++t) {
-        row_to_float(side == 0 ? k : v, type, t * H + h, d, &rows[t * d]);
+        row_to_float(side == 0 ? k : v, type, t * H + h, int(d), &rows[t * d]);
         for (size_t j = 0; j < d; ++j)
           TQKV_CHECK(std::isfinite(rows[t * d + j]), append_where(seq, layer, side, h), "token ",
                      t, " has a non-finite element (", rows[t * d + j], " at index ", j, ")");
@@ -523,7 +509,7 @@ void KVCache::append(SequenceId seq, int layer, const void* k, const void* v, si
                     static_cast<const uint8_t*>(side == 0 ? k : v) + (t * H + h) * d * elem,
                     raw.size(), im.gpu->stream);
       std::vector<float> row(d);
-      row_to_float(raw.data(), type, 0, d, row.data());
+      row_to_float(raw.data(), type, 0, int(d), row.data());
       std::vector<uint8_t> record(im.key_codecs[0].record_bytes() + im.value_codecs[0].record_bytes());
       try {
         (side == 0 ? im.key_codecs : im.value_codecs)[im.codec_index(layer, int(h))]

@@ -72,6 +72,25 @@ int set_num_threads(int n) {
 int num_threads() { return thread_count(); }
 
 // ---------------------------------------------------------------------------------------------
+// Input rows
+
+void row_to_float(const void* x, ScalarType t, size_t i, int d, float* out) {
+  const size_t off = i * size_t(d);
+  switch (t) {
+    case ScalarType::f32:
+      std::memcpy(out, static_cast<const float*>(x) + off, size_t(d) * 4);
+      return;
+    case ScalarType::f16:
+      for (int j = 0; j < d; ++j) out[j] = half_to_float(static_cast<const uint16_t*>(x)[off + j]);
+      return;
+    case ScalarType::bf16:
+      for (int j = 0; j < d; ++j) out[j] = bf16_to_float(static_cast<const uint16_t*>(x)[off + j]);
+      return;
+  }
+  throw Error("unknown scalar type");
+}
+
+// ---------------------------------------------------------------------------------------------
 // Implementation
 
 namespace {
@@ -108,21 +127,6 @@ float load_scalar(NormFormat f, const uint8_t* p) {
   return v;
 }
 
-void load_row(const void* x, ScalarType t, size_t i, int d, float* out) {
-  const size_t off = i * size_t(d);
-  switch (t) {
-    case ScalarType::f32:
-      std::memcpy(out, static_cast<const float*>(x) + off, size_t(d) * 4);
-      return;
-    case ScalarType::f16:
-      for (int j = 0; j < d; ++j) out[j] = half_to_float(static_cast<const uint16_t*>(x)[off + j]);
-      return;
-    case ScalarType::bf16:
-      for (int j = 0; j < d; ++j) out[j] = bf16_to_float(static_cast<const uint16_t*>(x)[off + j]);
-      return;
-  }
-  throw Error("encode: unknown scalar type");
-}
 
 constexpr int kQuantizeBlock = 64;
 
@@ -305,7 +309,7 @@ std::vector<int> Codec::Impl::select_outliers(const void* x, ScalarType t, size_
   std::vector<double> energy(static_cast<size_t>(d), 0.0);
   std::vector<float> row(static_cast<size_t>(d));
   for (size_t i = 0; i < n; ++i) {
-    load_row(x, t, i, d, row.data());
+    row_to_float(x, t, i, d, row.data());
     for (int j = 0; j < d; ++j) energy[size_t(j)] += double(row[size_t(j)]) * row[size_t(j)];
   }
   std::vector<int> order(static_cast<size_t>(d));
@@ -478,7 +482,7 @@ void Codec::encode(const void* x, ScalarType type, size_t n, uint8_t* records) c
 #pragma omp for schedule(static)
       for (long long i = 0; i < count; ++i) {
         if (i >= first_bad) continue;
-        load_row(x, type, size_t(i), d, s.x.data());
+        row_to_float(x, type, size_t(i), d, s.x.data());
         bool bad = false;
         if (elements_only) {
           bad = !all_finite(s.x.data(), d);
@@ -490,7 +494,7 @@ void Codec::encode(const void* x, ScalarType type, size_t n, uint8_t* records) c
     }
     if (first_bad < count) {
       Scratch s(d);
-      load_row(x, type, size_t(first_bad), d, s.x.data());
+      row_to_float(x, type, size_t(first_bad), d, s.x.data());
       throw Error(im.check_row(s.x.data(), size_t(first_bad), s));
     }
   };
@@ -505,7 +509,7 @@ void Codec::encode(const void* x, ScalarType type, size_t n, uint8_t* records) c
     Scratch s(d);
 #pragma omp for schedule(static)
     for (long long i = 0; i < count; ++i) {
-      load_row(x, type, size_t(i), d, s.x.data());
+      row_to_float(x, type, size_t(i), d, s.x.data());
       im.encode_row(s.x.data(), records + size_t(i) * im.record_bytes, s);
     }
   }

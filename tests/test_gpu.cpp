@@ -78,6 +78,7 @@ std::vector<GpuSetup> setups(uint64_t seed) {
   add(128, 3.5, CodecKind::mse, 2.5, CodecKind::mse, 32);
   add(128, 4.0, CodecKind::prod, 3.0, CodecKind::prod, 16);
   add(128, 2.0, CodecKind::prod, 4.0, CodecKind::mse, 24, NormFormat::f32);
+  add(128, 1.0, CodecKind::prod, 1.0, CodecKind::prod, 32);  // QJL signs only, no codes
   add(64, 3.0, CodecKind::mse, 4.0, CodecKind::mse, 8);
   add(96, 4.0, CodecKind::mse, 3.0, CodecKind::mse, 32);  // dense rotations
   add(256, 4.0, CodecKind::mse, 2.0, CodecKind::mse, 64);

@@ -130,6 +130,9 @@ class Codec {
   std::shared_ptr<Impl> impl_;
 };
 
+/// Row i (`dim` elements of `type`, row-major) of x as float32; the conversion is exact.
+void row_to_float(const void* x, ScalarType type, size_t i, int dim, float* out);
+
 /// Sets the number of threads tqkv's CPU loops use (0 = OpenMP default). Returns the previous.
 int set_num_threads(int n);
 /// The number of threads tqkv's CPU loops use.

@@ -153,6 +153,12 @@ nlohmann::json to_json(const BenchRow& r) {
           {"append_gbps", gpu_only(r.append_gbps)}};
 }
 
+void print_json(const std::vector<BenchRow>& rows, std::ostream& out) {
+  nlohmann::json arr = nlohmann::json::array();
+  for (const auto& r : rows) arr.push_back(to_json(r));
+  out << arr.dump(2) << "\n";
+}
+
 // Decode on a GPU cache: fused attention and a device-to-device copy of the same compressed
 // bytes, each captured once as a CUDA graph and timed over replays (median). The peers (bf16
 // SDPA, dequantize-then-SDPA) are measured by bench/gpu_peers.py.
@@ -279,11 +285,7 @@ int bench_decode(const BenchDecodeArgs& a, std::ostream& out) {
 
   if (device.is_cuda()) {
     const auto rows = bench_decode_cuda(a, device, batches, contexts, bits, kind, out);
-    if (a.json) {
-      nlohmann::json arr = nlohmann::json::array();
-      for (const auto& r : rows) arr.push_back(to_json(r));
-      out << arr.dump(2) << "\n";
-    }
+    if (a.json) print_json(rows, out);
     return 0;
   }
   const ThreadScope threads(a.threads);
@@ -366,9 +368,7 @@ int bench_decode(const BenchDecodeArgs& a, std::ostream& out) {
         rows.push_back(r);
       }
   if (a.json) {
-    nlohmann::json arr = nlohmann::json::array();
-    for (const auto& r : rows) arr.push_back(to_json(r));
-    out << arr.dump(2) << "\n";
+    print_json(rows, out);
   } else {
     out << "fused: attention on the codes (attend_decode); fallback: dequantize to float32, then "
            "attend;\ndense: float32 K/V (" << H * d * 2 * sizeof(float)

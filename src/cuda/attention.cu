@@ -156,10 +156,8 @@ struct TokenRef {
 };
 __device__ __forceinline__ TokenRef token_ref(const CacheView& c, const uint32_t* pages,
                                               uint32_t t, int head) {
-  const uint32_t page = pages[t / uint32_t(c.page_tokens)];
-  const uint8_t* kb = c.pool + uint64_t(page) * c.layer_page_bytes +
-                      uint64_t(head) * (c.key_block_bytes + c.value_block_bytes);
-  return {kb, kb + c.key_block_bytes, t % uint32_t(c.page_tokens)};
+  const uint8_t* key = block_of(c, pages, t, head, 0);
+  return {key, key + c.key_block_bytes, t % uint32_t(c.page_tokens)};
 }
 
 struct ItemGeometry {
@@ -193,6 +191,37 @@ __device__ __forceinline__ int row_token(const AttentionParams& p, const ItemGeo
   return i < g.L ? int(i) : -1;
 }
 
+// y = M x for a row-major d × d matrix, by one warp (x and y distinct).
+__device__ void multiply(const float* m, const float* x, float* y, int d, int lane) {
+  for (int r = lane; r < d; r += 32) {
+    float s = 0.0f;
+    for (int j = 0; j < d; ++j) s += m[size_t(r) * d + j] * x[j];
+    y[r] = s;
+  }
+  __syncwarp();
+}
+
+// y = Π_g x (the group's forward rotation, gain included), by one warp (x and y distinct).
+__device__ void rotate_forward(const GroupTables& g, const float* x, float* y, int lane) {
+  if (g.dense) {
+    multiply(g.rotation, x, y, g.dim, lane);
+    return;
+  }
+  for (int j = lane; j < g.dim; j += 32) y[j] = x[j] * g.signs[j];
+  for (int hs = 1; hs < g.dim; hs *= 2) {
+    __syncwarp();
+    for (int pr = lane; pr < g.dim / 2; pr += 32) {
+      const int a = (pr / hs) * 2 * hs + (pr % hs);
+      const float u = y[a], v = y[a + hs];
+      y[a] = u + v;
+      y[a + hs] = u - v;
+    }
+  }
+  __syncwarp();
+  for (int j = lane; j < g.dim; j += 32) y[j] *= g.gain;
+  __syncwarp();
+}
+
 // Rotates the query rows of each unit once (not once per split): per key term, q' = Π_g(scale ·
 // log2 e · q_g) (and S q' for QJL terms), normalized by its largest magnitude, as float16 pairs
 // [unit][term][row][coordinate / 2] with the magnitudes beside. One warp per row.
@@ -203,8 +232,7 @@ __global__ void __launch_bounds__(128) prepare_kernel(const AttentionParams p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   Term kt[kMaxKeyTerms];
   const int nk = make_terms(c.key, kt, 4);
-  int qk_floats = 0;
-  for (int t = 0; t < nk; ++t) qk_floats += kt[t].dim;
+  const int qk_floats = c.key.term_dim;
   float* qbuf = prep_shared + size_t(warp) * size_t(qk_floats + d);
   float* qtmp = qbuf + qk_floats;
   const uint32_t unit = blockIdx.x;
@@ -227,84 +255,25 @@ __global__ void __launch_bounds__(128) prepare_kernel(const AttentionParams p) {
     const int qhead = geo.h * R + (geo.tile * kTileRows + rho) % R;
     const float* q = p.q + (size_t(p.first_row[geo.b] + uint32_t(i)) * p.q_heads + qhead) * d;
     const int16_t* channels = c.channels + ((size_t(c.layer) * c.kv_heads + geo.h) * 2) * d;
-    // Codes terms: q' = Π_g (scale · log2 e · q_g); sign terms: S q'.
-    int first = 0, at = 0;
-    for (int t = 0; t < nk; ++t) {
-      const GroupTables& g = c.key.g[kt[t].group];
-      float* x = qbuf + at;
-      if (!kt[t].sign) {
-        for (int j = lane; j < g.dim; j += 32) x[j] = q[channels[first + j]] * p.scale_log2;
-        __syncwarp();
-        if (!g.dense) {
-          for (int j = lane; j < g.dim; j += 32) x[j] *= g.signs[j];
-          for (int hs = 1; hs < g.dim; hs *= 2) {
-            __syncwarp();
-            for (int pr = lane; pr < g.dim / 2; pr += 32) {
-              const int a = (pr / hs) * 2 * hs + (pr % hs);
-              const float u = x[a], v = x[a + hs];
-              x[a] = u + v;
-              x[a + hs] = u - v;
-            }
-          }
-          __syncwarp();
-          for (int j = lane; j < g.dim; j += 32) x[j] *= g.gain;
-        } else {
-          for (int j = lane; j < g.dim; j += 32) qtmp[j] = x[j];
-          __syncwarp();
-          for (int r = lane; r < g.dim; r += 32) {
-            float s = 0.0f;
-            for (int j = 0; j < g.dim; ++j) s += g.rotation[size_t(r) * g.dim + j] * qtmp[j];
-            x[r] = s;
-          }
-        }
-        first += g.dim;
-      } else {
-        const float* rotated = qbuf;  // the group's codes term precedes it, or for 1-bit prod
-        int off = 0;                  // (no codes) the rotation is done here
-        for (int u = 0; u < t; ++u) {
-          if (kt[u].group == kt[t].group && !kt[u].sign) rotated = qbuf + off;
-          off += kt[u].dim;
-        }
-        if (g.mse_bits == 0) {  // no codes term: rotate into qtmp first
-          int ch0 = 0;
-          for (int gg = 0; gg < kt[t].group; ++gg) ch0 += c.key.g[gg].dim;
-          for (int j = lane; j < g.dim; j += 32) qtmp[j] = q[channels[ch0 + j]] * p.scale_log2;
-          __syncwarp();
-          if (!g.dense) {
-            for (int j = lane; j < g.dim; j += 32) qtmp[j] *= g.signs[j];
-            for (int hs = 1; hs < g.dim; hs *= 2) {
-              __syncwarp();
-              for (int pr = lane; pr < g.dim / 2; pr += 32) {
-                const int a = (pr / hs) * 2 * hs + (pr % hs);
-                const float u = qtmp[a], v = qtmp[a + hs];
-                qtmp[a] = u + v;
-                qtmp[a + hs] = u - v;
-              }
-            }
-            __syncwarp();
-            for (int j = lane; j < g.dim; j += 32) qtmp[j] *= g.gain;
-            __syncwarp();
-          } else {
-            for (int r = lane; r < g.dim; r += 32) {
-              float s = 0.0f;
-              for (int j = 0; j < g.dim; ++j) s += g.rotation[size_t(r) * g.dim + j] * qtmp[j];
-              x[r] = s;
-            }
-            __syncwarp();
-            for (int j = lane; j < g.dim; j += 32) qtmp[j] = x[j];
-          }
-          rotated = qtmp;
-          first += g.dim;
-          __syncwarp();
-        }
-        for (int r = lane; r < g.dim; r += 32) {
-          float s = 0.0f;
-          for (int j = 0; j < g.dim; ++j) s += g.qjl_matrix[size_t(r) * g.dim + j] * rotated[j];
-          x[r] = s;
-        }
-      }
+    // Per key group, in the terms' order: q' = Π_g(scale · log2 e · q_g) in its codes slot (if
+    // it has codes), then S q' in its signs slot (prod).
+    int first = 0, at = 0;  // the group's first channel; its first slot in qbuf
+    for (int gi = 0; gi < c.key.groups; ++gi) {
+      const GroupTables& g = c.key.g[gi];
+      for (int j = lane; j < g.dim; j += 32) qtmp[j] = q[channels[first + j]] * p.scale_log2;
       __syncwarp();
-      at += kt[t].dim;
+      float* rotated = qbuf + at;
+      rotate_forward(g, qtmp, rotated, lane);
+      if (g.mse_bits > 0) at += g.dim;
+      if (g.qjl) {
+        if (g.mse_bits == 0) {  // the rotation went to the signs slot itself: move it aside
+          for (int j = lane; j < g.dim; j += 32) qtmp[j] = rotated[j];
+          __syncwarp();
+        }
+        multiply(g.qjl_matrix, g.mse_bits > 0 ? rotated : qtmp, qbuf + at, g.dim, lane);
+        at += g.dim;
+      }
+      first += g.dim;
     }
     int off = 0, words = 0;
     for (int t = 0; t < nk; ++t) {
@@ -330,7 +299,6 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 4)
   constexpr int kRowRegs = kRows16 ? 2 : 1;  // fragment rows a lane holds: g (and g + 8)
   extern __shared__ __align__(16) uint8_t shared[];
   const CacheView& c = p.cache;
-  const int d = c.head_dim;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int quad = lane % 4, grp = lane / 4;
 
@@ -362,7 +330,6 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 4)
   const int split = int(item % uint32_t(p.splits));
   const ItemGeometry geo = item_geometry(p, unit);
   const uint32_t* pages = c.page_tables + size_t(p.slot[geo.b]) * c.page_table_stride;
-  const int R = p.group;
 
   // --- the query rows (rotated once per unit by prepare_kernel), as A fragments -----------------
   uint32_t qa[kTerms][kWordsK][2][2 * kRowRegs];  // [term][word][half: coords 0-3 / 4-7][reg]
@@ -551,14 +518,14 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 4)
       pa[1] = kRows16 ? pack_half2(pr[0][2 * kRowRegs - 2] * sv[0], pr[0][2 * kRowRegs - 1] * sv[1]) : 0u;
       pa[2] = pack_half2(pr[1][0] * sv[2], pr[1][1] * sv[3]);
       pa[3] = kRows16 ? pack_half2(pr[1][2 * kRowRegs - 2] * sv[2], pr[1][2 * kRowRegs - 1] * sv[3]) : 0u;
-#pragma unroll
       const bool vector = x.width == 4 && x.per_lane == kWordsV;
       uint32_t vw[4][kWordsV] = {};  // [token][word], 4-bit words by vector loads
-      if (vector)
+      if (vector) {
 #pragma unroll
         for (int j = 0; j < 4; ++j)
           load_words4<kWordsV>(vref[j].value + x.at + vref[j].slot * x.bytes, grp * x.per_lane,
                                x.words, vw[j]);
+      }
 #pragma unroll
       for (int k = 0; k < kWordsV; ++k) {
         if (k >= x.per_lane) break;
@@ -592,7 +559,7 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 4)
   }
 
   // --- this item's partial state ------------------------------------------------------------------
-  const int acc_dim = c.value.acc_dim;
+  const int acc_dim = c.value.term_dim;
   float* state = p.partial + size_t(item) * kTileRows * size_t(4 + acc_dim);
 #pragma unroll
   for (int r = 0; r < kRowRegs; ++r) {
@@ -635,7 +602,7 @@ __global__ void __launch_bounds__(128) merge_kernel(const AttentionParams p) {
   const ItemGeometry geo = item_geometry(p, unit);
   const int i = row_token(p, geo, rho);
   if (i < 0) return;
-  const int acc_dim = c.value.acc_dim, d = c.head_dim;
+  const int acc_dim = c.value.term_dim, d = c.head_dim;
   const int chunks = acc_dim / 4;  // float4s of a row's accumulator
   const int phases = max(1, int(blockDim.x) / chunks);  // threads that share a float4, over splits
   float* a = buf;                              // [phases][acc_dim]
@@ -775,9 +742,7 @@ void launch_attention(Device device, const AttentionParams& params, CudaStream s
   int max_dim = 0;
   for (const CodecTables* t : {&c.key, &c.value})
     for (int g = 0; g < t->groups; ++g) max_dim = std::max(max_dim, t->g[g].dim);
-  int qk_floats = 0;
-  for (int g = 0; g < c.key.groups; ++g)
-    qk_floats += c.key.g[g].dim * ((c.key.g[g].mse_bits > 0) + c.key.g[g].qjl);
+  const int qk_floats = c.key.term_dim;
   const size_t smem = size_t(2 * terms) * 256 * kLutCopies * 4;
   const size_t prep_smem = size_t(4) * size_t(qk_floats + c.head_dim) * 4;
   if (prep_smem > 48 * 1024)
@@ -801,8 +766,8 @@ void launch_attention(Device device, const AttentionParams& params, CudaStream s
                                " coordinates with ", terms, " terms are not supported (at most "
                                "256 coordinates for integer-bit mse codecs, 128 otherwise)"));
   }
-  const int phases = std::max(1, 128 / (c.value.acc_dim / 4));
-  const size_t merge_smem = (size_t(phases) * c.value.acc_dim + c.head_dim + p.splits) * 4;
+  const int phases = std::max(1, 128 / (c.value.term_dim / 4));
+  const size_t merge_smem = (size_t(phases) * c.value.term_dim + c.head_dim + p.splits) * 4;
   if (merge_smem > 48 * 1024)
     TQKV_CUDA_CHECK(cudaFuncSetAttribute(merge_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(merge_smem)));

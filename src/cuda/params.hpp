@@ -37,7 +37,9 @@ struct CodecTables {
   int groups = 0;
   int norm_f16 = 1;
   uint32_t block_bytes = 0;
-  int acc_dim = 0;  // value side: floats of a row's rotated-space accumulator (codes, then signs)
+  /// Coordinates over the terms (per group: codes if any, then QJL signs): a rotated query row
+  /// on the key side, a row's rotated-space accumulator on the value side.
+  int term_dim = 0;
   GroupTables g[kMaxGroups];
 };
 
@@ -85,7 +87,7 @@ struct AttentionParams {
   uint32_t max_items = 0;   // workspace capacity (units · splits)
   uint32_t max_tokens = 0;  // longest sequence of the launch (splits beyond its tiles are idle)
   uint32_t units = 0;  // Σ_b kv_heads · tiles_b
-  float* partial = nullptr;  // [units · splits][16 rows][m, l, 0, 0, value acc_dim floats]
+  float* partial = nullptr;  // [units · splits][16 rows][m, l, 0, 0, value term_dim floats]
   /// Rotated, normalized query rows as float16 pairs: [unit][key term][16 rows][dim / 2], and
   /// their magnitudes [unit][4 terms][16 rows] (workspace, written by the prepare kernel).
   uint32_t* prepared = nullptr;
@@ -99,10 +101,5 @@ struct AttentionParams {
 };
 
 inline constexpr int kTileRows = 16;
-
-/// Floats of one work item's partial softmax state.
-inline size_t partial_floats(const CodecTables& value) {
-  return size_t(kTileRows) * size_t(4 + value.acc_dim);
-}
 
 }  // namespace tqkv::gpu
