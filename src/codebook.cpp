@@ -22,7 +22,13 @@ struct Density {
 
   double pdf(double t) const {
     if (t <= -1.0 || t >= 1.0) return 0.0;
-    return norm_const * std::exp(0.5 * (d - 3) * std::log1p(-t * t));
+    return norm_const * std::exp(0.5 * (d - 3) * log_one_minus_square(t));
+  }
+  // log(1 − t²) to a few ulps for every |t| < 1. Near ±1, log1p(−t·t) would inherit t·t's
+  // rounding as a relative error of ε / (1 − t²) (2 % of random checks at d = 64 failed 1e-11);
+  // (1 − t)(1 + t) is exact up to two roundings there.
+  static double log_one_minus_square(double t) {
+    return std::abs(t) < 0.5 ? std::log1p(-t * t) : std::log((1.0 - t) * (1.0 + t));
   }
   // Mass of [a, b]. Since t² ~ Beta(1/2, (d-1)/2), P(0 <= t <= x) = I_{x²}(1/2, α) / 2 and
   // P(t >= x) = I^c_{x²}(1/2, α) / 2 for x >= 0; each side is taken in the form whose value is
@@ -40,7 +46,7 @@ struct Density {
   // log((1 − b²)/(1 − a²)) = log1p((a − b)(a + b) / ((1 − a)(1 + a))): no cancellation.
   double first_moment(double a, double b) const {
     auto g = [&](double t) {
-      return (t <= -1.0 || t >= 1.0) ? 0.0 : std::exp(alpha * std::log1p(-t * t));
+      return (t <= -1.0 || t >= 1.0) ? 0.0 : std::exp(alpha * log_one_minus_square(t));
     };
     if (a <= -1.0 || a >= 1.0) return -norm_const * g(b) / (d - 1);
     const double log_ratio = std::log1p((a - b) * (a + b) / ((1.0 - a) * (1.0 + a)));
