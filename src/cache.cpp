@@ -67,6 +67,10 @@ PagePool::PagePool(Device device, size_t bytes) : device_(device) {
   if (bytes == 0) return;
   if (device.is_cuda()) {
     data_ = static_cast<uint8_t*>(gpu::allocate(device, bytes));
+    // Zeroed once: attention kernels copy whole tiles, and slots past a sequence's end must
+    // hold finite norms (they are masked, but a NaN times a zero probability is still NaN).
+    gpu::fill(device, data_, 0, bytes, nullptr);
+    synchronize(device);
     return;
   }
   void* p = std::aligned_alloc(kAlign, align_up(bytes));
@@ -205,7 +209,6 @@ void KVCache::Impl::init_gpu() {
     TQKV_ASSERT(t.groups <= gpu::kMaxGroups);
     t.norm_f16 = codec.spec().norm_format == NormFormat::f16;
     t.block_bytes = uint32_t(layout.block_bytes);
-    t.term_dim = 0;
     for (int gi = 0; gi < t.groups; ++gi) {
       const ChannelGroup& g = codec.groups()[size_t(gi)];
       const auto& lg = layout.groups[size_t(gi)];
@@ -242,9 +245,11 @@ void KVCache::Impl::init_gpu() {
       gt.signs_bytes = uint32_t(lg.signs.bytes);
       gt.norm_at = uint32_t(lg.norm.block_offset);
       gt.gamma_at = uint32_t(lg.gamma.block_offset);
-      t.term_dim += g.dim * ((g.mse_bits > 0 ? 1 : 0) + (g.qjl ? 1 : 0));
       offsets[side].push_back(o);
     }
+    // Stage buffers hold a tile's keys, then its values.
+    gpu::make_terms(t, side ? gpu::kValueLanesPerWord : gpu::kKeyLanesPerWord,
+                    side ? m.key.stage_end : 0u);
   }
   m.tables = DeviceBuffer(dev, blob.size());
   m.tables.upload(blob.data(), blob.size());

@@ -31,8 +31,8 @@ namespace tqkv::gpu {
 namespace {
 
 constexpr int kWarps = 4;
-constexpr int kLutCopies = 8;
-constexpr int kMaxKeyTerms = 4;  // 2 groups × (codes, QJL signs)  // code-pair tables replicated to spread lanes over the banks
+constexpr int kStages = 4;  // a warp's stage buffers: tiles in flight while one is computed
+constexpr int kLutCopies = 8;  // code-pair tables replicated to spread lanes over the banks
 constexpr float kNegInf = -__builtin_huge_valf();
 
 __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
@@ -98,66 +98,119 @@ __device__ __forceinline__ void load_words4(const uint8_t* codes, int first, int
     w[k] = first + k < words ? *reinterpret_cast<const uint32_t*>(codes + 4 * (first + k)) : 0u;
 }
 
-// One term: a group's codes or its QJL sign bits.
-struct Term {
-  int group = 0, sign = 0, width = 0, dim = 0, words = 0, per_lane = 0;
-  uint32_t at = 0, bytes = 0;  // section in the block
-  int lut = 0;                 // which shared-memory table
-  int acc_offset = 0;          // value side: where its accumulator sits in a row's acc
+// A term's shape: from its tables, or fixed at compile time (kDim > 0: the kernel was built for
+// one MSE term per side of kDim coordinates and kWidth bits), so that the hot codecs' kernels
+// fold it into constants instead of reading and branching on the tables in the inner loops.
+struct Shape {
+  int width, dim, words, per_lane;
+  uint32_t bytes;
+  bool sign;
 };
-
-// The terms of a codec, in the order codes then signs per group. Returns the count.
-template <int kMaxTerms>
-__device__ int make_terms(const CodecTables& t, Term (&terms)[kMaxTerms], int lanes_per_word) {
-  int n = 0, acc = 0;
-  for (int g = 0; g < t.groups; ++g) {
-    for (int sign = 0; sign < 2; ++sign) {
-      if (sign == 0 && t.g[g].mse_bits == 0) continue;
-      if (sign == 1 && !t.g[g].qjl) continue;
-      if (n >= kMaxTerms) return n;
-      Term& x = terms[n++];
-      x.group = g;
-      x.sign = sign;
-      x.width = sign ? 1 : t.g[g].mse_bits;
-      x.dim = t.g[g].dim;
-      x.words = x.dim / 8;
-      x.per_lane = (x.words + lanes_per_word - 1) / lanes_per_word;
-      x.at = sign ? t.g[g].signs_at : t.g[g].codes_at;
-      x.bytes = sign ? t.g[g].signs_bytes : t.g[g].codes_bytes;
-      x.acc_offset = acc;
-      acc += x.dim;
-    }
+template <int kDim, int kWidth, int kLanesPerWord>
+__device__ __forceinline__ Shape shape_of(const TermTables& x) {
+  if constexpr (kDim > 0) {
+    constexpr int words = kDim / 8;
+    return {kWidth, kDim, words, (words + kLanesPerWord - 1) / kLanesPerWord,
+            uint32_t(kDim * kWidth / 8), false};
+  } else {
+    return {x.width, x.dim, x.words, x.per_lane, x.bytes, x.sign != 0};
   }
-  return n;
 }
 
-// Scale of a term's contribution for token `slot` of a block: n, or n·γ (· qjl factor for keys).
 __device__ __forceinline__ float load_scalar(const uint8_t* p, int f16) {
   return f16 ? __half2float(*reinterpret_cast<const __half*>(p))
              : *reinterpret_cast<const float*>(p);
 }
-__device__ __forceinline__ float term_scale(const CodecTables& t, const Term& x,
-                                            const uint8_t* block, uint32_t slot, bool keys) {
-  const GroupTables& g = t.g[x.group];
+
+// Scale of a term's contribution for token j of a staged tile: n, or n·γ (· √(π/2)/d for keys).
+__device__ __forceinline__ float staged_scale(const CodecTables& t, const TermTables& x,
+                                              bool sign, const uint8_t* buf, uint32_t j,
+                                              bool keys) {
   const uint32_t nb = t.norm_f16 ? 2 : 4;
-  float s = load_scalar(block + g.norm_at + slot * nb, t.norm_f16);
-  if (x.sign) {
-    s *= load_scalar(block + g.gamma_at + slot * nb, t.norm_f16);
-    if (keys) s *= g.qjl_factor;
+  float s = load_scalar(buf + x.stage_norm + j * nb, t.norm_f16);
+  if (sign) {
+    s *= load_scalar(buf + x.stage_gamma + j * nb, t.norm_f16);
+    if (keys) s *= x.key_factor;
   }
   return s;
 }
 
-// Where token t of the item's sequence lives.
-struct TokenRef {
-  const uint8_t* key;
-  const uint8_t* value;
-  uint32_t slot;
-};
-__device__ __forceinline__ TokenRef token_ref(const CacheView& c, const uint32_t* pages,
-                                              uint32_t t, int head) {
-  const uint8_t* key = block_of(c, pages, t, head, 0);
-  return {key, key + c.key_block_bytes, t % uint32_t(c.page_tokens)};
+// --- copies into shared memory (cp.async: they bypass registers and complete in groups) --------
+__device__ __forceinline__ void cp_async(void* dst, const void* src, uint32_t bytes, bool valid) {
+  const uint32_t d = uint32_t(__cvta_generic_to_shared(dst));
+  const uint32_t n = valid ? bytes : 0u;  // 0: the destination is zero-filled, nothing is read
+  if (bytes == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(n)
+                 : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(d), "l"(src), "r"(n)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// A run of `bytes` (a multiple of 8) by the warp, in 16-byte pieces where the run allows.
+__device__ __forceinline__ void copy_run(uint8_t* dst, const uint8_t* src, uint32_t bytes,
+                                         bool valid, int lane) {
+  const uint32_t piece = bytes % 16 == 0 ? 16u : 8u;
+  for (uint32_t o = uint32_t(lane) * piece; o < bytes; o += 32u * piece)
+    cp_async(dst + o, src + o, piece, valid);
+}
+
+// The page numbers of tile `base`'s two 8-token halves (pages hold a multiple of 8 tokens, so a
+// half never straddles two); halves past `last` get 0 and are never read.
+__device__ __forceinline__ void load_pages(const CacheView& c, const uint32_t* pages,
+                                           uint32_t base, uint32_t last, uint32_t (&page)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t t = base + 8u * uint32_t(h);
+    page[h] = t <= last ? pages[t / uint32_t(c.page_tokens)] : 0u;
+  }
+}
+
+// Starts copying tile `base` (16 tokens) of every key and value term (codes, norms, γ) of KV
+// head `head` into a stage buffer (layout: TermTables::stage_*). Halves past `last` are
+// zero-filled. Every section run starts 64-byte aligned and a half's run is 8 tokens × its
+// bytes per token, so the pieces are aligned.
+template <int kTerms, int kDim, int kKeyWidth, int kValueWidth>
+__device__ __forceinline__ void stage_tile(const CacheView& c, uint8_t* stage, uint32_t base,
+                                           const uint32_t (&page)[2], uint32_t last, int head,
+                                           int lane) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t t0 = base + 8u * uint32_t(h);
+    const bool valid = t0 <= last;
+    const uint8_t* key = c.pool + (valid ? uint64_t(page[h]) * c.layer_page_bytes +
+                                               uint64_t(head) * (c.key_block_bytes + c.value_block_bytes)
+                                         : 0u);
+    const uint32_t slot = t0 % uint32_t(c.page_tokens);
+#pragma unroll
+    for (int side = 0; side < 2; ++side) {
+      const CodecTables& ct = side ? c.value : c.key;
+      const uint8_t* block = key + (side && valid ? c.key_block_bytes : 0u);
+      const uint32_t nb = ct.norm_f16 ? 2u : 4u;
+#pragma unroll
+      for (int i = 0; i < kTerms; ++i) {
+        if (i >= (kDim > 0 ? 1 : ct.n_terms)) break;
+        const TermTables& x = ct.terms[i];
+        const Shape sh = side ? shape_of<kDim, kValueWidth, kValueLanesPerWord>(x)
+                              : shape_of<kDim, kKeyWidth, kKeyLanesPerWord>(x);
+        const uint32_t half = 8u * uint32_t(h);
+        copy_run(stage + x.stage_codes + half * sh.bytes,
+                 block + (valid ? x.at + slot * sh.bytes : 0u), 8u * sh.bytes, valid, lane);
+        copy_run(stage + x.stage_norm + half * nb, block + (valid ? x.norm_at + slot * nb : 0u),
+                 8u * nb, valid, lane);
+        if (sh.sign)
+          copy_run(stage + x.stage_gamma + half * nb, block + (valid ? x.gamma_at + slot * nb : 0u),
+                   8u * nb, valid, lane);
+      }
+    }
+  }
 }
 
 struct ItemGeometry {
@@ -225,13 +278,13 @@ __device__ void rotate_forward(const GroupTables& g, const float* x, float* y, i
 // Rotates the query rows of each unit once (not once per split): per key term, q' = Π_g(scale ·
 // log2 e · q_g) (and S q' for QJL terms), normalized by its largest magnitude, as float16 pairs
 // [unit][term][row][coordinate / 2] with the magnitudes beside. One warp per row.
-__global__ void __launch_bounds__(128) prepare_kernel(const AttentionParams p) {
+__global__ void __launch_bounds__(32 * kTileRows) prepare_kernel(const AttentionParams p) {
   extern __shared__ __align__(16) float prep_shared[];
   const CacheView& c = p.cache;
   const int d = c.head_dim;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  Term kt[kMaxKeyTerms];
-  const int nk = make_terms(c.key, kt, 4);
+  const int nk = c.key.n_terms;
+  const TermTables* kt = c.key.terms;
   const int qk_floats = c.key.term_dim;
   float* qbuf = prep_shared + size_t(warp) * size_t(qk_floats + d);
   float* qtmp = qbuf + qk_floats;
@@ -239,11 +292,11 @@ __global__ void __launch_bounds__(128) prepare_kernel(const AttentionParams p) {
   const ItemGeometry geo = item_geometry(p, unit);
   const int R = p.group;
   uint32_t* prepared = p.prepared + size_t(unit) * p.prepared_words;
-  float* scales = p.row_scales + size_t(unit) * kMaxKeyTerms * kTileRows;
+  float* scales = p.row_scales + size_t(unit) * kMaxTerms * kTileRows;
   for (int rho = warp; rho < kTileRows; rho += blockDim.x / 32) {
     const int i = row_token(p, geo, rho);
     if (i < 0) {
-      if (lane < kMaxKeyTerms) scales[lane * kTileRows + rho] = 0.0f;
+      if (lane < kMaxTerms) scales[lane * kTileRows + rho] = 0.0f;
       int at = 0;
       for (int t = 0; t < nk; ++t) {
         for (int j = lane; j < kt[t].dim / 2; j += 32)
@@ -293,8 +346,9 @@ __global__ void __launch_bounds__(128) prepare_kernel(const AttentionParams p) {
   }
 }
 
-template <int kTerms, int kWordsK, int kWordsV, bool kRows16>
-__global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 4)
+template <int kTerms, int kWordsK, int kWordsV, bool kRows16, int kDim, int kKeyWidth,
+          int kValueWidth>
+__global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
     attention_kernel(const AttentionParams p) {
   constexpr int kRowRegs = kRows16 ? 2 : 1;  // fragment rows a lane holds: g (and g + 8)
   extern __shared__ __align__(16) uint8_t shared[];
@@ -302,15 +356,17 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 4)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int quad = lane % 4, grp = lane / 4;
 
-  Term kt[kTerms], vt[kTerms];
-  const int nk = make_terms(c.key, kt, 4);
-  const int nv = make_terms(c.value, vt, 8);
+  const TermTables* kt = c.key.terms;
+  const TermTables* vt = c.value.terms;
+  const int nk = kDim > 0 ? 1 : c.key.n_terms, nv = kDim > 0 ? 1 : c.value.n_terms;
+  auto key_shape = [&](int t) { return shape_of<kDim, kKeyWidth, kKeyLanesPerWord>(kt[t]); };
+  auto value_shape = [&](int t) { return shape_of<kDim, kValueWidth, kValueLanesPerWord>(vt[t]); };
 
   // Shared memory: code-pair tables (replicated), then per warp a query-row buffer.
   uint32_t* luts = reinterpret_cast<uint32_t*>(shared);
   const int n_luts = nk + nv;
   for (int t = 0; t < n_luts; ++t) {
-    const Term& x = t < nk ? kt[t] : vt[t - nk];
+    const TermTables& x = t < nk ? kt[t] : vt[t - nk];
     const CodecTables& ct = t < nk ? c.key : c.value;
     const uint32_t* src = x.sign ? ct.g[x.group].sign_pairs : ct.g[x.group].code_pairs;
     // One load per entry (independent of the others), then its copies.
@@ -320,8 +376,6 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 4)
       for (int r = 0; r < kLutCopies; ++r) luts[(t * 256 + e) * kLutCopies + r] = v;
     }
   }
-  for (int t = 0; t < nk; ++t) kt[t].lut = t;
-  for (int t = 0; t < nv; ++t) vt[t].lut = nk + t;
   __syncthreads();
 
   const uint32_t item = blockIdx.x * kWarps + uint32_t(warp);
@@ -337,7 +391,7 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 4)
   int pos_of_row[kRowRegs], lo_of_row[kRowRegs];
   {
     const uint32_t* prepared = p.prepared + size_t(unit) * p.prepared_words;
-    const float* scales = p.row_scales + size_t(unit) * kMaxKeyTerms * kTileRows;
+    const float* scales = p.row_scales + size_t(unit) * kMaxTerms * kTileRows;
     int at = 0;  // words of the terms before t, per row
 #pragma unroll
     for (int t = 0; t < kTerms; ++t) {
@@ -347,18 +401,19 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 4)
         row_scale[t][r] = t < nk ? scales[t * kTileRows + rho] : 0.0f;
 #pragma unroll
         for (int k = 0; k < kWordsK; ++k) {
-          const int word = t < nk ? quad * kt[t].per_lane + k : 0;
+          const Shape sh = key_shape(t < nk ? t : 0);
+          const int word = quad * sh.per_lane + k;
           uint4 v = make_uint4(0u, 0u, 0u, 0u);
-          if (t < nk && k < kt[t].per_lane && word < kt[t].words)
+          if (t < nk && k < sh.per_lane && word < sh.words)
             v = *reinterpret_cast<const uint4*>(prepared + size_t(kTileRows) * at +
-                                                size_t(rho) * (kt[t].dim / 2) + 4 * word);
+                                                size_t(rho) * (sh.dim / 2) + 4 * word);
           qa[t][k][0][2 * r] = v.x;
           qa[t][k][0][2 * r + 1] = v.y;
           qa[t][k][1][2 * r] = v.z;
           qa[t][k][1][2 * r + 1] = v.w;
         }
       }
-      if (t < nk) at += kt[t].dim / 2;
+      if (t < nk) at += key_shape(t).dim / 2;
     }
 #pragma unroll
     for (int r = 0; r < kRowRegs; ++r) {
@@ -400,42 +455,62 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 4)
   };
   const uint32_t last = geo.hi - 1;
 
-  // With pages of a multiple of 16 tokens a tile never straddles pages: one page lookup a tile.
-  const bool tile_in_page = c.page_tokens % 16 == 0;
-  for (uint32_t base = t_begin; base < t_end; base += 16) {
-    const TokenRef tile = token_ref(c, pages, base, geo.h);
-    auto ref = [&](uint32_t offset) {  // token base + offset, clamped to the last visible one
-      const uint32_t t = min(base + offset, last);
-      return tile_in_page ? TokenRef{tile.key, tile.value, tile.slot + (t - base)}
-                          : token_ref(c, pages, t, geo.h);
-    };
+  // Tiles reach registers through this warp's ring of kStages stage buffers in shared memory,
+  // filled by cp.async kStages − 1 tiles ahead; page numbers are loaded one tile further ahead,
+  // so neither the codes' nor the page table's latency sits between two tiles' arithmetic.
+  const uint32_t stage_bytes = c.value.stage_end;
+  uint8_t* stages = shared + uint32_t(nk + nv) * 256u * kLutCopies * 4u +
+                    uint32_t(warp) * kStages * stage_bytes;
+  const uint32_t n = t_end > t_begin ? (t_end - t_begin + 15) / 16 : 0;
+  uint32_t ahead[kStages][2];  // page numbers of the first kStages tiles' halves
+#pragma unroll
+  for (int j = 0; j < kStages; ++j)
+    load_pages(c, pages, t_begin + 16u * uint32_t(j), last, ahead[j]);
+#pragma unroll
+  for (int j = 0; j < kStages - 1; ++j) {
+    if (uint32_t(j) < n)
+      stage_tile<kTerms, kDim, kKeyWidth, kValueWidth>(c, stages + j * stage_bytes, t_begin + 16u * uint32_t(j), ahead[j], last,
+                         geo.h, lane);
+    cp_async_commit();
+  }
+  uint32_t page_next[2] = {ahead[kStages - 1][0], ahead[kStages - 1][1]};
+
+  for (uint32_t i = 0; i < n; ++i) {
+    const uint32_t j = i + kStages - 1;  // the tile to start copying
+    if (j < n) {
+      stage_tile<kTerms, kDim, kKeyWidth, kValueWidth>(c, stages + (j % kStages) * stage_bytes, t_begin + 16u * j, page_next,
+                         last, geo.h, lane);
+      load_pages(c, pages, t_begin + 16u * (j + 1), last, page_next);
+    }
+    cp_async_commit();
+    cp_async_wait<kStages - 1>();  // tile i's group is complete (for this lane) ...
+    __syncwarp();                  // ... and for every lane
+    const uint8_t* buf = stages + (i % kStages) * stage_bytes;
+    const uint32_t base = t_begin + 16u * i;
+
     // Scores: sc[s][·] for tokens base + 8s + 2·quad + {0, 1}, rows grp (and grp + 8).
     float sc[2][2 * kRowRegs];
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
-      const TokenRef bt = ref(8 * s + grp);
-      const TokenRef ct = ref(8 * s + 2 * quad);
-      const uint32_t ct1 = min(base + 8 * s + 2 * quad + 1, last) == base + 8 * s + 2 * quad + 1
-                               ? ct.slot + 1 : ct.slot;
 #pragma unroll
       for (int r = 0; r < 2 * kRowRegs; ++r) sc[s][r] = 0.0f;
 #pragma unroll
       for (int t = 0; t < kTerms; ++t) {
         if (t >= nk) break;
-        const Term& x = kt[t];
-        const uint8_t* codes = bt.key + x.at + bt.slot * x.bytes;
+        const TermTables& x = kt[t];
+        const Shape sh = key_shape(t);
+        const uint8_t* codes = buf + x.stage_codes + uint32_t(8 * s + grp) * sh.bytes;
         float cf[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        // 4-bit words come with one vector load; other widths word by word, as they are used
-        // (spreading them all up front costs more registers than it saves).
-        const bool vector = x.width == 4 && x.per_lane == kWordsK;
+        // 4-bit words come with one vector load; other widths word by word, as they are used.
+        const bool vector = sh.width == 4 && sh.per_lane == kWordsK && sh.bytes % 16 == 0;
         uint32_t kw[kWordsK] = {};
-        if (vector) load_words4<kWordsK>(codes, quad * x.per_lane, x.words, kw);
+        if (vector) load_words4<kWordsK>(codes, quad * sh.per_lane, sh.words, kw);
 #pragma unroll
         for (int k = 0; k < kWordsK; ++k) {
-          if (k >= x.per_lane) break;
-          const int word = quad * x.per_lane + k;
+          if (k >= sh.per_lane) break;
+          const int word = quad * sh.per_lane + k;
           const uint32_t w = vector ? kw[k]
-                             : word < x.words ? load_word(codes, x.width, x.dim, word) : 0u;
+                             : word < sh.words ? load_word(codes, sh.width, sh.dim, word) : 0u;
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             uint32_t hi0 = 0u, hi1 = 0u;  // rows grp + 8
@@ -444,11 +519,11 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 4)
               hi1 = qa[t][k][h][3];
             }
             mma16816(cf, qa[t][k][h][0], hi0, qa[t][k][h][1], hi1,
-                     lut(x.lut, (w >> (16 * h)) & 0xffu), lut(x.lut, (w >> (16 * h + 8)) & 0xffu));
+                     lut(t, (w >> (16 * h)) & 0xffu), lut(t, (w >> (16 * h + 8)) & 0xffu));
           }
         }
-        const float n0 = term_scale(c.key, x, ct.key, ct.slot, true);
-        const float n1 = term_scale(c.key, x, ct.key, ct1, true);
+        const float n0 = staged_scale(c.key, x, sh.sign, buf, uint32_t(8 * s + 2 * quad), true);
+        const float n1 = staged_scale(c.key, x, sh.sign, buf, uint32_t(8 * s + 2 * quad + 1), true);
         sc[s][0] += cf[0] * n0 * row_scale[t][0];
         sc[s][1] += cf[1] * n1 * row_scale[t][0];
         if constexpr (kRows16) {
@@ -457,7 +532,8 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 4)
         }
       }
     }
-    // Mask, then the online softmax per row.
+    // Mask (tokens past the sequence's end included: their slots hold finite data), then the
+    // online softmax per row.
     float pr[2][2 * kRowRegs];
     float corr[kRowRegs];
 #pragma unroll
@@ -490,51 +566,58 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 4)
       l[r] = l[r] * corr[r] + sum;
       m[r] = m_new;
     }
+    // Rescale the accumulators only when some row's maximum moved (rare after the first tiles).
+    bool moved = false;
 #pragma unroll
-    for (int t = 0; t < kTerms; ++t)
+    for (int r = 0; r < kRowRegs; ++r) moved |= corr[r] != 1.0f;
+    if (__any_sync(0xffffffffu, moved)) {
 #pragma unroll
-      for (int k = 0; k < kWordsV; ++k)
+      for (int t = 0; t < kTerms; ++t)
 #pragma unroll
-        for (int e = 0; e < 8; ++e)
+        for (int k = 0; k < kWordsV; ++k)
 #pragma unroll
-          for (int r = 0; r < kRowRegs; ++r) {
-            acc[t][k][e][2 * r] *= corr[r];
-            acc[t][k][e][2 * r + 1] *= corr[r];
-          }
+          for (int e = 0; e < 8; ++e)
+#pragma unroll
+            for (int r = 0; r < kRowRegs; ++r) {
+              acc[t][k][e][2 * r] *= corr[r];
+              acc[t][k][e][2 * r + 1] *= corr[r];
+            }
+    }
 
     // Values: tokens base + 2·quad + {0, 1, 8, 9}.
-    TokenRef vref[4];
+    uint32_t vtok[4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) vref[j] = ref(2 * quad + (j & 1) + 8 * (j >> 1));
+    for (int j = 0; j < 4; ++j) vtok[j] = uint32_t(2 * quad + (j & 1) + 8 * (j >> 1));
 #pragma unroll
     for (int t = 0; t < kTerms; ++t) {
       if (t >= nv) break;
-      const Term& x = vt[t];
+      const TermTables& x = vt[t];
+      const Shape sh = value_shape(t);
       float sv[4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) sv[j] = term_scale(c.value, x, vref[j].value, vref[j].slot, false);
+      for (int j = 0; j < 4; ++j) sv[j] = staged_scale(c.value, x, sh.sign, buf, vtok[j], false);
       uint32_t pa[4];
       pa[0] = pack_half2(pr[0][0] * sv[0], pr[0][1] * sv[1]);
       pa[1] = kRows16 ? pack_half2(pr[0][2 * kRowRegs - 2] * sv[0], pr[0][2 * kRowRegs - 1] * sv[1]) : 0u;
       pa[2] = pack_half2(pr[1][0] * sv[2], pr[1][1] * sv[3]);
       pa[3] = kRows16 ? pack_half2(pr[1][2 * kRowRegs - 2] * sv[2], pr[1][2 * kRowRegs - 1] * sv[3]) : 0u;
-      const bool vector = x.width == 4 && x.per_lane == kWordsV;
+      const bool vector = sh.width == 4 && sh.per_lane == kWordsV && sh.bytes % 16 == 0;
+      const uint8_t* rows[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) rows[j] = buf + x.stage_codes + vtok[j] * sh.bytes;
       uint32_t vw[4][kWordsV] = {};  // [token][word], 4-bit words by vector loads
       if (vector) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
-          load_words4<kWordsV>(vref[j].value + x.at + vref[j].slot * x.bytes, grp * x.per_lane,
-                               x.words, vw[j]);
+        for (int j = 0; j < 4; ++j) load_words4<kWordsV>(rows[j], grp * sh.per_lane, sh.words, vw[j]);
       }
 #pragma unroll
       for (int k = 0; k < kWordsV; ++k) {
-        if (k >= x.per_lane) break;
-        const int word = grp * x.per_lane + k;
+        if (k >= sh.per_lane) break;
+        const int word = grp * sh.per_lane + k;
         uint32_t w[4] = {vw[0][k], vw[1][k], vw[2][k], vw[3][k]};
-        if (!vector && word < x.words)
+        if (!vector && word < sh.words)
 #pragma unroll
-          for (int j = 0; j < 4; ++j)
-            w[j] = load_word(vref[j].value + x.at + vref[j].slot * x.bytes, x.width, x.dim, word);
+          for (int j = 0; j < 4; ++j) w[j] = load_word(rows[j], sh.width, sh.dim, word);
         const uint32_t ab_even = (w[0] & 0x0f0f0f0fu) | ((w[1] & 0x0f0f0f0fu) << 4);
         const uint32_t ab_odd = ((w[0] >> 4) & 0x0f0f0f0fu) | (w[1] & 0xf0f0f0f0u);
         const uint32_t cd_even = (w[2] & 0x0f0f0f0fu) | ((w[3] & 0x0f0f0f0fu) << 4);
@@ -545,8 +628,8 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 4)
           const uint32_t shift = 8u * uint32_t(e >> 1);
           float cf[4] = {acc[t][k][e][0], acc[t][k][e][1], kRows16 ? acc[t][k][e][2 * kRowRegs - 2] : 0.0f,
                          kRows16 ? acc[t][k][e][2 * kRowRegs - 1] : 0.0f};
-          mma16816(cf, pa[0], pa[1], pa[2], pa[3], lut(x.lut, (ab >> shift) & 0xffu),
-                   lut(x.lut, (cd >> shift) & 0xffu));
+          mma16816(cf, pa[0], pa[1], pa[2], pa[3], lut(nk + t, (ab >> shift) & 0xffu),
+                   lut(nk + t, (cd >> shift) & 0xffu));
           acc[t][k][e][0] = cf[0];
           acc[t][k][e][1] = cf[1];
           if constexpr (kRows16) {
@@ -556,7 +639,9 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 4)
         }
       }
     }
+    __syncwarp();  // every lane is done with this buffer before the next iteration refills it
   }
+  cp_async_wait<0>();  // no copy may outlive the warp (empty groups complete at once)
 
   // --- this item's partial state ------------------------------------------------------------------
   const int acc_dim = c.value.term_dim;
@@ -576,16 +661,21 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 4)
 #pragma unroll
     for (int t = 0; t < kTerms; ++t) {
       if (t >= nv) break;
-      const Term& x = vt[t];
+      const TermTables& x = vt[t];
+      const Shape sh = value_shape(t);
 #pragma unroll
       for (int k = 0; k < kWordsV; ++k) {
-        if (k >= x.per_lane) break;
+        if (k >= sh.per_lane) break;
 #pragma unroll
         for (int col = 0; col < 2; ++col) {
-          const int word = (2 * quad + col) * x.per_lane + k;
-          if (word >= x.words) continue;
-#pragma unroll
-          for (int e = 0; e < 8; ++e) row[4 + x.acc_offset + 8 * word + e] = acc[t][k][e][2 * r + col];
+          const int word = (2 * quad + col) * sh.per_lane + k;
+          if (word >= sh.words) continue;
+          // 8 consecutive floats, 16-byte aligned (rows and offsets are multiples of 4 floats).
+          float4* dst = reinterpret_cast<float4*>(row + 4 + x.acc_offset + 8 * word);
+          dst[0] = make_float4(acc[t][k][0][2 * r + col], acc[t][k][1][2 * r + col],
+                               acc[t][k][2][2 * r + col], acc[t][k][3][2 * r + col]);
+          dst[1] = make_float4(acc[t][k][4][2 * r + col], acc[t][k][5][2 * r + col],
+                               acc[t][k][6][2 * r + col], acc[t][k][7][2 * r + col]);
         }
       }
     }
@@ -704,9 +794,10 @@ __global__ void __launch_bounds__(128) merge_kernel(const AttentionParams p) {
 
 // Launches the kernel; with p.splits == 0 first chooses the splits so that the items fill one
 // wave of the GPU at this kernel's occupancy (a partial second wave would idle most SMs).
-template <int kTerms, int kWordsK, int kWordsV, bool kRows16>
+template <int kTerms, int kWordsK, int kWordsV, bool kRows16, int kDim = 0, int kKeyWidth = 0,
+          int kValueWidth = 0>
 void launch(Device device, AttentionParams& p, size_t smem, CudaStream stream) {
-  auto kernel = attention_kernel<kTerms, kWordsK, kWordsV, kRows16>;
+  auto kernel = attention_kernel<kTerms, kWordsK, kWordsV, kRows16, kDim, kKeyWidth, kValueWidth>;
   if (smem > 48 * 1024)
     TQKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(smem)));
@@ -725,12 +816,6 @@ void launch(Device device, AttentionParams& p, size_t smem, CudaStream stream) {
   TQKV_CUDA_CHECK_LAUNCH("attention_kernel");
 }
 
-int count_terms(const CodecTables& t) {
-  int n = 0;
-  for (int g = 0; g < t.groups; ++g) n += (t.g[g].mse_bits > 0) + t.g[g].qjl;
-  return n;
-}
-
 }  // namespace
 
 void launch_attention(Device device, const AttentionParams& params, CudaStream stream) {
@@ -738,22 +823,37 @@ void launch_attention(Device device, const AttentionParams& params, CudaStream s
   AttentionParams p = params;
   if (p.units == 0) return;
   const CacheView& c = p.cache;
-  const int terms = std::max(count_terms(c.key), count_terms(c.value));
+  const int terms = std::max(c.key.n_terms, c.value.n_terms);
   int max_dim = 0;
   for (const CodecTables* t : {&c.key, &c.value})
     for (int g = 0; g < t->groups; ++g) max_dim = std::max(max_dim, t->g[g].dim);
   const int qk_floats = c.key.term_dim;
-  const size_t smem = size_t(2 * terms) * 256 * kLutCopies * 4;
-  const size_t prep_smem = size_t(4) * size_t(qk_floats + c.head_dim) * 4;
+  // Shared memory: the code-pair tables, then each warp's stage buffers.
+  const size_t smem = size_t(c.key.n_terms + c.value.n_terms) * 256 * kLutCopies * 4 +
+                      size_t(kWarps) * kStages * c.value.stage_end;
+  // One warp per row: the rows' dependent loads (channel list, then the query) overlap.
+  const size_t prep_smem = size_t(kTileRows) * size_t(qk_floats + c.head_dim) * 4;
   if (prep_smem > 48 * 1024)
     TQKV_CUDA_CHECK(cudaFuncSetAttribute(prepare_kernel,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(prep_smem)));
-  prepare_kernel<<<p.units, 128, prep_smem, stream>>>(p);
+  prepare_kernel<<<p.units, 32 * kTileRows, prep_smem, stream>>>(p);
   TQKV_CUDA_CHECK_LAUNCH("prepare_kernel");
   const bool rows16 = p.group * int(*std::max_element(p.queries, p.queries + p.batch)) > 8;
-  // Instantiations: terms ≤ 1 with coordinates ≤ 256 per term, or ≤ 2 / ≤ 4 terms of ≤ 128.
-  if (terms <= 1 && max_dim <= 128) {
+  // Decode with the common codecs (one MSE term of 128 coordinates per side, keys and values of
+  // the same width 2, 3 or 4) runs a kernel built for that shape.
+  auto single_mse = [](const CodecTables& t, int dim) {
+    return t.groups == 1 && t.n_terms == 1 && t.terms[0].sign == 0 && t.terms[0].dim == dim;
+  };
+  const int width = c.key.terms[0].width;
+  const bool fixed = !rows16 && single_mse(c.key, 128) && single_mse(c.value, 128) &&
+                     c.value.terms[0].width == width && width >= 2 && width <= 4;
+  // Otherwise: terms ≤ 1 with coordinates ≤ 256 per term, or ≤ 2 / ≤ 4 terms of ≤ 128.
+  if (fixed) {
+    if (width == 4) launch<1, 4, 2, false, 128, 4, 4>(device, p, smem, stream);
+    if (width == 3) launch<1, 4, 2, false, 128, 3, 3>(device, p, smem, stream);
+    if (width == 2) launch<1, 4, 2, false, 128, 2, 2>(device, p, smem, stream);
+  } else if (terms <= 1 && max_dim <= 128) {
     rows16 ? launch<1, 4, 2, true>(device, p, smem, stream) : launch<1, 4, 2, false>(device, p, smem, stream);
   } else if (terms <= 1 && max_dim <= 256) {
     rows16 ? launch<1, 8, 4, true>(device, p, smem, stream) : launch<1, 8, 4, false>(device, p, smem, stream);

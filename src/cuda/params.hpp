@@ -33,6 +33,24 @@ struct GroupTables {
   uint32_t norm_at = 0, gamma_at = 0;
 };
 
+inline constexpr int kMaxTerms = 2 * kMaxGroups;  // per group: codes and QJL signs
+/// Lanes of a warp that share one code word (8 coordinates) of a token in the attention MMAs.
+inline constexpr int kKeyLanesPerWord = 4, kValueLanesPerWord = 8;
+
+/// One term of a codec as the attention kernels read it: a group's codes, or its QJL sign bits.
+/// Built on the host (make_terms), so the kernels read these from the parameter space.
+struct TermTables {
+  int group = 0, sign = 0, width = 0, dim = 0;
+  int words = 0;     // 8-coordinate code words per token
+  int per_lane = 0;  // words a lane owns (its side's lanes per word)
+  uint32_t at = 0, bytes = 0;  // section in the block: start, bytes per token
+  uint32_t norm_at = 0, gamma_at = 0;  // the per-token scale n (times γ for signs)
+  float key_factor = 1.0f;     // keys: √(π/2)/d for signs, else 1
+  int acc_offset = 0;          // where its coordinates sit in a query row / accumulator row
+  /// Where a 16-token tile of its codes, norms and γ sit in an attention kernel's stage buffer.
+  uint32_t stage_codes = 0, stage_norm = 0, stage_gamma = 0;
+};
+
 struct CodecTables {
   int groups = 0;
   int norm_f16 = 1;
@@ -41,7 +59,49 @@ struct CodecTables {
   /// on the key side, a row's rotated-space accumulator on the value side.
   int term_dim = 0;
   GroupTables g[kMaxGroups];
+  int n_terms = 0;
+  TermTables terms[kMaxTerms];
+  uint32_t stage_end = 0;  // one past this side's last byte in a stage buffer
 };
+
+/// Fills t.terms (codes then signs per group), t.term_dim and the terms' places in a stage buffer
+/// (from `stage_begin`, 16-byte aligned runs) from t.g and t.norm_f16; `lanes_per_word` is the
+/// side's (kKeyLanesPerWord or kValueLanesPerWord).
+inline void make_terms(CodecTables& t, int lanes_per_word, uint32_t stage_begin) {
+  constexpr uint32_t kTile = 16;  // tokens of a tile (every run below is a multiple of 16 bytes)
+  const uint32_t nb = t.norm_f16 ? 2 : 4;
+  uint32_t stage = stage_begin;
+  t.n_terms = 0;
+  t.term_dim = 0;
+  for (int gi = 0; gi < t.groups; ++gi) {
+    const GroupTables& g = t.g[gi];
+    for (int sign = 0; sign < 2; ++sign) {
+      if (sign == 0 && g.mse_bits == 0) continue;
+      if (sign == 1 && !g.qjl) continue;
+      TermTables& x = t.terms[t.n_terms++];
+      x.group = gi;
+      x.sign = sign;
+      x.width = sign ? 1 : g.mse_bits;
+      x.dim = g.dim;
+      x.words = g.dim / 8;
+      x.per_lane = (x.words + lanes_per_word - 1) / lanes_per_word;
+      x.at = sign ? g.signs_at : g.codes_at;
+      x.bytes = sign ? g.signs_bytes : g.codes_bytes;
+      x.norm_at = g.norm_at;
+      x.gamma_at = g.gamma_at;
+      x.key_factor = sign ? g.qjl_factor : 1.0f;
+      x.acc_offset = t.term_dim;
+      t.term_dim += g.dim;
+      x.stage_codes = stage;
+      stage += kTile * x.bytes;
+      x.stage_norm = stage;
+      stage += kTile * nb;
+      x.stage_gamma = stage;
+      if (sign) stage += kTile * nb;
+    }
+  }
+  t.stage_end = stage;
+}
 
 /// One layer of a GPU cache as the kernels see it.
 struct CacheView {
