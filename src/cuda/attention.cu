@@ -15,8 +15,11 @@
 //          owns words [n·Wv, (n+1)·Wv); bytes pair the same coordinate of two tokens.
 // A "term" is one group's codes or one group's sign bits; each has its own per-token scale
 // (n, or n·γ·√(π/2)/d for QJL) applied to the score or folded into the probabilities.
-// The query is rotated (and projected by S) per item in shared memory, normalized per row to
-// keep float16 in range; scores are kept in log2 units (scale · log2 e folded into the query).
+// A prepare kernel rotates (and projects by S) each unit's query rows once, normalized per row
+// to keep float16 in range; scores are kept in log2 units (scale · log2 e folded into the query).
+// Codes, norms and γ reach the warp through its ring of stage buffers in shared memory, filled
+// by cp.async several tiles ahead. The common codecs (one 128-coordinate MSE term per side of
+// width 2, 3 or 4) run kernels built for their shape; the rest read it from the term tables.
 // Each item leaves (m, l, acc) per row in the workspace; a merge kernel combines the splits and
 // applies each value group's inverse rotation once (plus Sᵀ for QJL values).
 #include <cuda_fp16.h>
@@ -793,7 +796,8 @@ __global__ void __launch_bounds__(128) merge_kernel(const AttentionParams p) {
 }
 
 // Launches the kernel; with p.splits == 0 first chooses the splits so that the items fill one
-// wave of the GPU at this kernel's occupancy (a partial second wave would idle most SMs).
+// wave of the GPU at this kernel's occupancy (a partial second wave would idle most SMs), with
+// splits of at least kStages tiles.
 template <int kTerms, int kWordsK, int kWordsV, bool kRows16, int kDim = 0, int kKeyWidth = 0,
           int kValueWidth = 0>
 void launch(Device device, AttentionParams& p, size_t smem, CudaStream stream) {
@@ -807,8 +811,10 @@ void launch(Device device, AttentionParams& p, size_t smem, CudaStream stream) {
                                                                   kWarps * 32, smem));
     const uint32_t wave = uint32_t(multiprocessors(device)) * uint32_t(std::max(1, blocks_per_sm)) *
                           uint32_t(kWarps);
+    // At least kStages tiles a split: a warp's whole ring is in flight at once, and fewer
+    // partial states leave less for the merge (short contexts).
     const uint32_t tiles = std::max(1u, (p.max_tokens + 15) / 16);
-    p.splits = int(std::max(1u, std::min(wave / p.units, tiles)));
+    p.splits = int(std::max(1u, std::min(wave / p.units, tiles / kStages)));
   }
   p.splits = int(std::max(1u, std::min(uint32_t(p.splits), p.max_items / p.units)));
   const uint32_t items = p.units * uint32_t(p.splits);
