@@ -295,6 +295,21 @@ TEST(Gpu, BadInputIsRefusedAndChangesNothing) {
   }
   EXPECT_EQ(gpu.length(a, 0), 0u);
   EXPECT_EQ(gpu.pages_free(), free_before);
+  // A refused vector's slot stays past the end of the sequence but inside the tile that
+  // attention reads whole (masked): after 3 good tokens, a NaN value at token 5 must not reach
+  // the output through its norm.
+  {
+    KVCache c2(config_of(s, Device::cuda(0)));
+    const SequenceId b = c2.add_sequence();
+    auto v2 = v;
+    std::memcpy(&v2[((5 * size_t(s.kv_heads) + 1) * size_t(s.head_dim) + 7) * 4], &nan, 4);
+    const DeviceBuffer dv2 = on_gpu(v2), dk2 = on_gpu(random_rows(rng, n, ScalarType::f32, true));
+    EXPECT_THROW(c2.append(b, 0, dk2.data(), dv2.data(), 40, ScalarType::f32), Error);
+    c2.append(b, 0, dk2.data(), dv.data(), 3, ScalarType::f32);
+    const SequenceId ids[] = {b};
+    const size_t decode[] = {1};
+    check_attention(c2, ids, decode, 4 * s.kv_heads, {}, rng, "after a refused append");
+  }
   // The CPU attention refuses a GPU cache and the GPU attention a CPU cache.
   std::vector<float> q(size_t(s.kv_heads) * s.head_dim), out(q.size());
   const SequenceId ids[] = {a};

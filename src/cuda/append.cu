@@ -8,6 +8,8 @@
 //   order of rotation.hpp; y · (gain / n) with one division; idx = #{boundaries < y}.
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 #include "cuda/backend.hpp"
 #include "cuda/common.cuh"
 
@@ -43,6 +45,43 @@ __device__ void store_scalar(uint8_t* p, float v, int f16) {
   }
 }
 
+// The Hadamard butterflies of rotation.hpp (unscaled), in their order and with their operations,
+// on d = 32·E values in registers: lane l holds elements l + 32k, so the stages h < 32 pair
+// lanes (xor shuffles) and the stages h = 32m pair registers k and k + m.
+template <int E>
+__device__ __forceinline__ void butterflies(float (&r)[E], int lane) {
+#pragma unroll
+  for (int h = 1; h < 32; h *= 2) {
+    const bool upper = lane & h;  // this lane holds element i + h of its pairs
+#pragma unroll
+    for (int k = 0; k < E; ++k) {
+      const float other = __shfl_xor_sync(0xffffffffu, r[k], h);
+      r[k] = upper ? __fsub_rn(other, r[k]) : __fadd_rn(r[k], other);
+    }
+  }
+#pragma unroll
+  for (int m = 1; m < E; m *= 2)
+#pragma unroll
+    for (int k = 0; k < E; ++k)
+      if (!(k & m)) {
+        const float a = r[k], b = r[k + m];
+        r[k] = __fadd_rn(a, b);
+        r[k + m] = __fsub_rn(a, b);
+      }
+}
+
+// y = H diag(signs) x (unscaled) for d = 32·E, x and y in shared memory.
+template <int E>
+__device__ void hadamard_in_registers(const GroupTables& g, const float* x, float* y, int lane) {
+  float r[E];
+#pragma unroll
+  for (int k = 0; k < E; ++k) r[k] = __fmul_rn(x[lane + 32 * k], g.signs[lane + 32 * k]);
+  butterflies<E>(r, lane);
+#pragma unroll
+  for (int k = 0; k < E; ++k) y[lane + 32 * k] = r[k];
+  __syncwarp();
+}
+
 // Encodes one group's channels (x, already gathered) into its sections at `slot` of `block`.
 // Returns false if the vector cannot be encoded (then what it wrote is never made visible).
 __device__ bool encode_group(const GroupTables& g, int norm_f16, float* x, float* y,
@@ -56,17 +95,24 @@ __device__ bool encode_group(const GroupTables& g, int norm_f16, float* x, float
   if (norm_f16) ok &= finite(__half2float(__float2half_rn(n)));
   // y = Π_unscaled x
   if (!g.dense) {
-    for (int j = lane; j < d; j += 32) y[j] = __fmul_rn(x[j], g.signs[j]);
-    for (int h = 1; h < d; h *= 2) {
-      __syncwarp();
-      for (int p = lane; p < d / 2; p += 32) {
-        const int i = (p / h) * 2 * h + (p % h);
-        const float a = y[i], b = y[i + h];
-        y[i] = __fadd_rn(a, b);
-        y[i + h] = __fsub_rn(a, b);
-      }
+    switch (d) {  // Hadamard sizes are powers of two
+      case 32: hadamard_in_registers<1>(g, x, y, lane); break;
+      case 64: hadamard_in_registers<2>(g, x, y, lane); break;
+      case 128: hadamard_in_registers<4>(g, x, y, lane); break;
+      case 256: hadamard_in_registers<8>(g, x, y, lane); break;
+      default:
+        for (int j = lane; j < d; j += 32) y[j] = __fmul_rn(x[j], g.signs[j]);
+        for (int h = 1; h < d; h *= 2) {
+          __syncwarp();
+          for (int p = lane; p < d / 2; p += 32) {
+            const int i = ((p & ~(h - 1)) << 1) | (p & (h - 1));  // (p / h) · 2h + p mod h
+            const float a = y[i], b = y[i + h];
+            y[i] = __fadd_rn(a, b);
+            y[i + h] = __fsub_rn(a, b);
+          }
+        }
+        __syncwarp();
     }
-    __syncwarp();
   } else {
     for (int r = 0; r < d; ++r) {
       const float v = canonical_dot(g.rotation + size_t(r) * d, x, d, lane);
@@ -118,11 +164,88 @@ __device__ bool encode_group(const GroupTables& g, int norm_f16, float* x, float
         if (canonical_dot(g.qjl_matrix + size_t(i) * d, x, d, lane) >= 0.0f) byte |= 1u << (i - i0);
       if (lane == 0) signs[i0 / 8] = uint8_t(byte);
     }
-    if (lane == 0) store_scalar(block + g.gamma_at + size_t(slot) * (norm_f16 ? 2 : 4), gamma,
-                                norm_f16);
+    const bool gamma_ok = __all_sync(0xffffffffu, ok) && finite(gamma) &&
+                          (!norm_f16 || finite(__half2float(__float2half_rn(gamma))));
+    if (lane == 0) store_scalar(block + g.gamma_at + size_t(slot) * (norm_f16 ? 2 : 4),
+                                gamma_ok ? gamma : 0.0f, norm_f16);
   }
-  if (lane == 0) store_scalar(block + g.norm_at + size_t(slot) * (norm_f16 ? 2 : 4), n, norm_f16);
+  // A refused vector's slot stays past the sequence's end, where attention still reads whole
+  // tiles (masked): its norm must be finite, so it gets 0.
+  if (lane == 0)
+    store_scalar(block + g.norm_at + size_t(slot) * (norm_f16 ? 2 : 4), ok ? n : 0.0f, norm_f16);
   __syncwarp();
+  return ok;
+}
+
+// The common case in registers: a Hadamard-rotated MSE group (no QJL) of d = 32·E channels,
+// read straight from the input. Lane l holds channels l + 32k, which is also the canonical
+// order's lane assignment, so the norm's partial sums need no reordering. Same arithmetic, in the
+// same order, as encode_group.
+template <int E>
+__device__ bool encode_group_in_registers(const GroupTables& g, int norm_f16, const void* src,
+                                          int type, size_t row, const int16_t* channels,
+                                          uint8_t* block, uint32_t slot, int lane) {
+  float x[E];
+#pragma unroll
+  for (int k = 0; k < E; ++k) x[k] = load_element(src, type, row + size_t(channels[lane + 32 * k]));
+  bool ok = true;
+#pragma unroll
+  for (int k = 0; k < E; ++k) ok &= finite(x[k]);
+  ok = __all_sync(0xffffffffu, ok);
+  float part = 0.0f;
+#pragma unroll
+  for (int k = 0; k < E; ++k) part = __fadd_rn(part, __fmul_rn(x[k], x[k]));
+  for (int w = 16; w >= 1; w /= 2) part = __fadd_rn(part, __shfl_xor_sync(0xffffffffu, part, w));
+  const float n = __fsqrt_rn(part);
+  ok &= finite(n);
+  if (norm_f16) ok &= finite(__half2float(__float2half_rn(n)));
+  // y = H diag(signs) x
+#pragma unroll
+  for (int k = 0; k < E; ++k) x[k] = __fmul_rn(x[k], g.signs[lane + 32 * k]);
+  butterflies<E>(x, lane);
+  const float inv = n > 0.0f ? __fdiv_rn(g.gain, n) : 0.0f;
+  uint32_t code[E];
+#pragma unroll
+  for (int k = 0; k < E; ++k) {
+    x[k] = __fmul_rn(x[k], inv);
+    code[k] = 0;
+  }
+  for (int step = 1 << (g.mse_bits - 1); step > 0; step >>= 1)
+#pragma unroll
+    for (int k = 0; k < E; ++k)
+      if (g.boundaries[code[k] + step - 1] < x[k]) code[k] += step;
+  // Pack (bitpack.hpp): field of width w, widest first, holds code bits [shift, shift + w);
+  // coordinates 8q..8q+7 fill its w bytes from q·w, coordinate 8q + i at bit i·w. Eight lanes
+  // OR their bits together and one of them stores the w bytes.
+  uint8_t* codes = block + g.codes_at + size_t(slot) * g.codes_bytes;
+  int shift = 0;
+  uint32_t at = 0;
+  for (int w = 8; w >= 1; w /= 2) {
+    if (!(g.mse_bits & w)) continue;
+    const uint32_t mask = (1u << w) - 1u;
+#pragma unroll
+    for (int k = 0; k < E; ++k) {
+      const uint32_t j = uint32_t(lane + 32 * k), bits = (code[k] >> shift) & mask;
+      if (w == 8) {
+        codes[at + j] = uint8_t(bits);
+        continue;
+      }
+      uint32_t v = bits << (uint32_t(w) * (j % 8));
+      v |= __shfl_xor_sync(0xffffffffu, v, 1);
+      v |= __shfl_xor_sync(0xffffffffu, v, 2);
+      v |= __shfl_xor_sync(0xffffffffu, v, 4);
+      if (j % 8 == 0) {
+        uint8_t* dst = codes + at + (j / 8) * uint32_t(w);  // aligned to w (d = 32·E)
+        if (w == 4) *reinterpret_cast<uint32_t*>(dst) = v;
+        else if (w == 2) *reinterpret_cast<uint16_t*>(dst) = uint16_t(v);
+        else *dst = uint8_t(v);
+      }
+    }
+    shift += w;
+    at += uint32_t(g.dim * w / 8);
+  }
+  if (lane == 0)
+    store_scalar(block + g.norm_at + size_t(slot) * (norm_f16 ? 2 : 4), ok ? n : 0.0f, norm_f16);
   return ok;
 }
 
@@ -153,6 +276,22 @@ __global__ void __launch_bounds__(kWarps * 32) append_kernel(const AppendParams 
   int first = 0;
   for (int gi = 0; gi < codec.groups; ++gi) {
     const GroupTables& g = codec.g[gi];
+    const void* src = side ? p.v : p.k;
+    if (!g.dense && !g.qjl && g.mse_bits > 0 && g.dim % 32 == 0 && g.dim <= 256) {
+      const int16_t* ch = channels + first;
+      auto run = [&](auto e) {
+        return encode_group_in_registers<decltype(e)::value>(g, codec.norm_f16, src, p.type, row,
+                                                             ch, block, slot, lane);
+      };
+      switch (g.dim / 32) {  // Hadamard sizes are powers of two
+        case 1: ok &= run(std::integral_constant<int, 1>{}); break;
+        case 2: ok &= run(std::integral_constant<int, 2>{}); break;
+        case 4: ok &= run(std::integral_constant<int, 4>{}); break;
+        default: ok &= run(std::integral_constant<int, 8>{}); break;
+      }
+      first += g.dim;
+      continue;
+    }
     for (int j = lane; j < g.dim; j += 32)
       x[j] = load_element(side ? p.v : p.k, p.type, row + size_t(channels[first + j]));
     __syncwarp();

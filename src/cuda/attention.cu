@@ -47,6 +47,17 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// The same for tiles of 8 query rows (decode): rows 8–15 of A are zero, so only C's first two
+// registers carry data; the other two are neither kept nor re-zeroed between calls.
+__device__ __forceinline__ void mma16816_rows8(float& c0, float& c1, uint32_t a0, uint32_t a2,
+                                               uint32_t b0, uint32_t b1) {
+  asm("{\n .reg .f32 unused2, unused3;\n"
+      " mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,unused2,unused3}, "
+      "{%2,%3,%4,%5}, {%6,%7}, {%0,%1,%8,%8};\n}\n"
+      : "+f"(c0), "+f"(c1)
+      : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(0.0f));
+}
+
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
   const __half2 h = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&h);
@@ -267,7 +278,7 @@ __device__ void rotate_forward(const GroupTables& g, const float* x, float* y, i
   for (int hs = 1; hs < g.dim; hs *= 2) {
     __syncwarp();
     for (int pr = lane; pr < g.dim / 2; pr += 32) {
-      const int a = (pr / hs) * 2 * hs + (pr % hs);
+      const int a = ((pr & ~(hs - 1)) << 1) | (pr & (hs - 1));  // (pr / hs) · 2hs + pr mod hs
       const float u = y[a], v = y[a + hs];
       y[a] = u + v;
       y[a + hs] = u - v;
@@ -452,9 +463,13 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
 #pragma unroll
         for (int r = 0; r < 2 * kRowRegs; ++r) acc[t][k][e][r] = 0.0f;
 
-  const uint32_t copy = uint32_t(lane % kLutCopies);
-  auto lut = [&](int table, uint32_t byte) {
-    return luts[(uint32_t(table) * 256u + byte) * kLutCopies + copy];
+  // Entry `byte` of a table is at byte offset byte · 32 (8 copies of 4 bytes): that offset is cut
+  // straight out of the code word by one shift and one mask, and the lane's copy is added once.
+  static_assert(kLutCopies == 8, "table entries of 32 bytes");
+  const uint8_t* lut_lane = reinterpret_cast<const uint8_t*>(luts + lane % kLutCopies);
+  auto lut = [&](int table, uint32_t w, int shift) {  // entry (w >> shift) & 0xff
+    const uint32_t offset = shift >= 5 ? (w >> (shift - 5)) & 0x1fe0u : (w << (5 - shift)) & 0x1fe0u;
+    return *reinterpret_cast<const uint32_t*>(lut_lane + uint32_t(table) * 256u * 32u + offset);
   };
   const uint32_t last = geo.hi - 1;
 
@@ -516,13 +531,12 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
                              : word < sh.words ? load_word(codes, sh.width, sh.dim, word) : 0u;
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            uint32_t hi0 = 0u, hi1 = 0u;  // rows grp + 8
-            if constexpr (kRows16) {
-              hi0 = qa[t][k][h][2];
-              hi1 = qa[t][k][h][3];
-            }
-            mma16816(cf, qa[t][k][h][0], hi0, qa[t][k][h][1], hi1,
-                     lut(t, (w >> (16 * h)) & 0xffu), lut(t, (w >> (16 * h + 8)) & 0xffu));
+            const uint32_t b0 = lut(t, w, 16 * h);
+            const uint32_t b1 = lut(t, w, 16 * h + 8);
+            if constexpr (kRows16)
+              mma16816(cf, qa[t][k][h][0], qa[t][k][h][2], qa[t][k][h][1], qa[t][k][h][3], b0, b1);
+            else
+              mma16816_rows8(cf[0], cf[1], qa[t][k][h][0], qa[t][k][h][1], b0, b1);
           }
         }
         const float n0 = staged_scale(c.key, x, sh.sign, buf, uint32_t(8 * s + 2 * quad), true);
@@ -628,17 +642,13 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
           const uint32_t ab = (e & 1) ? ab_odd : ab_even, cd = (e & 1) ? cd_odd : cd_even;
-          const uint32_t shift = 8u * uint32_t(e >> 1);
-          float cf[4] = {acc[t][k][e][0], acc[t][k][e][1], kRows16 ? acc[t][k][e][2 * kRowRegs - 2] : 0.0f,
-                         kRows16 ? acc[t][k][e][2 * kRowRegs - 1] : 0.0f};
-          mma16816(cf, pa[0], pa[1], pa[2], pa[3], lut(nk + t, (ab >> shift) & 0xffu),
-                   lut(nk + t, (cd >> shift) & 0xffu));
-          acc[t][k][e][0] = cf[0];
-          acc[t][k][e][1] = cf[1];
-          if constexpr (kRows16) {
-            acc[t][k][e][2] = cf[2];
-            acc[t][k][e][3] = cf[3];
-          }
+          const int shift = 8 * (e >> 1);
+          const uint32_t b0 = lut(nk + t, ab, shift);
+          const uint32_t b1 = lut(nk + t, cd, shift);
+          if constexpr (kRows16)
+            mma16816(acc[t][k][e], pa[0], pa[1], pa[2], pa[3], b0, b1);
+          else
+            mma16816_rows8(acc[t][k][e][0], acc[t][k][e][1], pa[0], pa[2], b0, b1);
         }
       }
     }
@@ -773,7 +783,7 @@ __global__ void __launch_bounds__(128) merge_kernel(const AttentionParams p) {
     if (!g.dense) {
       for (int hs = 1; hs < g.dim; hs *= 2) {
         for (int pr = threadIdx.x; pr < g.dim / 2; pr += blockDim.x) {
-          const int x = (pr / hs) * 2 * hs + (pr % hs);
+          const int x = ((pr & ~(hs - 1)) << 1) | (pr & (hs - 1));  // (pr / hs) · 2hs + pr mod hs
           const float u = y[x], v = y[x + hs];
           y[x] = u + v;
           y[x + hs] = u - v;
