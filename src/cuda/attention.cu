@@ -47,6 +47,16 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// The same with the accumulators as four separate variables.
+__device__ __forceinline__ void mma16816(float& c0, float& c1, float& c2, float& c3, uint32_t a0,
+                                         uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                         uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c0), "+f"(c1), "+f"(c2), "+f"(c3)
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
 // The same for tiles of 8 query rows (decode): rows 8–15 of A are zero, so only C's first two
 // registers carry data; the other two are neither kept nor re-zeroed between calls.
 __device__ __forceinline__ void mma16816_rows8(float& c0, float& c1, uint32_t a0, uint32_t a2,
@@ -365,6 +375,12 @@ template <int kTerms, int kWordsK, int kWordsV, bool kRows16, int kDim, int kKey
 __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
     attention_kernel(const AttentionParams p) {
   constexpr int kRowRegs = kRows16 ? 2 : 1;  // fragment rows a lane holds: g (and g + 8)
+  // Decode kernels built for one 128-coordinate term multiply values transposed: O^T = V^T P^T,
+  // codes as A (16 coordinates × 16 tokens), probabilities as B (16 tokens × 8 rows), so a tile
+  // takes 8 MMAs instead of 16 and every accumulator register is live. acc[0][k][e][j] is then
+  // coordinate 8·(2·grp + k) + e of query row 2·quad + j (else: coordinate
+  // 8·((2·quad + j)·per_lane + k) + e of row grp, and j + 2 of row grp + 8).
+  constexpr bool kValuesT = kDim == 128 && !kRows16;
   extern __shared__ __align__(16) uint8_t shared[];
   const CacheView& c = p.cache;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -588,6 +604,18 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
 #pragma unroll
     for (int r = 0; r < kRowRegs; ++r) moved |= corr[r] != 1.0f;
     if (__any_sync(0xffffffffu, moved)) {
+      if constexpr (kValuesT) {
+        // Rows 2·quad + j: their corrections live in the lanes of group 2·quad + j.
+        const float c0 = __shfl_sync(0xffffffffu, corr[0], 8 * quad);
+        const float c1 = __shfl_sync(0xffffffffu, corr[0], 8 * quad + 4);
+#pragma unroll
+        for (int k = 0; k < kWordsV; ++k)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            acc[0][k][e][0] *= c0;
+            acc[0][k][e][1] *= c1;
+          }
+      } else {
 #pragma unroll
       for (int t = 0; t < kTerms; ++t)
 #pragma unroll
@@ -599,6 +627,7 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
               acc[t][k][e][2 * r] *= corr[r];
               acc[t][k][e][2 * r + 1] *= corr[r];
             }
+      }
     }
 
     // Values: tokens base + 2·quad + {0, 1, 8, 9}.
@@ -623,6 +652,7 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
 #pragma unroll
       for (int j = 0; j < 4; ++j) rows[j] = buf + x.stage_codes + vtok[j] * sh.bytes;
       uint32_t vw[4][kWordsV] = {};  // [token][word], 4-bit words by vector loads
+      uint32_t ab_word0[2] = {0u, 0u}, cd_word0[2] = {0u, 0u};  // kValuesT: word 0's pairs
       if (vector) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) load_words4<kWordsV>(rows[j], grp * sh.per_lane, sh.words, vw[j]);
@@ -639,16 +669,37 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
         const uint32_t ab_odd = ((w[0] >> 4) & 0x0f0f0f0fu) | (w[1] & 0xf0f0f0f0u);
         const uint32_t cd_even = (w[2] & 0x0f0f0f0fu) | ((w[3] & 0x0f0f0f0fu) << 4);
         const uint32_t cd_odd = ((w[2] >> 4) & 0x0f0f0f0fu) | (w[3] & 0xf0f0f0f0u);
+        if constexpr (kValuesT) {
+          // Word 1 of this lane's pair: the MMAs of both words run at k = 1, rows grp + 8.
+          static_assert(!kValuesT || kWordsV == 2, "two value words a lane");
+          if (k == 0) {
+            ab_word0[0] = ab_even;
+            ab_word0[1] = ab_odd;
+            cd_word0[0] = cd_even;
+            cd_word0[1] = cd_odd;
+            continue;
+          }
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const uint32_t ab = (e & 1) ? ab_odd : ab_even, cd = (e & 1) ? cd_odd : cd_even;
-          const int shift = 8 * (e >> 1);
-          const uint32_t b0 = lut(nk + t, ab, shift);
-          const uint32_t b1 = lut(nk + t, cd, shift);
-          if constexpr (kRows16)
-            mma16816(acc[t][k][e], pa[0], pa[1], pa[2], pa[3], b0, b1);
-          else
-            mma16816_rows8(acc[t][k][e][0], acc[t][k][e][1], pa[0], pa[2], b0, b1);
+          for (int e = 0; e < 8; ++e) {
+            const int shift = 8 * (e >> 1);
+            mma16816(acc[0][0][e][0], acc[0][0][e][1], acc[0][1][e][0], acc[0][1][e][1],
+                     lut(nk + t, ab_word0[e & 1], shift),
+                     lut(nk + t, (e & 1) ? ab_odd : ab_even, shift),
+                     lut(nk + t, cd_word0[e & 1], shift),
+                     lut(nk + t, (e & 1) ? cd_odd : cd_even, shift), pa[0], pa[2]);
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const uint32_t ab = (e & 1) ? ab_odd : ab_even, cd = (e & 1) ? cd_odd : cd_even;
+            const int shift = 8 * (e >> 1);
+            const uint32_t b0 = lut(nk + t, ab, shift);
+            const uint32_t b1 = lut(nk + t, cd, shift);
+            if constexpr (kRows16)
+              mma16816(acc[t][k][e], pa[0], pa[1], pa[2], pa[3], b0, b1);
+            else
+              mma16816_rows8(acc[t][k][e][0], acc[t][k][e][1], pa[0], pa[2], b0, b1);
+          }
         }
       }
     }
@@ -670,25 +721,41 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
       row[0] = m[r];
       row[1] = lt;
     }
-    if (m[r] == kNegInf) continue;
+    if constexpr (kValuesT) {
+      // Rows 2·quad + j, coordinates 16·grp .. 16·grp + 15 (words 2·grp, 2·grp + 1).
 #pragma unroll
-    for (int t = 0; t < kTerms; ++t) {
-      if (t >= nv) break;
-      const TermTables& x = vt[t];
-      const Shape sh = value_shape(t);
+      for (int j = 0; j < 2; ++j) {
+        const int rj = 2 * quad + j;
+        if (__shfl_sync(0xffffffffu, m[0], 4 * rj) == kNegInf) continue;
+        float* out = state + size_t(rj) * (4 + acc_dim) + 4 + 16 * grp;
 #pragma unroll
-      for (int k = 0; k < kWordsV; ++k) {
-        if (k >= sh.per_lane) break;
+        for (int k = 0; k < 2; ++k) {
+          float4* dst = reinterpret_cast<float4*>(out + 8 * k);
+          dst[0] = make_float4(acc[0][k][0][j], acc[0][k][1][j], acc[0][k][2][j], acc[0][k][3][j]);
+          dst[1] = make_float4(acc[0][k][4][j], acc[0][k][5][j], acc[0][k][6][j], acc[0][k][7][j]);
+        }
+      }
+    } else {
+      if (m[r] == kNegInf) continue;
 #pragma unroll
-        for (int col = 0; col < 2; ++col) {
-          const int word = (2 * quad + col) * sh.per_lane + k;
-          if (word >= sh.words) continue;
-          // 8 consecutive floats, 16-byte aligned (rows and offsets are multiples of 4 floats).
-          float4* dst = reinterpret_cast<float4*>(row + 4 + x.acc_offset + 8 * word);
-          dst[0] = make_float4(acc[t][k][0][2 * r + col], acc[t][k][1][2 * r + col],
-                               acc[t][k][2][2 * r + col], acc[t][k][3][2 * r + col]);
-          dst[1] = make_float4(acc[t][k][4][2 * r + col], acc[t][k][5][2 * r + col],
-                               acc[t][k][6][2 * r + col], acc[t][k][7][2 * r + col]);
+      for (int t = 0; t < kTerms; ++t) {
+        if (t >= nv) break;
+        const TermTables& x = vt[t];
+        const Shape sh = value_shape(t);
+#pragma unroll
+        for (int k = 0; k < kWordsV; ++k) {
+          if (k >= sh.per_lane) break;
+#pragma unroll
+          for (int col = 0; col < 2; ++col) {
+            const int word = (2 * quad + col) * sh.per_lane + k;
+            if (word >= sh.words) continue;
+            // 8 consecutive floats, 16-byte aligned (rows and offsets are multiples of 4 floats).
+            float4* dst = reinterpret_cast<float4*>(row + 4 + x.acc_offset + 8 * word);
+            dst[0] = make_float4(acc[t][k][0][2 * r + col], acc[t][k][1][2 * r + col],
+                                 acc[t][k][2][2 * r + col], acc[t][k][3][2 * r + col]);
+            dst[1] = make_float4(acc[t][k][4][2 * r + col], acc[t][k][5][2 * r + col],
+                                 acc[t][k][6][2 * r + col], acc[t][k][7][2 * r + col]);
+          }
         }
       }
     }
