@@ -35,7 +35,9 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kStages = 4;  // a warp's stage buffers: tiles in flight while one is computed
-constexpr int kLutCopies = 8;  // code-pair tables replicated to spread lanes over the banks
+// Copies of each code-pair table, interleaved, so that lanes spread over the shared-memory banks:
+// 16 for the kernels built for one term per side (two tables), 8 for the others (up to 8 tables).
+__host__ __device__ constexpr int lut_copies(int fixed_dim) { return fixed_dim > 0 ? 16 : 8; }
 constexpr float kNegInf = -__builtin_huge_valf();
 
 __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
@@ -381,6 +383,7 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
   // coordinate 8·(2·grp + k) + e of query row 2·quad + j (else: coordinate
   // 8·((2·quad + j)·per_lane + k) + e of row grp, and j + 2 of row grp + 8).
   constexpr bool kValuesT = kDim == 128 && !kRows16;
+  constexpr int kLutCopies = lut_copies(kDim);
   extern __shared__ __align__(16) uint8_t shared[];
   const CacheView& c = p.cache;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -479,13 +482,17 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
 #pragma unroll
         for (int r = 0; r < 2 * kRowRegs; ++r) acc[t][k][e][r] = 0.0f;
 
-  // Entry `byte` of a table is at byte offset byte · 32 (8 copies of 4 bytes): that offset is cut
-  // straight out of the code word by one shift and one mask, and the lane's copy is added once.
-  static_assert(kLutCopies == 8, "table entries of 32 bytes");
+  // Entry `byte` of a table is at byte offset byte · 4 · kLutCopies: that offset is cut straight
+  // out of the code word by one shift and one mask, and the lane's copy is added once.
+  constexpr int kEntryShift = kLutCopies == 16 ? 6 : kLutCopies == 8 ? 5 : -1;
+  static_assert(kEntryShift > 0, "table entries of 32 or 64 bytes");
+  constexpr uint32_t kEntryMask = 0xffu << kEntryShift;
   const uint8_t* lut_lane = reinterpret_cast<const uint8_t*>(luts + lane % kLutCopies);
   auto lut = [&](int table, uint32_t w, int shift) {  // entry (w >> shift) & 0xff
-    const uint32_t offset = shift >= 5 ? (w >> (shift - 5)) & 0x1fe0u : (w << (5 - shift)) & 0x1fe0u;
-    return *reinterpret_cast<const uint32_t*>(lut_lane + uint32_t(table) * 256u * 32u + offset);
+    const uint32_t offset = shift >= kEntryShift ? (w >> (shift - kEntryShift)) & kEntryMask
+                                                 : (w << (kEntryShift - shift)) & kEntryMask;
+    return *reinterpret_cast<const uint32_t*>(lut_lane + uint32_t(table) * (256u << kEntryShift) +
+                                              offset);
   };
   const uint32_t last = geo.hi - 1;
 
@@ -877,7 +884,10 @@ __global__ void __launch_bounds__(128) merge_kernel(const AttentionParams p) {
 // splits of at least kStages tiles.
 template <int kTerms, int kWordsK, int kWordsV, bool kRows16, int kDim = 0, int kKeyWidth = 0,
           int kValueWidth = 0>
-void launch(Device device, AttentionParams& p, size_t smem, CudaStream stream) {
+void launch(Device device, AttentionParams& p, size_t stage_smem, CudaStream stream) {
+  const CacheView& c = p.cache;
+  const size_t smem =
+      size_t(c.key.n_terms + c.value.n_terms) * 256 * lut_copies(kDim) * 4 + stage_smem;
   auto kernel = attention_kernel<kTerms, kWordsK, kWordsV, kRows16, kDim, kKeyWidth, kValueWidth>;
   if (smem > 48 * 1024)
     TQKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -911,9 +921,9 @@ void launch_attention(Device device, const AttentionParams& params, CudaStream s
   for (const CodecTables* t : {&c.key, &c.value})
     for (int g = 0; g < t->groups; ++g) max_dim = std::max(max_dim, t->g[g].dim);
   const int qk_floats = c.key.term_dim;
-  // Shared memory: the code-pair tables, then each warp's stage buffers.
-  const size_t smem = size_t(c.key.n_terms + c.value.n_terms) * 256 * kLutCopies * 4 +
-                      size_t(kWarps) * kStages * c.value.stage_end;
+  // Shared memory: the code-pair tables (launch adds them: their copies depend on the kernel),
+  // then each warp's stage buffers.
+  const size_t smem = size_t(kWarps) * kStages * c.value.stage_end;
   // One warp per row: the rows' dependent loads (channel list, then the query) overlap.
   const size_t prep_smem = size_t(kTileRows) * size_t(qk_floats + c.head_dim) * 4;
   if (prep_smem > 48 * 1024)
