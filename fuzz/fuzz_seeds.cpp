@@ -1,5 +1,5 @@
-// Writes small valid .npy and .tqkv files as starting corpora for the fuzz targets.
-// Usage: fuzz_seeds NPY_DIR TQKV_DIR CACHE_DIR
+// Writes small valid .npy, .tqkv and ONNX files as starting corpora for the fuzz targets.
+// Usage: fuzz_seeds NPY_DIR TQKV_DIR CACHE_DIR ONNX_DIR
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -8,13 +8,15 @@
 #include "tqkv/codec.hpp"
 #include "tqkv/file.hpp"
 #include "tqkv/npy.hpp"
+#include "tqkv/onnx.hpp"
 
 int main(int argc, char** argv) {
-  if (argc != 4) {
-    std::fprintf(stderr, "usage: fuzz_seeds NPY_DIR TQKV_DIR CACHE_DIR\n");
+  if (argc != 5) {
+    std::fprintf(stderr, "usage: fuzz_seeds NPY_DIR TQKV_DIR CACHE_DIR ONNX_DIR\n");
     return 2;
   }
-  const std::string npy_dir = argv[1], file_dir = argv[2], cache_dir = argv[3];
+  const std::string npy_dir = argv[1], file_dir = argv[2], cache_dir = argv[3],
+                    onnx_dir = argv[4];
   std::vector<float> x(3 * 16);
   for (size_t i = 0; i < x.size(); ++i) x[i] = float(i % 7) - 3.0f;
   const size_t shape2[2] = {3, 16}, shape1[1] = {48}, shape3[3] = {1, 3, 16};
@@ -66,6 +68,32 @@ int main(int argc, char** argv) {
       std::fwrite(meta.data(), 1, meta.size(), f);
       std::fclose(f);
     }
+  }
+  // ONNX: a MatMulInteger node over an int8 weight (raw data), its scale (float_data) and zero
+  // point (int64_data), with graph inputs and outputs.
+  {
+    std::vector<uint8_t> weight(6);
+    for (size_t i = 0; i < weight.size(); ++i) weight[i] = uint8_t(i * 37);
+    tqkv::onnx::Model m;
+    m.ir_version = 8;
+    m.graph_name = "seed";
+    m.nodes.push_back({"mm", "MatMulInteger", {"x", "w", "x_zp", "w_zp"}, {"y"}});
+    tqkv::onnx::Tensor w, scale, zp;
+    w.name = "w";
+    w.dims = {2, 3};
+    w.type = tqkv::onnx::DataType::int8;
+    w.raw = weight;
+    scale.name = "w_scale";
+    scale.type = tqkv::onnx::DataType::float32;
+    scale.floats = {0.125f};
+    zp.name = "w_zp";
+    zp.type = tqkv::onnx::DataType::int8;
+    zp.ints = {-3};
+    m.initializers = {w, scale, zp};
+    m.inputs = {"x"};
+    m.outputs = {"y"};
+    const auto bytes = tqkv::onnx::serialize(m);
+    tqkv::file::write_bytes(onnx_dir + "/seed.onnx", bytes);
   }
   return 0;
 }
