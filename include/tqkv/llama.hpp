@@ -1,0 +1,130 @@
+// A Llama-architecture language model on the CPU, with its KV cache behind an interface: the
+// harness that shows what a compressed cache costs a real model's predictions.
+//
+// Loaded from an ONNX file of the layout that int8 dynamic quantization exports (onnx.hpp):
+// weights W [in, out] int8 with a per-tensor scale and zero point (W = (q − zp) · scale), named
+// after the MatMulInteger nodes that use them (/model/model/layers.N/self_attn/{q,k,v,o}_proj,
+// mlp/{gate,up,down}_proj, /model/lm_head); the token embedding uint8 with a scale and zero
+// point; RMSNorm weights float32. The forward pass follows that graph: every projection's input
+// is quantized on the fly to uint8 per tensor (DynamicQuantizeLinear: the whole [tokens, in]
+// input of the call shares one scale and zero point), multiplied in integers (MatMulInteger) and
+// scaled back; RMSNorm, rotary embeddings (rotate-half), causal GQA attention and the SiLU-gated
+// MLP run in float32.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "tqkv/cache.hpp"
+
+namespace tqkv {
+
+namespace onnx {
+struct Model;
+}
+
+struct LlamaConfig {
+  int layers = 0, hidden = 0, heads = 0, kv_heads = 0, head_dim = 0, ffn = 0, vocab = 0;
+  double rms_eps = 1e-5;
+  double rope_theta = 100000.0;
+};
+
+/// y = x · W with W int8 [in, out] = (q − zero_point) · scale.
+struct QuantizedLinear {
+  int in = 0, out = 0;
+  std::vector<int8_t> q;  // [in][out]
+  float scale = 0.0f;
+  int zero_point = 0;
+  /// x [rows, in] → y [rows, out]. With quantize_input, x is first quantized like
+  /// DynamicQuantizeLinear over all its rows and multiplied in integers (the exported graph);
+  /// without, x stays float32 (the weights' own precision, no activation rounding).
+  void apply(const float* x, size_t rows, float* y, bool quantize_input = true) const;
+};
+
+/// Where the model keeps one sequence's keys (after rotary embedding) and values.
+class KvStore {
+ public:
+  virtual ~KvStore() = default;
+  /// Tokens stored at `layer`.
+  virtual size_t length(int layer) const = 0;
+  /// Appends `tokens` tokens' k and v ([tokens, kv_heads, head_dim]) at `layer`, then computes
+  /// causal attention for the same tokens' queries q ([tokens, heads, head_dim], softmax scale
+  /// 1/√head_dim) over everything stored at `layer`, into out (like q).
+  virtual void append_and_attend(int layer, size_t tokens, const float* k, const float* v,
+                                 const float* q, int heads, float* out) = 0;
+  /// Bytes of keys and values one token occupies over all layers.
+  virtual double bytes_per_token() const = 0;
+};
+
+/// Keys and values in float32 (the reference).
+class DenseKvStore : public KvStore {
+ public:
+  DenseKvStore(int layers, int kv_heads, int head_dim);
+  size_t length(int layer) const override;
+  void append_and_attend(int layer, size_t tokens, const float* k, const float* v, const float* q,
+                         int heads, float* out) override;
+  double bytes_per_token() const override;
+
+ private:
+  int kv_heads_, head_dim_;
+  std::vector<std::vector<float>> k_, v_;  // per layer: [token][kv_head][d]
+};
+
+/// Keys and values in a tqkv KVCache (one sequence), attention from the codes (attend()).
+class CompressedKvStore : public KvStore {
+ public:
+  /// config's layers, kv_heads and head_dim must match the model; its pool must hold `tokens`.
+  explicit CompressedKvStore(const CacheConfig& config);
+  size_t length(int layer) const override;
+  void append_and_attend(int layer, size_t tokens, const float* k, const float* v, const float* q,
+                         int heads, float* out) override;
+  double bytes_per_token() const override;
+  const KVCache& cache() const { return cache_; }
+
+ private:
+  KVCache cache_;
+  SequenceId seq_;
+};
+
+struct LlamaOptions {
+  int head_dim = 64;  // not stored in the weights
+  /// Quantize every projection's input on the fly as the exported graph does (matches
+  /// onnxruntime). Off: float32 activations against the int8 weights. The rounding of uint8
+  /// activations is discontinuous, so any small change upstream (a compressed cache's) re-rounds
+  /// many of them; off, what a cache costs is measured without that floor.
+  bool quantize_activations = true;
+};
+
+class Llama {
+ public:
+  /// Reads the weights from a parsed ONNX model (checking every shape against the others).
+  /// Throws tqkv::Error naming what does not fit.
+  explicit Llama(const onnx::Model& model, const LlamaOptions& options = {});
+  const LlamaConfig& config() const { return config_; }
+
+  /// Runs the next `tokens` of the sequence whose cache is `kv` (positions kv.length(0) …) as
+  /// one call (their projections' inputs quantized together), appending their keys and values.
+  /// Returns logits [tokens, vocab], or only the last token's [vocab] if last_only.
+  std::vector<float> forward(std::span<const int32_t> tokens, KvStore& kv,
+                             bool last_only = false) const;
+
+ private:
+  struct Layer {
+    std::vector<float> input_norm, post_norm;
+    QuantizedLinear q, k, v, o, gate, up, down;
+  };
+  LlamaConfig config_;
+  bool quantize_activations_ = true;
+  std::vector<uint8_t> embed_q_;  // [vocab][hidden]
+  float embed_scale_ = 0.0f;
+  int embed_zero_point_ = 0;
+  std::vector<Layer> layers_;
+  std::vector<float> final_norm_;
+  QuantizedLinear lm_head_;
+  std::vector<double> inv_freq_;  // [head_dim / 2]
+};
+
+}  // namespace tqkv

@@ -1,0 +1,195 @@
+// The Llama forward pass's pieces against float64 references, and the real model (when
+// tools/fetch-model.sh has fetched it) through the dense and the compressed KV stores.
+#include "tqkv/llama.hpp"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "tqkv/error.hpp"
+#include "tqkv/onnx.hpp"
+
+namespace tqkv {
+namespace {
+
+uint32_t fresh_seed() { return std::random_device{}(); }
+
+// DynamicQuantizeLinear by the ONNX definition, in float64 where that is exact.
+TEST(Llama, QuantizedLinearMatchesTheDefinition) {
+  const uint32_t seed = fresh_seed();
+  SCOPED_TRACE("seed = " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> g;
+  QuantizedLinear l;
+  l.in = 37;
+  l.out = 11;
+  l.q.resize(size_t(l.in * l.out));
+  for (auto& w : l.q) w = int8_t(int(rng() % 256) - 128);
+  l.scale = 0.01f;
+  l.zero_point = int(rng() % 7) - 3;
+  const size_t rows = 3;
+  std::vector<float> x(rows * size_t(l.in)), y(rows * size_t(l.out), NAN);
+  for (auto& v : x) v = g(rng) + 0.5f;  // mostly positive: the zero point is not 0
+  l.apply(x.data(), rows, y.data());
+  float lo = 0.0f, hi = 0.0f;
+  for (float v : x) lo = std::min(lo, v), hi = std::max(hi, v);
+  const float scale = (hi - lo) / 255.0f;
+  const double zp = std::clamp(std::nearbyint(double(-lo / scale)), 0.0, 255.0);
+  for (size_t r = 0; r < rows; ++r)
+    for (int j = 0; j < l.out; ++j) {
+      double acc = 0.0;  // exact: integers below 2^53
+      for (int i = 0; i < l.in; ++i) {
+        const double qx =
+            std::clamp(std::nearbyint(double(x[r * size_t(l.in) + size_t(i)] / scale)) + zp, 0.0, 255.0);
+        acc += (qx - zp) * (double(l.q[size_t(i * l.out + j)]) - l.zero_point);
+      }
+      const double want = acc * double(scale * l.scale);
+      EXPECT_NEAR(y[r * size_t(l.out) + size_t(j)], want, 1e-6 * (1.0 + std::abs(want)))
+          << r << " " << j;
+    }
+  // Float activations: y = x · (q − zp) · scale.
+  std::vector<float> yf(y.size(), NAN);
+  l.apply(x.data(), rows, yf.data(), false);
+  for (size_t r = 0; r < rows; ++r)
+    for (int j = 0; j < l.out; ++j) {
+      double want = 0.0, mag = 0.0;
+      for (int i = 0; i < l.in; ++i) {
+        const double t = double(x[r * size_t(l.in) + size_t(i)]) *
+                         (double(l.q[size_t(i * l.out + j)]) - l.zero_point) * l.scale;
+        want += t;
+        mag += std::abs(t);
+      }
+      EXPECT_NEAR(yf[r * size_t(l.out) + size_t(j)], want, 1e-5 * (1.0 + mag)) << r << " " << j;
+    }
+}
+
+// The dense store's causal GQA attention against float64.
+TEST(Llama, DenseStoreAttendsCausally) {
+  const uint32_t seed = fresh_seed();
+  SCOPED_TRACE("seed = " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> g;
+  const int kvh = 2, heads = 6, d = 16;
+  DenseKvStore store(1, kvh, d);
+  std::vector<float> all_k, all_v;
+  for (size_t chunk : {size_t(5), size_t(1), size_t(3)}) {
+    std::vector<float> k(chunk * kvh * d), v(k.size()), q(chunk * heads * d),
+        out(q.size(), NAN);
+    for (auto* a : {&k, &v, &q})
+      for (auto& x : *a) x = g(rng);
+    all_k.insert(all_k.end(), k.begin(), k.end());
+    all_v.insert(all_v.end(), v.begin(), v.end());
+    store.append_and_attend(0, chunk, k.data(), v.data(), q.data(), heads, out.data());
+    const size_t T = all_k.size() / (kvh * d), first = T - chunk;
+    ASSERT_EQ(store.length(0), T);
+    for (size_t i = 0; i < chunk; ++i)
+      for (int h = 0; h < heads; ++h) {
+        const int kh = h / (heads / kvh);
+        std::vector<double> s(first + i + 1);
+        double mx = -INFINITY, sum = 0.0;
+        for (size_t t = 0; t < s.size(); ++t) {
+          double dot = 0.0;
+          for (int j = 0; j < d; ++j)
+            dot += double(q[(i * heads + size_t(h)) * d + size_t(j)]) *
+                   all_k[(t * kvh + size_t(kh)) * d + size_t(j)];
+          s[t] = dot / std::sqrt(double(d));
+          mx = std::max(mx, s[t]);
+        }
+        for (double& x : s) sum += (x = std::exp(x - mx));
+        for (int j = 0; j < d; ++j) {
+          double o = 0.0;
+          for (size_t t = 0; t < s.size(); ++t)
+            o += s[t] / sum * all_v[(t * kvh + size_t(kh)) * d + size_t(j)];
+          EXPECT_NEAR(out[(i * heads + size_t(h)) * d + size_t(j)], o, 1e-5) << i << " " << h;
+        }
+      }
+  }
+}
+
+std::filesystem::path model_path() {
+  return std::filesystem::path(TQKV_MODEL_DIR) / "turn_detector.onnx";
+}
+
+double kl(const std::vector<float>& p_logits, const std::vector<float>& q_logits) {
+  auto softmax = [](const std::vector<float>& z) {
+    double mx = -INFINITY, sum = 0.0;
+    for (float x : z) mx = std::max(mx, double(x));
+    std::vector<double> p(z.size());
+    for (size_t i = 0; i < z.size(); ++i) sum += (p[i] = std::exp(double(z[i]) - mx));
+    for (double& x : p) x /= sum;
+    return p;
+  };
+  const auto p = softmax(p_logits), q = softmax(q_logits);
+  double d = 0.0;
+  for (size_t i = 0; i < p.size(); ++i)
+    if (p[i] > 0) d += p[i] * (std::log(p[i]) - std::log(std::max(q[i], 1e-300)));
+  return d;
+}
+
+TEST(Llama, RealModelRunsOnBothStores) {
+  if (!std::filesystem::exists(model_path()))
+    GTEST_SKIP() << model_path() << " is absent: run tools/fetch-model.sh to fetch it";
+  const onnx::Model m = onnx::read(model_path());
+  const Llama model(m);  // activations quantized as the exported graph does
+  LlamaOptions float_activations;
+  float_activations.quantize_activations = false;
+  const Llama exact(m, float_activations);
+  const LlamaConfig& c = model.config();
+  EXPECT_EQ(c.layers, 4);
+  EXPECT_EQ(c.hidden, 576);
+  EXPECT_EQ(c.heads, 9);
+  EXPECT_EQ(c.kv_heads, 3);
+  EXPECT_EQ(c.ffn, 768);
+  EXPECT_EQ(c.vocab, 49155);
+
+  const uint32_t seed = fresh_seed();
+  SCOPED_TRACE("seed = " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  std::vector<int32_t> tokens = {1};  // <|im_start|>
+  for (int i = 0; i < 23; ++i) tokens.push_back(int32_t(rng() % 2000));
+
+  // The whole sequence in one call, and token by token. With float activations only summation
+  // order differs; with the graph's per-call activation quantization the two agree closely but
+  // not exactly (each call rounds its own activations).
+  auto whole_and_steps = [&](const Llama& llama) {
+    DenseKvStore whole(c.layers, c.kv_heads, c.head_dim), steps(c.layers, c.kv_heads, c.head_dim);
+    const auto all = llama.forward(tokens, whole);
+    EXPECT_EQ(all.size(), tokens.size() * size_t(c.vocab));
+    for (float x : all) EXPECT_TRUE(std::isfinite(x));
+    std::vector<float> last_step;
+    for (int32_t t : tokens) last_step = llama.forward(std::span(&t, 1), steps, true);
+    EXPECT_EQ(steps.length(3), tokens.size());
+    return kl(std::vector<float>(all.end() - c.vocab, all.end()), last_step);
+  };
+  EXPECT_LT(whole_and_steps(exact), 1e-6);
+  EXPECT_LT(whole_and_steps(model), 0.05);
+
+  // 8-bit MSE codes in the compressed store: near-lossless next-token distributions (measured
+  // with float activations, whose results move smoothly with the cache's error).
+  DenseKvStore whole(c.layers, c.kv_heads, c.head_dim);
+  const auto all = exact.forward(tokens, whole);
+  const std::vector<float> last_whole(all.end() - c.vocab, all.end());
+  CacheConfig cc;
+  cc.layers = c.layers;
+  cc.kv_heads = c.kv_heads;
+  cc.head_dim = c.head_dim;
+  cc.key.bits = 8;
+  cc.value.bits = 8;
+  cc.page_tokens = 16;
+  cc.max_pages = 4;
+  CompressedKvStore compressed(cc);
+  const auto all_c = exact.forward(tokens, compressed);
+  const std::vector<float> last_c(all_c.end() - c.vocab, all_c.end());
+  EXPECT_LT(kl(last_whole, last_c), 1e-3);
+  EXPECT_LT(compressed.bytes_per_token(), whole.bytes_per_token() / 3.0);
+  // Bad tokens are refused.
+  const int32_t bad[] = {c.vocab};
+  EXPECT_THROW(model.forward(bad, whole), Error);
+}
+
+}  // namespace
+}  // namespace tqkv
