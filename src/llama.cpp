@@ -212,6 +212,15 @@ double CompressedKvStore::bytes_per_token() const { return double(cache_.bytes_p
 
 // --- the model ------------------------------------------------------------------------------------
 
+std::vector<double> probabilities(std::span<const float> logits) {
+  double mx = -INFINITY, sum = 0.0;
+  for (float x : logits) mx = std::max(mx, double(x));
+  std::vector<double> p(logits.size());
+  for (size_t i = 0; i < p.size(); ++i) sum += (p[i] = std::exp(double(logits[i]) - mx));
+  for (double& x : p) x /= sum;
+  return p;
+}
+
 Llama::Llama(const onnx::Model& m, const LlamaOptions& options)
     : quantize_activations_(options.quantize_activations) {
   const int head_dim = options.head_dim;

@@ -115,15 +115,7 @@ std::filesystem::path model_path() {
 }
 
 double kl(const std::vector<float>& p_logits, const std::vector<float>& q_logits) {
-  auto softmax = [](const std::vector<float>& z) {
-    double mx = -INFINITY, sum = 0.0;
-    for (float x : z) mx = std::max(mx, double(x));
-    std::vector<double> p(z.size());
-    for (size_t i = 0; i < z.size(); ++i) sum += (p[i] = std::exp(double(z[i]) - mx));
-    for (double& x : p) x /= sum;
-    return p;
-  };
-  const auto p = softmax(p_logits), q = softmax(q_logits);
+  const auto p = probabilities(p_logits), q = probabilities(q_logits);
   double d = 0.0;
   for (size_t i = 0; i < p.size(); ++i)
     if (p[i] > 0) d += p[i] * (std::log(p[i]) - std::log(std::max(q[i], 1e-300)));

@@ -98,6 +98,9 @@ struct LlamaOptions {
   bool quantize_activations = true;
 };
 
+/// softmax(logits) in float64: a next-token distribution.
+std::vector<double> probabilities(std::span<const float> logits);
+
 class Llama {
  public:
   /// Reads the weights from a parsed ONNX model (checking every shape against the others).
