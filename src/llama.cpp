@@ -8,6 +8,7 @@
 
 #include "tqkv/attention.hpp"
 #include "tqkv/error.hpp"
+#include "tqkv/half.hpp"
 #include "tqkv/onnx.hpp"
 
 namespace tqkv {
@@ -104,48 +105,90 @@ std::vector<float> load_norm(const onnx::Model& m, const std::string& name, int 
 }  // namespace
 
 void QuantizedLinear::apply(const float* x, size_t rows, float* y, bool quantize_input) const {
-  const size_t O = size_t(out);
+  // Work items: (row, block of output columns), so one row (decode) still uses every thread.
+  constexpr size_t kBlock = 512;
+  const size_t O = size_t(out), blocks = (O + kBlock - 1) / kBlock;
   if (!quantize_input) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for collapse(2) schedule(static)
     for (size_t r = 0; r < rows; ++r) {
-      std::vector<float> acc(O, 0.0f);
-      const float* xr = x + r * size_t(in);
-      double sum_x = 0.0;
-      for (int i = 0; i < in; ++i) {
-        const float xi = xr[i];
-        sum_x += xi;
-        const int8_t* w = q.data() + size_t(i) * O;
-        for (size_t j = 0; j < O; ++j) acc[j] += xi * float(w[j]);
+      for (size_t b = 0; b < blocks; ++b) {
+        const size_t j0 = b * kBlock, n = std::min(kBlock, O - j0);
+        float acc[kBlock] = {};
+        const float* xr = x + r * size_t(in);
+        double sum_x = 0.0;
+        for (int i = 0; i < in; ++i) {
+          const float xi = xr[i];
+          sum_x += xi;
+          const int8_t* w = q.data() + size_t(i) * O + j0;
+          for (size_t j = 0; j < n; ++j) acc[j] += xi * float(w[j]);
+        }
+        const float bias = float(double(zero_point) * sum_x);
+        for (size_t j = 0; j < n; ++j) y[r * O + j0 + j] = (acc[j] - bias) * scale;
       }
-      const float bias = float(double(zero_point) * sum_x);
-      for (size_t j = 0; j < O; ++j) y[r * O + j] = (acc[j] - bias) * scale;
     }
     return;
   }
   const Quantized xq = quantize_dynamic(x, rows * size_t(in));
   const float s = xq.scale * scale;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for collapse(2) schedule(static)
   for (size_t r = 0; r < rows; ++r) {
-    std::vector<int32_t> acc(O, 0);
-    const int32_t* a = xq.a.data() + r * size_t(in);
-    int64_t sum_a = 0;
-    for (int i = 0; i < in; ++i) {
-      const int32_t ai = a[i];
-      sum_a += ai;
-      if (ai == 0) continue;
-      const int8_t* w = q.data() + size_t(i) * O;
-      for (size_t j = 0; j < O; ++j) acc[j] += ai * int32_t(w[j]);
+    for (size_t b = 0; b < blocks; ++b) {
+      const size_t j0 = b * kBlock, n = std::min(kBlock, O - j0);
+      int32_t acc[kBlock] = {};
+      const int32_t* a = xq.a.data() + r * size_t(in);
+      int64_t sum_a = 0;
+      for (int i = 0; i < in; ++i) {
+        const int32_t ai = a[i];
+        sum_a += ai;
+        if (ai == 0) continue;
+        const int8_t* w = q.data() + size_t(i) * O + j0;
+        for (size_t j = 0; j < n; ++j) acc[j] += ai * int32_t(w[j]);
+      }
+      const int64_t bias = int64_t(zero_point) * sum_a;
+      for (size_t j = 0; j < n; ++j)
+        y[r * O + j0 + j] = float(int32_t(int64_t(acc[j]) - bias)) * s;
     }
-    const int64_t bias = int64_t(zero_point) * sum_a;
-    for (size_t j = 0; j < O; ++j) y[r * O + j] = float(int32_t(int64_t(acc[j]) - bias)) * s;
   }
 }
 
 // --- KV stores ----------------------------------------------------------------------------------
 
-DenseKvStore::DenseKvStore(int layers, int kv_heads, int head_dim)
-    : kv_heads_(kv_heads), head_dim_(head_dim), k_(size_t(layers)), v_(size_t(layers)) {
+void round_trip_blocks(BlockFormat format, float* x, size_t n) {
+  if (format == BlockFormat::none) return;
+  TQKV_CHECK(n % 32 == 0, "block formats need a multiple of 32 values, got ", n);
+  for (size_t b = 0; b < n; b += 32) {
+    float* v = x + b;
+    float m = 0.0f;  // the value of largest magnitude (q4_0 keeps its sign)
+    for (int i = 0; i < 32; ++i)
+      if (std::abs(v[i]) > std::abs(m)) m = v[i];
+    const float d = half_to_float(float_to_half(format == BlockFormat::q4_0 ? m / -8.0f
+                                                                            : std::abs(m) / 127.0f));
+    const float inv = d != 0.0f ? 1.0f / d : 0.0f;
+    for (int i = 0; i < 32; ++i) {
+      if (format == BlockFormat::q4_0) {
+        const float q = std::clamp(std::nearbyint(v[i] * inv) + 8.0f, 0.0f, 15.0f);
+        v[i] = (q - 8.0f) * d;
+      } else {
+        v[i] = std::nearbyint(v[i] * inv) * d;
+      }
+    }
+  }
+}
+
+double block_bytes(BlockFormat format, size_t n) {
+  switch (format) {
+    case BlockFormat::q4_0: return double(n) / 32.0 * 18.0;
+    case BlockFormat::q8_0: return double(n) / 32.0 * 34.0;
+    default: return double(n) * 4.0;
+  }
+}
+
+DenseKvStore::DenseKvStore(int layers, int kv_heads, int head_dim, BlockFormat format)
+    : kv_heads_(kv_heads), head_dim_(head_dim), format_(format), k_(size_t(layers)),
+      v_(size_t(layers)) {
   TQKV_CHECK(layers > 0 && kv_heads > 0 && head_dim > 0, "DenseKvStore: bad shape");
+  TQKV_CHECK(format == BlockFormat::none || head_dim % 32 == 0,
+             "DenseKvStore: block formats need head_dim a multiple of 32, got ", head_dim);
 }
 
 size_t DenseKvStore::length(int layer) const {
@@ -161,6 +204,8 @@ void DenseKvStore::append_and_attend(int layer, size_t tokens, const float* k, c
   const size_t row = size_t(kv_heads_) * size_t(head_dim_), d = size_t(head_dim_);
   K.insert(K.end(), k, k + tokens * row);
   V.insert(V.end(), v, v + tokens * row);
+  round_trip_blocks(format_, K.data() + K.size() - tokens * row, tokens * row);
+  round_trip_blocks(format_, V.data() + V.size() - tokens * row, tokens * row);
   const size_t T = K.size() / row, first = T - tokens;
   const int R = heads / kv_heads_;
   const float scale = 1.0f / std::sqrt(float(d));
@@ -192,7 +237,7 @@ void DenseKvStore::append_and_attend(int layer, size_t tokens, const float* k, c
 }
 
 double DenseKvStore::bytes_per_token() const {
-  return double(k_.size()) * 2.0 * kv_heads_ * head_dim_ * 4.0;
+  return double(k_.size()) * 2.0 * block_bytes(format_, size_t(kv_heads_) * size_t(head_dim_));
 }
 
 CompressedKvStore::CompressedKvStore(const CacheConfig& config)

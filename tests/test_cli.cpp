@@ -450,4 +450,36 @@ TEST_F(CliTest, DemoShowsAttention) {
   EXPECT_EQ(run({"demo", "--context", "0"}).status, 1);
 }
 
+// eval model: the table's fields on a short sequence of the real model (when fetched), and errors.
+TEST_F(CliTest, EvalModelReportsEveryConfig) {
+  const auto missing = run({"eval", "model", "--model", path("absent.onnx")});
+  EXPECT_EQ(missing.status, 1);
+  EXPECT_NE(missing.err.find("absent.onnx"), std::string::npos) << missing.err;
+  const fs::path model = fs::path(TQKV_MODEL_DIR) / "turn_detector.onnx";
+  if (!fs::exists(model)) GTEST_SKIP() << model << " is absent: run tools/fetch-model.sh";
+  const auto bad = run({"eval", "model", "--model", model.string(), "--configs", "k4x4"});
+  EXPECT_EQ(bad.status, 1);
+  EXPECT_NE(bad.err.find("'k4x4'"), std::string::npos) << bad.err;
+  const auto r = run({"eval", "model", "--model", model.string(), "--tokens", "24",
+                      "--sequences", "2", "--seed", std::to_string(seed_), "--configs",
+                      "full,k8v8,q8_0,k2v2", "--json"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto rows = nlohmann::json::parse(r.out);
+  ASSERT_EQ(rows.size(), 4u);
+  const double coords = 4 * 2 * 3 * 64;  // layers × (K, V) × KV heads × head_dim
+  for (const auto& row : rows) {
+    EXPECT_EQ(row["tokens"], 2 * 23) << row.dump();
+    EXPECT_NEAR(row["ppl_full"].get<double>(), rows[0]["ppl"].get<double>(), 1e-9);
+    EXPECT_NEAR(row["bits_per_coordinate"].get<double>() * coords / 8,
+                row["bytes_per_token"].get<double>(), 1e-9);
+  }
+  EXPECT_EQ(rows[0]["kl_mean"], 0.0);
+  EXPECT_EQ(rows[0]["top1_agree"], 1.0);
+  EXPECT_EQ(rows[0]["bytes_per_token"], coords * 4);
+  EXPECT_EQ(rows[2]["bytes_per_token"], coords / 32 * 34);  // q8_0: 34 bytes per 32
+  EXPECT_EQ(rows[1]["bytes_per_token"], 4 * 2 * 3 * (64 + 2));  // 8-bit codes and an f16 norm
+  EXPECT_LT(rows[1]["kl_mean"].get<double>(), 1e-3);
+  EXPECT_GT(rows[3]["kl_mean"].get<double>(), rows[1]["kl_mean"].get<double>());
+}
+
 }  // namespace

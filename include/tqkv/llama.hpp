@@ -59,10 +59,22 @@ class KvStore {
   virtual double bytes_per_token() const = 0;
 };
 
-/// Keys and values in float32 (the reference).
+/// Per-block absmax integer formats of K and V (blocks of 32 along the head dimension, one
+/// float16 scale each), as llama.cpp's q4_0 (4.5 bits per coordinate) and q8_0 (8.5): the
+/// baselines a compressed cache is compared with. none: float32.
+enum class BlockFormat { none, q4_0, q8_0 };
+
+/// Rounds x (n values, n a multiple of 32) through `format` in place: q4_0 d = m / −8 where m is
+/// the block's value of largest magnitude, q = clamp(round(x / d) + 8, 0, 15), x' = (q − 8)·d;
+/// q8_0 d = max|x| / 127, q = round(x / d), x' = q·d; d rounded to float16 in both.
+void round_trip_blocks(BlockFormat format, float* x, size_t n);
+/// Bytes of n coordinates (n a multiple of 32) in `format`.
+double block_bytes(BlockFormat format, size_t n);
+
+/// Keys and values in float32 (the reference), or rounded through a block format.
 class DenseKvStore : public KvStore {
  public:
-  DenseKvStore(int layers, int kv_heads, int head_dim);
+  DenseKvStore(int layers, int kv_heads, int head_dim, BlockFormat format = BlockFormat::none);
   size_t length(int layer) const override;
   void append_and_attend(int layer, size_t tokens, const float* k, const float* v, const float* q,
                          int heads, float* out) override;
@@ -70,6 +82,7 @@ class DenseKvStore : public KvStore {
 
  private:
   int kv_heads_, head_dim_;
+  BlockFormat format_;
   std::vector<std::vector<float>> k_, v_;  // per layer: [token][kv_head][d]
 };
 

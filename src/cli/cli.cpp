@@ -373,6 +373,21 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
   dist->add_flag("--json", json, "print a JSON array");
   opt.add_to(dist, false);
 
+  EvalModelArgs em;
+  auto* evm = ev->add_subcommand("model", "what each KV cache configuration costs a real model");
+  evm->add_option("--model", em.model, "ONNX file of the model (tools/fetch-model.sh)")
+      ->required();
+  evm->add_option("--tokens", em.tokens, "tokens per sampled sequence")->capture_default_str();
+  evm->add_option("--sequences", em.sequences, "sequences")->capture_default_str();
+  evm->add_option("--configs", em.configs,
+                  "comma-separated: full, q4_0, q8_0, k<bits>[p]v<bits>[p][-dense] (p: prod)")
+      ->capture_default_str();
+  evm->add_option("--seed", em.seed, "seed of the sampled sequences")->capture_default_str();
+  evm->add_flag("--quantized-activations", em.quantized_activations,
+                "round activations to uint8 as the exported graph does (its rounding adds a "
+                "KL floor of ~0.02 to any cache change)");
+  evm->add_flag("--json", em.json, "print a JSON array");
+
   size_t demo_samples = 20000, demo_context = 8192;
   auto* dm = app.add_subcommand("demo", "codecs and attention on built-in synthetic data");
   dm->add_option("--samples", demo_samples, "random unit vectors")->capture_default_str();
@@ -444,6 +459,7 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
     if (inf->parsed()) return info(in, json, out);
     if (dist->parsed())
       return eval_distortion(dim, bits_list, opt, samples, data_seed, json, out);
+    if (evm->parsed()) return eval_model(em, out, err);
     if (dm->parsed()) return demo(demo_samples, demo_context, out);
     if (att->parsed()) return attend(at, out);
     if (bdec->parsed()) return bench_decode(bd, out);

@@ -83,6 +83,23 @@ struct BenchRow {
 /// for every (batch, context, bits) row.
 int bench_decode(const BenchDecodeArgs& args, std::ostream& out);
 
+// ---- tqkv eval model (eval_model.cpp) ----------------------------------------------------------
+
+struct EvalModelArgs {
+  std::string model;  ///< ONNX file (tools/fetch-model.sh)
+  size_t tokens = 2048, sequences = 4;
+  std::string configs = "k4v4,k3v4,k3.5v3.5,k3v3,k2.5v2.5,k2v2,k3pv4,k4pv4,k4v4-dense,q4_0,q8_0";
+  uint64_t seed = 1;
+  bool json = false;
+  bool quantized_activations = false;  ///< the exported graph's uint8 activations
+};
+
+/// Samples `sequences` sequences of `tokens` tokens from the model (full float32 cache,
+/// temperature 1, from token 1), then runs each through every cache configuration and reports
+/// against the full cache: mean KL(full ‖ config) of the next-token distributions, top-1
+/// agreement, perplexity of the sequence, and bytes of KV per token. Progress goes to `err`.
+int eval_model(const EvalModelArgs& args, std::ostream& out, std::ostream& err);
+
 /// The demo's section "attention on a compressed cache": accuracy of fused decode against exact
 /// dense attention on synthetic data of `context` tokens, and decode timings.
 void demo_attention(size_t context, std::ostream& out);

@@ -1,0 +1,204 @@
+// tqkv eval model: what each KV cache configuration costs a real model's predictions.
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <ostream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "commands.hpp"
+#include "tqkv/error.hpp"
+#include "tqkv/llama.hpp"
+#include "tqkv/onnx.hpp"
+
+namespace tqkv::cli {
+
+namespace {
+
+// A configuration by name: "full", "k<bits>[p]v<bits>[p][-dense]" (p: prod codec), "q4_0", "q8_0".
+struct CacheChoice {
+  std::string name;
+  BlockFormat block = BlockFormat::none;
+  bool compressed = false;
+  CodecSpec key, value;
+};
+
+CacheChoice parse_choice(const std::string& name, int head_dim) {
+  CacheChoice c;
+  c.name = name;
+  if (name == "full") return c;
+  if (name == "q4_0" || name == "q8_0") {
+    c.block = name == "q4_0" ? BlockFormat::q4_0 : BlockFormat::q8_0;
+    TQKV_CHECK(head_dim % 32 == 0, "--configs: ", name, " needs head_dim a multiple of 32");
+    return c;
+  }
+  std::string rest = name;
+  RotationChoice rotation = RotationChoice::automatic;
+  const std::string dense = "-dense";
+  if (rest.size() > dense.size() && rest.compare(rest.size() - dense.size(), dense.size(), dense) == 0) {
+    rotation = RotationChoice::dense;
+    rest.resize(rest.size() - dense.size());
+  }
+  const size_t v = rest.find('v');
+  TQKV_CHECK(rest.size() > 1 && rest[0] == 'k' && v != std::string::npos && v > 1,
+             "--configs: '", name, "' is not full, q4_0, q8_0 or k<bits>[p]v<bits>[p][-dense] "
+             "(e.g. k3.5v3.5, k3pv4, k4v4-dense)");
+  auto side = [&](std::string text, CodecSpec& spec, bool value) {
+    spec.kind = CodecKind::mse;
+    if (!text.empty() && text.back() == 'p') {
+      spec.kind = CodecKind::prod;
+      text.pop_back();
+    }
+    spec.bits = parse_bits(text, "--configs '" + name + "'");
+    spec.dim = head_dim;
+    spec.rotation = rotation;
+    spec.seed = value ? 2 : 1;
+    check_cache_codec(spec, value, head_dim, "--configs '" + name + "'");
+  };
+  side(rest.substr(1, v - 1), c.key, false);
+  side(rest.substr(v + 1), c.value, true);
+  c.compressed = true;
+  return c;
+}
+
+std::unique_ptr<KvStore> make_store(const CacheChoice& c, const LlamaConfig& m, size_t tokens) {
+  if (!c.compressed) return std::make_unique<DenseKvStore>(m.layers, m.kv_heads, m.head_dim, c.block);
+  CacheConfig cc;
+  cc.layers = m.layers;
+  cc.kv_heads = m.kv_heads;
+  cc.head_dim = m.head_dim;
+  cc.key = c.key;
+  cc.value = c.value;
+  cc.page_tokens = 64;
+  cc.max_pages = (tokens + 63) / 64;
+  return std::make_unique<CompressedKvStore>(cc);
+}
+
+struct Totals {
+  double kl = 0, nll = 0, nll_full = 0;
+  size_t agree = 0, positions = 0;
+};
+
+}  // namespace
+
+int eval_model(const EvalModelArgs& args, std::ostream& out, std::ostream& err) {
+  TQKV_CHECK(!args.model.empty(), "--model: an ONNX file is needed (tools/fetch-model.sh)");
+  TQKV_CHECK(args.tokens >= 2, "--tokens must be at least 2, got ", args.tokens);
+  TQKV_CHECK(args.sequences >= 1, "--sequences must be at least 1");
+  const onnx::Model file = onnx::read(args.model);
+  LlamaOptions options;
+  options.quantize_activations = args.quantized_activations;
+  const Llama model(file, options);
+  const LlamaConfig& mc = model.config();
+  std::vector<CacheChoice> choices;
+  for (const std::string& name : split_list(args.configs, "--configs"))
+    choices.push_back(parse_choice(name, mc.head_dim));
+
+  // Sequences from the model itself, with the full cache.
+  std::mt19937_64 rng(args.seed);
+  std::vector<std::vector<int32_t>> seqs;
+  for (size_t s = 0; s < args.sequences; ++s) {
+    std::vector<int32_t> seq = {1};  // <|im_start|>
+    DenseKvStore kv(mc.layers, mc.kv_heads, mc.head_dim);
+    std::vector<float> logits = model.forward(seq, kv, true);
+    while (seq.size() < args.tokens) {
+      const auto p = probabilities(logits);
+      seq.push_back(int32_t(std::discrete_distribution<int32_t>(p.begin(), p.end())(rng)));
+      logits = model.forward(std::span(&seq.back(), 1), kv, true);
+      if (seq.size() % 64 == 0)
+        err << "\rsampling sequence " << s + 1 << "/" << args.sequences << ": " << seq.size()
+            << "/" << args.tokens << " tokens" << std::flush;
+    }
+    seqs.push_back(std::move(seq));
+  }
+  err << "\n";
+
+  // Each sequence through the full cache once, then through every configuration (one call per
+  // sequence: its codes are those of token-by-token appends, and with float activations so are
+  // its outputs up to summation order).
+  const size_t V = size_t(mc.vocab);
+  std::vector<Totals> totals(choices.size());
+  double full_bytes = 0;
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    const auto& seq = seqs[s];
+    auto full_store = make_store(parse_choice("full", mc.head_dim), mc, seq.size());
+    full_bytes = full_store->bytes_per_token();
+    const std::vector<float> full = model.forward(seq, *full_store);
+    for (size_t c = 0; c < choices.size(); ++c) {
+      err << "\rsequence " << s + 1 << "/" << seqs.size() << ": " << choices[c].name
+          << std::string(12, ' ') << std::flush;
+      auto store = make_store(choices[c], mc, seq.size());
+      const std::vector<float> got = model.forward(seq, *store);
+      Totals& t = totals[c];
+      double kl_sum = 0, nll = 0, nll_full = 0;
+      size_t agree = 0;
+      const size_t positions = seq.size() - 1;  // position i predicts token i + 1
+#pragma omp parallel for reduction(+ : kl_sum, nll, nll_full, agree) schedule(static)
+      for (size_t i = 0; i < positions; ++i) {
+        const auto p = probabilities(std::span(full.data() + i * V, V));
+        const auto q = probabilities(std::span(got.data() + i * V, V));
+        for (size_t j = 0; j < V; ++j)
+          if (p[j] > 0) kl_sum += p[j] * (std::log(p[j]) - std::log(std::max(q[j], 1e-300)));
+        const auto top = [](const std::vector<double>& x) {
+          return std::max_element(x.begin(), x.end()) - x.begin();
+        };
+        agree += top(p) == top(q);
+        const size_t next = size_t(seq[i + 1]);
+        nll -= std::log(std::max(q[next], 1e-300));
+        nll_full -= std::log(std::max(p[next], 1e-300));
+      }
+      t.kl += kl_sum;
+      t.nll += nll;
+      t.nll_full += nll_full;
+      t.agree += agree;
+      t.positions += seq.size() - 1;
+    }
+  }
+  err << "\n";
+
+  nlohmann::json rows = nlohmann::json::array();
+  const double coords = double(mc.layers) * 2.0 * mc.kv_heads * mc.head_dim;
+  for (size_t c = 0; c < choices.size(); ++c) {
+    const CacheChoice& ch = choices[c];
+    const double bytes = make_store(ch, mc, 64)->bytes_per_token();
+    const Totals& t = totals[c];
+    const double n = double(t.positions);
+    nlohmann::json r;
+    r["config"] = ch.name;
+    r["key_bits"] = ch.compressed ? ch.key.bits : bytes * 8.0 / coords;
+    r["value_bits"] = ch.compressed ? ch.value.bits : bytes * 8.0 / coords;
+    r["bits_per_coordinate"] = bytes * 8.0 / coords;
+    r["bytes_per_token"] = bytes;
+    r["tokens"] = size_t(n);
+    r["kl_mean"] = t.kl / n;
+    r["top1_agree"] = double(t.agree) / n;
+    r["ppl"] = std::exp(t.nll / n);
+    r["ppl_full"] = std::exp(t.nll_full / n);
+    rows.push_back(r);
+  }
+  if (args.json) {
+    out << rows.dump(2) << "\n";
+    return 0;
+  }
+  out << "tqkv eval model: " << args.model << " (" << mc.layers << " layers, " << mc.heads
+      << " heads, " << mc.kv_heads << " KV heads, d " << mc.head_dim << "), "
+      << args.sequences << " sequences of " << args.tokens << " tokens sampled at temperature 1 "
+      << "(seed " << args.seed << "), activations "
+      << (args.quantized_activations ? "uint8 as exported" : "float32") << "\n"
+      << "full cache: " << fmt("%.0f", full_bytes) << " bytes of KV per token\n";
+  out << "config          bits/coord  bytes/token   mean KL     top-1      ppl  ppl full\n";
+  for (const auto& r : rows) {
+    const std::string name = r["config"].get<std::string>();
+    out << name << std::string(name.size() < 16 ? 16 - name.size() : 1, ' ')
+        << fmt("%10.3f", r["bits_per_coordinate"].get<double>())
+        << fmt("%13.0f", r["bytes_per_token"].get<double>())
+        << fmt("%12.3e", r["kl_mean"].get<double>())
+        << fmt("%9.4f", r["top1_agree"].get<double>()) << fmt("%9.3f", r["ppl"].get<double>())
+        << fmt("%10.3f", r["ppl_full"].get<double>()) << "\n";
+  }
+  return 0;
+}
+
+}  // namespace tqkv::cli
