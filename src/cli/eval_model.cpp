@@ -37,7 +37,8 @@ CacheChoice parse_choice(const std::string& name, int head_dim) {
   std::string rest = name;
   RotationChoice rotation = RotationChoice::automatic;
   const std::string dense = "-dense";
-  if (rest.size() > dense.size() && rest.compare(rest.size() - dense.size(), dense.size(), dense) == 0) {
+  if (rest.size() > dense.size() &&
+      rest.compare(rest.size() - dense.size(), dense.size(), dense) == 0) {
     rotation = RotationChoice::dense;
     rest.resize(rest.size() - dense.size());
   }
@@ -64,7 +65,8 @@ CacheChoice parse_choice(const std::string& name, int head_dim) {
 }
 
 std::unique_ptr<KvStore> make_store(const CacheChoice& c, const LlamaConfig& m, size_t tokens) {
-  if (!c.compressed) return std::make_unique<DenseKvStore>(m.layers, m.kv_heads, m.head_dim, c.block);
+  if (!c.compressed)
+    return std::make_unique<DenseKvStore>(m.layers, m.kv_heads, m.head_dim, c.block);
   CacheConfig cc;
   cc.layers = m.layers;
   cc.kv_heads = m.kv_heads;
