@@ -51,12 +51,12 @@ void rms_norm(const float* x, size_t rows, int n, const std::vector<float>& w, d
 }
 
 // Rotate-half rotary embedding of `heads` heads per row, rows at positions pos0, pos0 + 1, …
-void rope(float* x, size_t rows, int heads, int d, size_t pos0, const std::vector<double>& inv) {
+void rope(float* x, size_t rows, int heads, int d, size_t pos0, const std::vector<float>& inv) {
   const int half = d / 2;
   for (size_t r = 0; r < rows; ++r) {
     const float pos = float(pos0 + r);
     for (int j = 0; j < half; ++j) {
-      const float angle = float(inv[size_t(j)]) * pos;
+      const float angle = inv[size_t(j)] * pos;
       const float c = std::cos(angle), s = std::sin(angle);
       for (int h = 0; h < heads; ++h) {
         float* v = x + (r * size_t(heads) + size_t(h)) * size_t(d);
@@ -378,6 +378,20 @@ std::vector<float> Llama::forward(std::span<const int32_t> tokens, KvStore& kv,
   lm_head_.apply(x.data(), T, logits.data(), quantize_activations_);
   if (last_only) logits.erase(logits.begin(), logits.end() - c.vocab);
   return logits;
+}
+
+std::vector<int32_t> Llama::sample(size_t tokens, std::mt19937_64& rng,
+                                   const std::function<void(size_t)>& progress) const {
+  std::vector<int32_t> seq = {1};
+  DenseKvStore kv(config_.layers, config_.kv_heads, config_.head_dim);
+  std::vector<float> logits = forward(seq, kv, true);
+  while (seq.size() < tokens) {
+    const auto p = probabilities(logits);
+    seq.push_back(int32_t(std::discrete_distribution<int32_t>(p.begin(), p.end())(rng)));
+    logits = forward(std::span(&seq.back(), 1), kv, true);
+    if (progress && seq.size() % 64 == 0) progress(seq.size());
+  }
+  return seq;
 }
 
 }  // namespace tqkv

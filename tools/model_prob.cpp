@@ -31,18 +31,7 @@ int main(int argc, char** argv) try {
   if (mode == "sample" && argc == 6) {
     const int sequences = std::stoi(argv[3]), tokens = std::stoi(argv[4]);
     std::mt19937_64 rng(std::stoull(argv[5]));
-    for (int s = 0; s < sequences; ++s) {
-      std::vector<int32_t> seq = {1};
-      tqkv::DenseKvStore kv(c.layers, c.kv_heads, c.head_dim);
-      auto logits = model.forward(seq, kv, true);
-      while (int(seq.size()) < tokens) {
-        const auto p = tqkv::probabilities(logits);
-        const int32_t t = int32_t(std::discrete_distribution<int32_t>(p.begin(), p.end())(rng));
-        seq.push_back(t);
-        logits = model.forward(std::span(&seq.back(), 1), kv, true);
-      }
-      out.push_back(seq);
-    }
+    for (int s = 0; s < sequences; ++s) out.push_back(model.sample(size_t(tokens), rng));
   } else if (mode == "prob" && argc == 4) {
     std::ifstream in(argv[3]);
     TQKV_CHECK(in, "cannot read ", argv[3]);

@@ -14,7 +14,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <random>
 #include <span>
 #include <vector>
 
@@ -127,6 +129,12 @@ class Llama {
   std::vector<float> forward(std::span<const int32_t> tokens, KvStore& kv,
                              bool last_only = false) const;
 
+  /// A sequence of `tokens` tokens sampled from the model at temperature 1 with a float32 cache,
+  /// starting from token 1 (<|im_start|>), one token at a time; `progress` (if set) is told the
+  /// length every 64 tokens.
+  std::vector<int32_t> sample(size_t tokens, std::mt19937_64& rng,
+                              const std::function<void(size_t)>& progress = {}) const;
+
  private:
   struct Layer {
     std::vector<float> input_norm, post_norm;
@@ -140,7 +148,7 @@ class Llama {
   std::vector<Layer> layers_;
   std::vector<float> final_norm_;
   QuantizedLinear lm_head_;
-  std::vector<double> inv_freq_;  // [head_dim / 2]
+  std::vector<float> inv_freq_;  // [head_dim / 2]
 };
 
 }  // namespace tqkv

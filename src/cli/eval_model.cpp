@@ -79,6 +79,7 @@ std::unique_ptr<KvStore> make_store(const CacheChoice& c, const LlamaConfig& m, 
 }
 
 struct Totals {
+  double bytes_per_token = 0;
   double kl = 0, nll = 0, nll_full = 0;
   size_t agree = 0, positions = 0;
 };
@@ -101,20 +102,11 @@ int eval_model(const EvalModelArgs& args, std::ostream& out, std::ostream& err) 
   // Sequences from the model itself, with the full cache.
   std::mt19937_64 rng(args.seed);
   std::vector<std::vector<int32_t>> seqs;
-  for (size_t s = 0; s < args.sequences; ++s) {
-    std::vector<int32_t> seq = {1};  // <|im_start|>
-    DenseKvStore kv(mc.layers, mc.kv_heads, mc.head_dim);
-    std::vector<float> logits = model.forward(seq, kv, true);
-    while (seq.size() < args.tokens) {
-      const auto p = probabilities(logits);
-      seq.push_back(int32_t(std::discrete_distribution<int32_t>(p.begin(), p.end())(rng)));
-      logits = model.forward(std::span(&seq.back(), 1), kv, true);
-      if (seq.size() % 64 == 0)
-        err << "\rsampling sequence " << s + 1 << "/" << args.sequences << ": " << seq.size()
-            << "/" << args.tokens << " tokens" << std::flush;
-    }
-    seqs.push_back(std::move(seq));
-  }
+  for (size_t s = 0; s < args.sequences; ++s)
+    seqs.push_back(model.sample(args.tokens, rng, [&](size_t n) {
+      err << "\rsampling sequence " << s + 1 << "/" << args.sequences << ": " << n << "/"
+          << args.tokens << " tokens" << std::flush;
+    }));
   err << "\n";
 
   // Each sequence through the full cache once, then through every configuration (one call per
@@ -125,15 +117,16 @@ int eval_model(const EvalModelArgs& args, std::ostream& out, std::ostream& err) 
   double full_bytes = 0;
   for (size_t s = 0; s < seqs.size(); ++s) {
     const auto& seq = seqs[s];
-    auto full_store = make_store(parse_choice("full", mc.head_dim), mc, seq.size());
-    full_bytes = full_store->bytes_per_token();
-    const std::vector<float> full = model.forward(seq, *full_store);
+    DenseKvStore full_store(mc.layers, mc.kv_heads, mc.head_dim);
+    full_bytes = full_store.bytes_per_token();
+    const std::vector<float> full = model.forward(seq, full_store);
     for (size_t c = 0; c < choices.size(); ++c) {
       err << "\rsequence " << s + 1 << "/" << seqs.size() << ": " << choices[c].name
           << std::string(12, ' ') << std::flush;
       auto store = make_store(choices[c], mc, seq.size());
       const std::vector<float> got = model.forward(seq, *store);
       Totals& t = totals[c];
+      t.bytes_per_token = store->bytes_per_token();
       double kl_sum = 0, nll = 0, nll_full = 0;
       size_t agree = 0;
       const size_t positions = seq.size() - 1;  // position i predicts token i + 1
@@ -164,8 +157,8 @@ int eval_model(const EvalModelArgs& args, std::ostream& out, std::ostream& err) 
   const double coords = double(mc.layers) * 2.0 * mc.kv_heads * mc.head_dim;
   for (size_t c = 0; c < choices.size(); ++c) {
     const CacheChoice& ch = choices[c];
-    const double bytes = make_store(ch, mc, 64)->bytes_per_token();
     const Totals& t = totals[c];
+    const double bytes = t.bytes_per_token;
     const double n = double(t.positions);
     nlohmann::json r;
     r["config"] = ch.name;

@@ -38,6 +38,11 @@ constexpr int kStages = 4;  // a warp's stage buffers: tiles in flight while one
 // Copies of each code-pair table, interleaved, so that lanes spread over the shared-memory banks:
 // 16 for the kernels built for one term per side (two tables), 8 for the others (up to 8 tables).
 __host__ __device__ constexpr int lut_copies(int fixed_dim) { return fixed_dim > 0 ? 16 : 8; }
+// Shared memory of `tables` code-pair tables (256 entries of 4 bytes, replicated), which the
+// warps' stage buffers follow.
+__host__ __device__ constexpr uint32_t table_bytes(int tables, int fixed_dim) {
+  return uint32_t(tables) * 256u * uint32_t(lut_copies(fixed_dim)) * 4u;
+}
 constexpr float kNegInf = -__builtin_huge_valf();
 
 __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
@@ -500,8 +505,7 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
   // filled by cp.async kStages − 1 tiles ahead; page numbers are loaded one tile further ahead,
   // so neither the codes' nor the page table's latency sits between two tiles' arithmetic.
   const uint32_t stage_bytes = c.value.stage_end;
-  uint8_t* stages = shared + uint32_t(nk + nv) * 256u * kLutCopies * 4u +
-                    uint32_t(warp) * kStages * stage_bytes;
+  uint8_t* stages = shared + table_bytes(nk + nv, kDim) + uint32_t(warp) * kStages * stage_bytes;
   const uint32_t n = t_end > t_begin ? (t_end - t_begin + 15) / 16 : 0;
   uint32_t ahead[kStages][2];  // page numbers of the first kStages tiles' halves
 #pragma unroll
@@ -510,8 +514,8 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
 #pragma unroll
   for (int j = 0; j < kStages - 1; ++j) {
     if (uint32_t(j) < n)
-      stage_tile<kTerms, kDim, kKeyWidth, kValueWidth>(c, stages + j * stage_bytes, t_begin + 16u * uint32_t(j), ahead[j], last,
-                         geo.h, lane);
+      stage_tile<kTerms, kDim, kKeyWidth, kValueWidth>(
+          c, stages + j * stage_bytes, t_begin + 16u * uint32_t(j), ahead[j], last, geo.h, lane);
     cp_async_commit();
   }
   uint32_t page_next[2] = {ahead[kStages - 1][0], ahead[kStages - 1][1]};
@@ -519,8 +523,8 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
   for (uint32_t i = 0; i < n; ++i) {
     const uint32_t j = i + kStages - 1;  // the tile to start copying
     if (j < n) {
-      stage_tile<kTerms, kDim, kKeyWidth, kValueWidth>(c, stages + (j % kStages) * stage_bytes, t_begin + 16u * j, page_next,
-                         last, geo.h, lane);
+      stage_tile<kTerms, kDim, kKeyWidth, kValueWidth>(
+          c, stages + (j % kStages) * stage_bytes, t_begin + 16u * j, page_next, last, geo.h, lane);
       load_pages(c, pages, t_begin + 16u * (j + 1), last, page_next);
     }
     cp_async_commit();
@@ -624,16 +628,16 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
           }
       } else {
 #pragma unroll
-      for (int t = 0; t < kTerms; ++t)
+        for (int t = 0; t < kTerms; ++t)
 #pragma unroll
-        for (int k = 0; k < kWordsV; ++k)
+          for (int k = 0; k < kWordsV; ++k)
 #pragma unroll
-          for (int e = 0; e < 8; ++e)
+            for (int e = 0; e < 8; ++e)
 #pragma unroll
-            for (int r = 0; r < kRowRegs; ++r) {
-              acc[t][k][e][2 * r] *= corr[r];
-              acc[t][k][e][2 * r + 1] *= corr[r];
-            }
+              for (int r = 0; r < kRowRegs; ++r) {
+                acc[t][k][e][2 * r] *= corr[r];
+                acc[t][k][e][2 * r + 1] *= corr[r];
+              }
       }
     }
 
@@ -678,7 +682,7 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
         const uint32_t cd_odd = ((w[2] >> 4) & 0x0f0f0f0fu) | (w[3] & 0xf0f0f0f0u);
         if constexpr (kValuesT) {
           // Word 1 of this lane's pair: the MMAs of both words run at k = 1, rows grp + 8.
-          static_assert(!kValuesT || kWordsV == 2, "two value words a lane");
+          static_assert(kWordsV == 2, "two value words a lane");
           if (k == 0) {
             ab_word0[0] = ab_even;
             ab_word0[1] = ab_odd;
@@ -886,8 +890,7 @@ template <int kTerms, int kWordsK, int kWordsV, bool kRows16, int kDim = 0, int 
           int kValueWidth = 0>
 void launch(Device device, AttentionParams& p, size_t stage_smem, CudaStream stream) {
   const CacheView& c = p.cache;
-  const size_t smem =
-      size_t(c.key.n_terms + c.value.n_terms) * 256 * lut_copies(kDim) * 4 + stage_smem;
+  const size_t smem = table_bytes(c.key.n_terms + c.value.n_terms, kDim) + stage_smem;
   auto kernel = attention_kernel<kTerms, kWordsK, kWordsV, kRows16, kDim, kKeyWidth, kValueWidth>;
   if (smem > 48 * 1024)
     TQKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
