@@ -3,6 +3,7 @@
 #include "cache_impl.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <cstdlib>
 #include <cmath>
 #include <cstring>
@@ -335,6 +336,9 @@ gpu::CacheView KVCache::Impl::view(int layer) const {
   v.key_block_bytes = uint32_t(key_layout.block_bytes);
   v.value_block_bytes = uint32_t(value_layout.block_bytes);
   v.page_tokens = config.page_tokens;
+  v.page_shift = std::has_single_bit(unsigned(config.page_tokens))
+                     ? std::countr_zero(unsigned(config.page_tokens))
+                     : -1;
   v.kv_heads = config.kv_heads;
   v.head_dim = config.head_dim;
   v.layers = config.layers;

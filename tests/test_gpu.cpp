@@ -75,6 +75,10 @@ std::vector<GpuSetup> setups(uint64_t seed) {
     out.push_back(s);
   };
   for (double b : {4.0, 3.0, 2.0, 1.0}) add(128, b, CodecKind::mse, b, CodecKind::mse, 32);
+  // The decode kernels built for fixed shapes, with a tile's two halves on different pages (8)
+  // and pages of a size that is not a power of two (40: divisions instead of shifts).
+  add(128, 4.0, CodecKind::mse, 4.0, CodecKind::mse, 8);
+  add(128, 3.0, CodecKind::mse, 3.0, CodecKind::mse, 40);
   add(128, 3.5, CodecKind::mse, 2.5, CodecKind::mse, 32);
   add(128, 4.0, CodecKind::prod, 3.0, CodecKind::prod, 16);
   add(128, 2.0, CodecKind::prod, 4.0, CodecKind::mse, 24, NormFormat::f32);
@@ -236,6 +240,9 @@ TEST(Gpu, AttentionMatchesTheReference) {
       AttentionOptions split;
       split.splits = 3;
       check_attention(gpu, seqs, decode, q_heads, split, rng, what + " decode, 3 splits");
+      AttentionOptions recent;
+      recent.window = 40;
+      check_attention(gpu, seqs, decode, q_heads, recent, rng, what + " decode, window 40");
       const std::vector<size_t> prefill = {1, 77, 45, 16};
       check_attention(gpu, seqs, prefill, q_heads, {}, rng, what + " prefill");
       AttentionOptions window;

@@ -271,7 +271,7 @@ __global__ void __launch_bounds__(kWarps * 32) append_kernel(const AppendParams 
   const uint64_t pos = p.first_token + t;
   const uint32_t* pages = c.page_tables + size_t(p.slot) * c.page_table_stride;
   uint8_t* block = block_of(c, pages, pos, head, side);
-  const uint32_t slot = uint32_t(pos % uint64_t(c.page_tokens));
+  const uint32_t slot = page_slot(c, pos);
   bool ok = true;
   int first = 0;
   for (int gi = 0; gi < codec.groups; ++gi) {

@@ -7,7 +7,8 @@
 // Scores and value sums run on tensor cores (mma.m16n8k16, float16 in, float32 accumulate) fed
 // straight from the codes: a 32-bit "nibble word" holds the codes of 8 consecutive coordinates
 // (any width 1..4, and QJL sign bits, are first spread to nibbles), and a byte of two nibbles
-// indexes a 256-entry table of float16 pairs (c[lo], c[hi]) in shared memory. Because a dot
+// indexes a 256-entry table of float16 pairs (c[lo], c[hi]) in shared memory (one copy per lane,
+// addressed by a single byte permute of the code word). Because a dot
 // product may visit its coordinates in any order, each lane owns whole nibble words:
 //   keys   (B = K^T, 16 coords × 8 tokens): lane (i = lane % 4, token lane / 4) owns words
 //          [i·Wk, (i+1)·Wk) of a term, and its query fragments use the same coordinates;
@@ -19,7 +20,9 @@
 // to keep float16 in range; scores are kept in log2 units (scale · log2 e folded into the query).
 // Codes, norms and γ reach the warp through its ring of stage buffers in shared memory, filled
 // by cp.async several tiles ahead. The common codecs (one 128-coordinate MSE term per side of
-// width 2, 3 or 4) run kernels built for their shape; the rest read it from the term tables.
+// width 2, 3 or 4) run kernels built for their shape, in blocks of 12 warps; the rest read it
+// from the term tables. On sm_90 the attention and merge kernels are launched to start early
+// (programmatic dependent launch) and wait only before reading what the kernel ahead wrote.
 // Each item leaves (m, l, acc) per row in the workspace; a merge kernel combines the splits and
 // applies each value group's inverse rotation once (plus Sᵀ for QJL values).
 #include <cuda_fp16.h>
@@ -33,16 +36,17 @@ namespace tqkv::gpu {
 
 namespace {
 
-constexpr int kWarps = 4;
+// Warps of a block: 12 for the kernels built for fixed shapes (≤ 144 registers: three warps per
+// scheduler share one copy of the code tables), 4 for the generic ones (up to 255 registers).
+__host__ __device__ constexpr int block_warps(int fixed_dim) { return fixed_dim > 0 ? 12 : 4; }
 constexpr int kStages = 4;  // a warp's stage buffers: tiles in flight while one is computed
-// Copies of each code-pair table, interleaved, so that lanes spread over the shared-memory banks:
-// 16 for the kernels built for one term per side (two tables), 8 for the others (up to 8 tables).
-__host__ __device__ constexpr int lut_copies(int fixed_dim) { return fixed_dim > 0 ? 16 : 8; }
-// Shared memory of `tables` code-pair tables (256 entries of 4 bytes, replicated), which the
-// warps' stage buffers follow.
-__host__ __device__ constexpr uint32_t table_bytes(int tables, int fixed_dim) {
-  return uint32_t(tables) * 256u * uint32_t(lut_copies(fixed_dim)) * 4u;
-}
+// The code-pair tables open the shared memory: entry e of every table lies in row e (256 bytes,
+// 64 words), which holds lut_copies interleaved copies of each of the kernel's 2·kTerms tables.
+// A lane reads its own copy, so lanes spread over the banks (32 copies: bank = lane, no
+// conflicts), and a lookup's address, entry · 256 + the lane's word · 4, is one byte permute
+// of the code word (lut in the kernel). The warps' stage buffers follow.
+constexpr uint32_t kTableBytes = 256u * 256u;
+__host__ __device__ constexpr int lut_copies(int terms) { return 64 / (2 * terms); }
 constexpr float kNegInf = -__builtin_huge_valf();
 
 __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
@@ -73,6 +77,14 @@ __device__ __forceinline__ void mma16816_rows8(float& c0, float& c1, uint32_t a0
       "{%2,%3,%4,%5}, {%6,%7}, {%0,%1,%8,%8};\n}\n"
       : "+f"(c0), "+f"(c1)
       : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(0.0f));
+}
+
+// 2^x on the special-function unit alone (ex2.approx.ftz: relative error below 2^-22; results
+// below 2^-126 flush to 0, which no probability here needs), where exp2f adds range scaling.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
@@ -107,26 +119,29 @@ __device__ __forceinline__ uint32_t load_word(const uint8_t* codes, int width, i
 }
 
 // Words [first, first + N) of one token's 4-bit codes (already nibble words), N = 2 or 4, with
-// one 8- or 16-byte load instead of N 4-byte loads; word by word where they pass `words`.
-template <int N>
+// one 8- or 16-byte load instead of N 4-byte loads; word by word where they pass `words`
+// (never, with kFits: a shape fixed at compile time).
+template <int N, bool kFits>
 __device__ __forceinline__ void load_words4(const uint8_t* codes, int first, int words,
                                             uint32_t (&w)[N]) {
   if constexpr (N == 4) {
-    if (first + 4 <= words) {
+    if (kFits || first + 4 <= words) {
       const uint4 v = *reinterpret_cast<const uint4*>(codes + 4 * first);
       w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
       return;
     }
   } else if constexpr (N == 2) {
-    if (first + 2 <= words) {
+    if (kFits || first + 2 <= words) {
       const uint2 v = *reinterpret_cast<const uint2*>(codes + 4 * first);
       w[0] = v.x; w[1] = v.y;
       return;
     }
   }
+  if constexpr (!kFits) {
 #pragma unroll
-  for (int k = 0; k < N; ++k)
-    w[k] = first + k < words ? *reinterpret_cast<const uint32_t*>(codes + 4 * (first + k)) : 0u;
+    for (int k = 0; k < N; ++k)
+      w[k] = first + k < words ? *reinterpret_cast<const uint32_t*>(codes + 4 * (first + k)) : 0u;
+  }
 }
 
 // A term's shape: from its tables, or fixed at compile time (kDim > 0: the kernel was built for
@@ -148,34 +163,38 @@ __device__ __forceinline__ Shape shape_of(const TermTables& x) {
   }
 }
 
-__device__ __forceinline__ float load_scalar(const uint8_t* p, int f16) {
-  return f16 ? __half2float(*reinterpret_cast<const __half*>(p))
-             : *reinterpret_cast<const float*>(p);
+// Bytes of a stored norm or γ: 2 (float16) or 4; the kernels built for fixed shapes take only
+// float16 norms.
+template <int kDim>
+__device__ __forceinline__ uint32_t norm_bytes(const CodecTables& t) {
+  return kDim > 0 || t.norm_f16 ? 2u : 4u;
+}
+__device__ __forceinline__ float load_scalar(const uint8_t* p, uint32_t bytes) {
+  return bytes == 2 ? __half2float(*reinterpret_cast<const __half*>(p))
+                    : *reinterpret_cast<const float*>(p);
 }
 
 // Scale of a term's contribution for token j of a staged tile: n, or n·γ (· √(π/2)/d for keys).
+template <int kDim>
 __device__ __forceinline__ float staged_scale(const CodecTables& t, const TermTables& x,
                                               bool sign, const uint8_t* buf, uint32_t j,
                                               bool keys) {
-  const uint32_t nb = t.norm_f16 ? 2 : 4;
-  float s = load_scalar(buf + x.stage_norm + j * nb, t.norm_f16);
+  const uint32_t nb = norm_bytes<kDim>(t);
+  float s = load_scalar(buf + x.stage_norm + j * nb, nb);
   if (sign) {
-    s *= load_scalar(buf + x.stage_gamma + j * nb, t.norm_f16);
+    s *= load_scalar(buf + x.stage_gamma + j * nb, nb);
     if (keys) s *= x.key_factor;
   }
   return s;
 }
 
 // --- copies into shared memory (cp.async: they bypass registers and complete in groups) --------
-__device__ __forceinline__ void cp_async(void* dst, const void* src, uint32_t bytes, bool valid) {
+__device__ __forceinline__ void cp_async(void* dst, const void* src, uint32_t bytes) {
   const uint32_t d = uint32_t(__cvta_generic_to_shared(dst));
-  const uint32_t n = valid ? bytes : 0u;  // 0: the destination is zero-filled, nothing is read
   if (bytes == 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(n)
-                 : "memory");
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
   else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(d), "l"(src), "r"(n)
-                 : "memory");
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(d), "l"(src) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -185,46 +204,56 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// Programmatic dependent launch (sm_90+): the attention and merge kernels are launched so that
+// they may start while the kernel before them still runs (their table fills, page lookups and
+// first code copies overlap it), and wait here before reading what it wrote; a kernel lets the
+// next one start early with let_next_start. Without it (sm_80), launches are ordered as usual.
+__device__ __forceinline__ void wait_for_previous() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void let_next_start() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // A run of `bytes` (a multiple of 8) by the warp, in 16-byte pieces where the run allows.
 __device__ __forceinline__ void copy_run(uint8_t* dst, const uint8_t* src, uint32_t bytes,
-                                         bool valid, int lane) {
+                                         int lane) {
   const uint32_t piece = bytes % 16 == 0 ? 16u : 8u;
   for (uint32_t o = uint32_t(lane) * piece; o < bytes; o += 32u * piece)
-    cp_async(dst + o, src + o, piece, valid);
+    cp_async(dst + o, src + o, piece);
 }
 
 // The page numbers of tile `base`'s two 8-token halves (pages hold a multiple of 8 tokens, so a
-// half never straddles two); halves past `last` get 0 and are never read.
+// half never straddles two); a half past `last` gets last's page (no branch).
 __device__ __forceinline__ void load_pages(const CacheView& c, const uint32_t* pages,
                                            uint32_t base, uint32_t last, uint32_t (&page)[2]) {
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const uint32_t t = base + 8u * uint32_t(h);
-    page[h] = t <= last ? pages[t / uint32_t(c.page_tokens)] : 0u;
-  }
+  for (int h = 0; h < 2; ++h) page[h] = pages[page_index(c, min(base + 8u * uint32_t(h), last))];
 }
 
 // Starts copying tile `base` (16 tokens) of every key and value term (codes, norms, γ) of KV
-// head `head` into a stage buffer (layout: TermTables::stage_*). Halves past `last` are
-// zero-filled. Every section run starts 64-byte aligned and a half's run is 8 tokens × its
-// bytes per token, so the pieces are aligned.
+// head `head` into a stage buffer (layout: TermTables::stage_*). A half past the sequence's end
+// is copied from the last page's slots: whatever they hold is finite (pools are zeroed when
+// allocated, and an append stores only finite codes and norms) and masked. Every section run starts 64-byte
+// aligned and a half's run is 8 tokens × its bytes per token, so the pieces are aligned; all
+// but the lane's offset is the same for the warp.
 template <int kTerms, int kDim, int kKeyWidth, int kValueWidth>
 __device__ __forceinline__ void stage_tile(const CacheView& c, uint8_t* stage, uint32_t base,
-                                           const uint32_t (&page)[2], uint32_t last, int head,
-                                           int lane) {
+                                           const uint32_t (&page)[2], int head, int lane) {
+  const uint32_t head_at = uint32_t(head) * (c.key_block_bytes + c.value_block_bytes);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const uint32_t t0 = base + 8u * uint32_t(h);
-    const bool valid = t0 <= last;
-    const uint8_t* key = c.pool + (valid ? uint64_t(page[h]) * c.layer_page_bytes +
-                                               uint64_t(head) * (c.key_block_bytes + c.value_block_bytes)
-                                         : 0u);
-    const uint32_t slot = t0 % uint32_t(c.page_tokens);
+    const uint32_t slot = page_slot(c, base + 8u * uint32_t(h));
+    const uint8_t* key = c.pool + uint64_t(page[h]) * c.layer_page_bytes + head_at;
 #pragma unroll
     for (int side = 0; side < 2; ++side) {
       const CodecTables& ct = side ? c.value : c.key;
-      const uint8_t* block = key + (side && valid ? c.key_block_bytes : 0u);
-      const uint32_t nb = ct.norm_f16 ? 2u : 4u;
+      const uint8_t* block = key + (side ? c.key_block_bytes : 0u);
+      const uint32_t nb = norm_bytes<kDim>(ct);
 #pragma unroll
       for (int i = 0; i < kTerms; ++i) {
         if (i >= (kDim > 0 ? 1 : ct.n_terms)) break;
@@ -232,15 +261,51 @@ __device__ __forceinline__ void stage_tile(const CacheView& c, uint8_t* stage, u
         const Shape sh = side ? shape_of<kDim, kValueWidth, kValueLanesPerWord>(x)
                               : shape_of<kDim, kKeyWidth, kKeyLanesPerWord>(x);
         const uint32_t half = 8u * uint32_t(h);
-        copy_run(stage + x.stage_codes + half * sh.bytes,
-                 block + (valid ? x.at + slot * sh.bytes : 0u), 8u * sh.bytes, valid, lane);
-        copy_run(stage + x.stage_norm + half * nb, block + (valid ? x.norm_at + slot * nb : 0u),
-                 8u * nb, valid, lane);
+        copy_run(stage + x.stage_codes + half * sh.bytes, block + x.at + slot * sh.bytes,
+                 8u * sh.bytes, lane);
+        copy_run(stage + x.stage_norm + half * nb, block + x.norm_at + slot * nb, 8u * nb, lane);
         if (sh.sign)
-          copy_run(stage + x.stage_gamma + half * nb, block + (valid ? x.gamma_at + slot * nb : 0u),
-                   8u * nb, valid, lane);
+          copy_run(stage + x.stage_gamma + half * nb, block + x.gamma_at + slot * nb, 8u * nb,
+                   lane);
       }
     }
+  }
+}
+
+// The same for the kernels built for one 128-coordinate term per side with float16 norms,
+// without loops or per-piece address arithmetic: lanes 0–15 copy the first half (8 tokens) and
+// lanes 16–31 the second, so a lane's page and slot are fixed for the tile and its 16-byte
+// pieces of each code run lie at constant offsets; two lanes of each half copy its norm runs.
+// At 4 bits the warp issues 2 + 2 + 1 copies a tile.
+template <int kKeyWidth, int kValueWidth>
+__device__ __forceinline__ void stage_tile_fixed(const CacheView& c, uint8_t* stage,
+                                                 uint32_t base, const uint32_t (&page)[2],
+                                                 int head, int lane) {
+  const bool second = lane >= 16;
+  const uint32_t part = uint32_t(lane % 16);
+  const uint32_t slot = page_slot(c, base + (second ? 8u : 0u));
+  const uint8_t* block = c.pool + uint64_t(second ? page[1] : page[0]) * c.layer_page_bytes +
+                         uint32_t(head) * (c.key_block_bytes + c.value_block_bytes);
+#pragma unroll
+  for (int side = 0; side < 2; ++side) {
+    const TermTables& x = (side ? c.value : c.key).terms[0];
+    constexpr uint32_t kBytes[2] = {128u * kKeyWidth / 8u, 128u * kValueWidth / 8u};
+    const uint32_t bytes = kBytes[side];  // per token; a half's run is 8 · bytes
+    const uint8_t* src = block + (side ? c.key_block_bytes : 0u) + x.at + slot * bytes;
+    uint8_t* dst = stage + x.stage_codes + (second ? 8u * bytes : 0u);
+#pragma unroll
+    for (uint32_t i = 0; i < (kBytes[side] / 2u + 15u) / 16u; ++i) {  // bytes / 2 pieces a half
+      const uint32_t o = 16u * (part + 16u * i);
+      if (o < 8u * bytes) cp_async(dst + o, src + o, 16);
+    }
+  }
+  if (part < 2) {  // part 0: the half's key norms, 1: its value norms (8 float16 each)
+    const bool side = part == 1;
+    const TermTables& k = c.key.terms[0];
+    const TermTables& v = c.value.terms[0];
+    const uint32_t at = side ? c.key_block_bytes + v.norm_at : k.norm_at;
+    cp_async(stage + (side ? v.stage_norm : k.stage_norm) + (second ? 16u : 0u),
+             block + at + slot * 2u, 16);
   }
 }
 
@@ -311,6 +376,7 @@ __device__ void rotate_forward(const GroupTables& g, const float* x, float* y, i
 // [unit][term][row][coordinate / 2] with the magnitudes beside. One warp per row.
 __global__ void __launch_bounds__(32 * kTileRows) prepare_kernel(const AttentionParams p) {
   extern __shared__ __align__(16) float prep_shared[];
+  let_next_start();
   const CacheView& c = p.cache;
   const int d = c.head_dim;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -379,7 +445,7 @@ __global__ void __launch_bounds__(32 * kTileRows) prepare_kernel(const Attention
 
 template <int kTerms, int kWordsK, int kWordsV, bool kRows16, int kDim, int kKeyWidth,
           int kValueWidth>
-__global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
+__global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
     attention_kernel(const AttentionParams p) {
   constexpr int kRowRegs = kRows16 ? 2 : 1;  // fragment rows a lane holds: g (and g + 8)
   // Decode kernels built for one 128-coordinate term multiply values transposed: O^T = V^T P^T,
@@ -388,7 +454,8 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
   // coordinate 8·(2·grp + k) + e of query row 2·quad + j (else: coordinate
   // 8·((2·quad + j)·per_lane + k) + e of row grp, and j + 2 of row grp + 8).
   constexpr bool kValuesT = kDim == 128 && !kRows16;
-  constexpr int kLutCopies = lut_copies(kDim);
+  constexpr int kCopies = lut_copies(kTerms);
+  constexpr int kWarps = block_warps(kDim);
   extern __shared__ __align__(16) uint8_t shared[];
   const CacheView& c = p.cache;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -400,19 +467,15 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
   auto key_shape = [&](int t) { return shape_of<kDim, kKeyWidth, kKeyLanesPerWord>(kt[t]); };
   auto value_shape = [&](int t) { return shape_of<kDim, kValueWidth, kValueLanesPerWord>(vt[t]); };
 
-  // Shared memory: code-pair tables (replicated), then per warp a query-row buffer.
-  uint32_t* luts = reinterpret_cast<uint32_t*>(shared);
-  const int n_luts = nk + nv;
-  for (int t = 0; t < n_luts; ++t) {
+  // The code-pair tables (key terms', then value terms'): one load per entry, then its copies.
+  for (int i = threadIdx.x; i < (nk + nv) * 256; i += blockDim.x) {
+    const int t = i / 256, e = i % 256;
     const TermTables& x = t < nk ? kt[t] : vt[t - nk];
     const CodecTables& ct = t < nk ? c.key : c.value;
-    const uint32_t* src = x.sign ? ct.g[x.group].sign_pairs : ct.g[x.group].code_pairs;
-    // One load per entry (independent of the others), then its copies.
-    for (int e = threadIdx.x; e < 256; e += blockDim.x) {
-      const uint32_t v = src[e];
+    const uint32_t v = (x.sign ? ct.g[x.group].sign_pairs : ct.g[x.group].code_pairs)[e];
+    uint4* row = reinterpret_cast<uint4*>(shared + 256 * e + 4 * kCopies * t);
 #pragma unroll
-      for (int r = 0; r < kLutCopies; ++r) luts[(t * 256 + e) * kLutCopies + r] = v;
-    }
+    for (int r = 0; r < kCopies / 4; ++r) row[r] = make_uint4(v, v, v, v);
   }
   __syncthreads();
 
@@ -423,6 +486,58 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
   const ItemGeometry geo = item_geometry(p, unit);
   const uint32_t* pages = c.page_tables + size_t(p.slot[geo.b]) * c.page_table_stride;
 
+  // --- this split's token range -----------------------------------------------------------------
+  const uint32_t lo16 = geo.lo & ~15u;
+  const uint32_t n_tiles = (geo.hi - lo16 + 15) / 16;
+  const uint32_t per_split = (n_tiles + uint32_t(p.splits) - 1) / uint32_t(p.splits);
+  const uint32_t t_begin = lo16 + uint32_t(split) * per_split * 16;
+  const uint32_t t_end = min(geo.hi, t_begin + per_split * 16);
+
+  float m[kRowRegs], l[kRowRegs];
+  float acc[kTerms][kWordsV][8][2 * kRowRegs] = {};
+#pragma unroll
+  for (int r = 0; r < kRowRegs; ++r) {
+    m[r] = kNegInf;
+    l[r] = 0.0f;
+  }
+
+  // Lookups: the entry of byte `byte` of code word w in the table whose lane word is `sel`
+  // (byte 0 of sel; its other bytes are 0): the permute puts the code byte in byte 1, which
+  // makes the row's offset, beside sel in byte 0.
+  const uint32_t key_sel = 4u * uint32_t(lane % kCopies);  // key term t: + 4 · kCopies · t
+  const uint32_t value_sel = key_sel + 4u * uint32_t(kCopies * nk);
+  auto lut = [&](uint32_t sel, uint32_t w, int byte) {
+    const uint32_t offset = __byte_perm(w, sel, 0x5504u | (uint32_t(byte) << 4));
+    return *reinterpret_cast<const uint32_t*>(shared + offset);
+  };
+  const uint32_t last = geo.hi - 1;
+
+  // Tiles reach registers through this warp's ring of kStages stage buffers in shared memory,
+  // filled by cp.async kStages − 1 tiles ahead; page numbers are loaded one tile further ahead,
+  // so neither the codes' nor the page table's latency sits between two tiles' arithmetic.
+  const uint32_t stage_bytes = c.value.stage_end;
+  uint8_t* stages = shared + kTableBytes + uint32_t(warp) * kStages * stage_bytes;
+  const uint32_t n = t_end > t_begin ? (t_end - t_begin + 15) / 16 : 0;
+  uint32_t ahead[kStages][2];  // page numbers of the first kStages tiles' halves
+#pragma unroll
+  for (int j = 0; j < kStages; ++j)
+    load_pages(c, pages, t_begin + 16u * uint32_t(j), last, ahead[j]);
+  auto stage = [&](uint32_t j, const uint32_t(&page)[2]) {  // starts copying tile j
+    uint8_t* to = stages + (j % kStages) * stage_bytes;
+    if constexpr (kDim > 0)
+      stage_tile_fixed<kKeyWidth, kValueWidth>(c, to, t_begin + 16u * j, page, geo.h, lane);
+    else
+      stage_tile<kTerms, kDim, kKeyWidth, kValueWidth>(c, to, t_begin + 16u * j, page, geo.h,
+                                                       lane);
+  };
+#pragma unroll
+  for (int j = 0; j < kStages - 1; ++j) {
+    if (uint32_t(j) < n) stage(uint32_t(j), ahead[j]);
+    cp_async_commit();
+  }
+  uint32_t page_next[2] = {ahead[kStages - 1][0], ahead[kStages - 1][1]};
+
+  wait_for_previous();  // the prepare kernel's query rows are complete from here on
   // --- the query rows (rotated once per unit by prepare_kernel), as A fragments -----------------
   uint32_t qa[kTerms][kWordsK][2][2 * kRowRegs];  // [term][word][half: coords 0-3 / 4-7][reg]
   float row_scale[kTerms][kRowRegs];              // per term and fragment row: max |q'| (log2 units)
@@ -464,67 +579,11 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
     }
   }
 
-  // --- this split's token range -----------------------------------------------------------------
-  const uint32_t lo16 = geo.lo & ~15u;
-  const uint32_t n_tiles = (geo.hi - lo16 + 15) / 16;
-  const uint32_t per_split = (n_tiles + uint32_t(p.splits) - 1) / uint32_t(p.splits);
-  const uint32_t t_begin = lo16 + uint32_t(split) * per_split * 16;
-  const uint32_t t_end = min(geo.hi, t_begin + per_split * 16);
-
-  float m[kRowRegs], l[kRowRegs];
-  float acc[kTerms][kWordsV][8][2 * kRowRegs];
-#pragma unroll
-  for (int r = 0; r < kRowRegs; ++r) {
-    m[r] = kNegInf;
-    l[r] = 0.0f;
-  }
-#pragma unroll
-  for (int t = 0; t < kTerms; ++t)
-#pragma unroll
-    for (int k = 0; k < kWordsV; ++k)
-#pragma unroll
-      for (int e = 0; e < 8; ++e)
-#pragma unroll
-        for (int r = 0; r < 2 * kRowRegs; ++r) acc[t][k][e][r] = 0.0f;
-
-  // Entry `byte` of a table is at byte offset byte · 4 · kLutCopies: that offset is cut straight
-  // out of the code word by one shift and one mask, and the lane's copy is added once.
-  constexpr int kEntryShift = kLutCopies == 16 ? 6 : kLutCopies == 8 ? 5 : -1;
-  static_assert(kEntryShift > 0, "table entries of 32 or 64 bytes");
-  constexpr uint32_t kEntryMask = 0xffu << kEntryShift;
-  const uint8_t* lut_lane = reinterpret_cast<const uint8_t*>(luts + lane % kLutCopies);
-  auto lut = [&](int table, uint32_t w, int shift) {  // entry (w >> shift) & 0xff
-    const uint32_t offset = shift >= kEntryShift ? (w >> (shift - kEntryShift)) & kEntryMask
-                                                 : (w << (kEntryShift - shift)) & kEntryMask;
-    return *reinterpret_cast<const uint32_t*>(lut_lane + uint32_t(table) * (256u << kEntryShift) +
-                                              offset);
-  };
-  const uint32_t last = geo.hi - 1;
-
-  // Tiles reach registers through this warp's ring of kStages stage buffers in shared memory,
-  // filled by cp.async kStages − 1 tiles ahead; page numbers are loaded one tile further ahead,
-  // so neither the codes' nor the page table's latency sits between two tiles' arithmetic.
-  const uint32_t stage_bytes = c.value.stage_end;
-  uint8_t* stages = shared + table_bytes(nk + nv, kDim) + uint32_t(warp) * kStages * stage_bytes;
-  const uint32_t n = t_end > t_begin ? (t_end - t_begin + 15) / 16 : 0;
-  uint32_t ahead[kStages][2];  // page numbers of the first kStages tiles' halves
-#pragma unroll
-  for (int j = 0; j < kStages; ++j)
-    load_pages(c, pages, t_begin + 16u * uint32_t(j), last, ahead[j]);
-#pragma unroll
-  for (int j = 0; j < kStages - 1; ++j) {
-    if (uint32_t(j) < n)
-      stage_tile<kTerms, kDim, kKeyWidth, kValueWidth>(
-          c, stages + j * stage_bytes, t_begin + 16u * uint32_t(j), ahead[j], last, geo.h, lane);
-    cp_async_commit();
-  }
-  uint32_t page_next[2] = {ahead[kStages - 1][0], ahead[kStages - 1][1]};
 
   for (uint32_t i = 0; i < n; ++i) {
     const uint32_t j = i + kStages - 1;  // the tile to start copying
     if (j < n) {
-      stage_tile<kTerms, kDim, kKeyWidth, kValueWidth>(
-          c, stages + (j % kStages) * stage_bytes, t_begin + 16u * j, page_next, last, geo.h, lane);
+      stage(j, page_next);
       load_pages(c, pages, t_begin + 16u * (j + 1), last, page_next);
     }
     cp_async_commit();
@@ -545,11 +604,13 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
         const TermTables& x = kt[t];
         const Shape sh = key_shape(t);
         const uint8_t* codes = buf + x.stage_codes + uint32_t(8 * s + grp) * sh.bytes;
-        float cf[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        // Four independent accumulator chains (word parity × half), summed at the end: one
+        // chain would put all 2·kWordsK MMAs of the term in a row, each waiting for the last.
+        float cf4[4][4] = {};
         // 4-bit words come with one vector load; other widths word by word, as they are used.
         const bool vector = sh.width == 4 && sh.per_lane == kWordsK && sh.bytes % 16 == 0;
         uint32_t kw[kWordsK] = {};
-        if (vector) load_words4<kWordsK>(codes, quad * sh.per_lane, sh.words, kw);
+        if (vector) load_words4<kWordsK, (kDim > 0)>(codes, quad * sh.per_lane, sh.words, kw);
 #pragma unroll
         for (int k = 0; k < kWordsK; ++k) {
           if (k >= sh.per_lane) break;
@@ -558,16 +619,22 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
                              : word < sh.words ? load_word(codes, sh.width, sh.dim, word) : 0u;
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const uint32_t b0 = lut(t, w, 16 * h);
-            const uint32_t b1 = lut(t, w, 16 * h + 8);
+            const uint32_t sel = key_sel + 4u * uint32_t(kCopies * t);
+            const uint32_t b0 = lut(sel, w, 2 * h);
+            const uint32_t b1 = lut(sel, w, 2 * h + 1);
+            float (&chain)[4] = cf4[2 * (k & 1) + h];
             if constexpr (kRows16)
-              mma16816(cf, qa[t][k][h][0], qa[t][k][h][2], qa[t][k][h][1], qa[t][k][h][3], b0, b1);
+              mma16816(chain, qa[t][k][h][0], qa[t][k][h][2], qa[t][k][h][1], qa[t][k][h][3], b0,
+                       b1);
             else
-              mma16816_rows8(cf[0], cf[1], qa[t][k][h][0], qa[t][k][h][1], b0, b1);
+              mma16816_rows8(chain[0], chain[1], qa[t][k][h][0], qa[t][k][h][1], b0, b1);
           }
         }
-        const float n0 = staged_scale(c.key, x, sh.sign, buf, uint32_t(8 * s + 2 * quad), true);
-        const float n1 = staged_scale(c.key, x, sh.sign, buf, uint32_t(8 * s + 2 * quad + 1), true);
+        float cf[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) cf[e] = (cf4[0][e] + cf4[1][e]) + (cf4[2][e] + cf4[3][e]);
+        const float n0 = staged_scale<kDim>(c.key, x, sh.sign, buf, uint32_t(8 * s + 2 * quad), true);
+        const float n1 = staged_scale<kDim>(c.key, x, sh.sign, buf, uint32_t(8 * s + 2 * quad + 1), true);
         sc[s][0] += cf[0] * n0 * row_scale[t][0];
         sc[s][1] += cf[1] * n1 * row_scale[t][0];
         if constexpr (kRows16) {
@@ -596,14 +663,14 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_new = fmaxf(m[r], mx);
-      corr[r] = m_new == kNegInf ? 1.0f : exp2f(m[r] - m_new);
+      const float m_use = m_new == kNegInf ? 0.0f : m_new;  // no token visible yet: all give 0
+      corr[r] = m[r] == m_new ? 1.0f : fast_exp2(m[r] - m_new);  // 2^−∞ = 0
       float sum = 0.0f;
 #pragma unroll
       for (int s = 0; s < 2; ++s)
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-          const float v = sc[s][2 * r + j];
-          const float e = v == kNegInf ? 0.0f : exp2f(v - m_new);
+          const float e = fast_exp2(sc[s][2 * r + j] - m_use);
           pr[s][2 * r + j] = e;
           sum += e;
         }
@@ -650,9 +717,10 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
       if (t >= nv) break;
       const TermTables& x = vt[t];
       const Shape sh = value_shape(t);
+      const uint32_t sel = value_sel + 4u * uint32_t(kCopies * t);
       float sv[4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) sv[j] = staged_scale(c.value, x, sh.sign, buf, vtok[j], false);
+      for (int j = 0; j < 4; ++j) sv[j] = staged_scale<kDim>(c.value, x, sh.sign, buf, vtok[j], false);
       uint32_t pa[4];
       pa[0] = pack_half2(pr[0][0] * sv[0], pr[0][1] * sv[1]);
       pa[1] = kRows16 ? pack_half2(pr[0][2 * kRowRegs - 2] * sv[0], pr[0][2 * kRowRegs - 1] * sv[1]) : 0u;
@@ -666,7 +734,7 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
       uint32_t ab_word0[2] = {0u, 0u}, cd_word0[2] = {0u, 0u};  // kValuesT: word 0's pairs
       if (vector) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) load_words4<kWordsV>(rows[j], grp * sh.per_lane, sh.words, vw[j]);
+        for (int j = 0; j < 4; ++j) load_words4<kWordsV, (kDim > 0)>(rows[j], grp * sh.per_lane, sh.words, vw[j]);
       }
 #pragma unroll
       for (int k = 0; k < kWordsV; ++k) {
@@ -692,20 +760,18 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
           }
 #pragma unroll
           for (int e = 0; e < 8; ++e) {
-            const int shift = 8 * (e >> 1);
+            const int byte = e >> 1;
             mma16816(acc[0][0][e][0], acc[0][0][e][1], acc[0][1][e][0], acc[0][1][e][1],
-                     lut(nk + t, ab_word0[e & 1], shift),
-                     lut(nk + t, (e & 1) ? ab_odd : ab_even, shift),
-                     lut(nk + t, cd_word0[e & 1], shift),
-                     lut(nk + t, (e & 1) ? cd_odd : cd_even, shift), pa[0], pa[2]);
+                     lut(sel, ab_word0[e & 1], byte), lut(sel, (e & 1) ? ab_odd : ab_even, byte),
+                     lut(sel, cd_word0[e & 1], byte), lut(sel, (e & 1) ? cd_odd : cd_even, byte),
+                     pa[0], pa[2]);
           }
         } else {
 #pragma unroll
           for (int e = 0; e < 8; ++e) {
             const uint32_t ab = (e & 1) ? ab_odd : ab_even, cd = (e & 1) ? cd_odd : cd_even;
-            const int shift = 8 * (e >> 1);
-            const uint32_t b0 = lut(nk + t, ab, shift);
-            const uint32_t b1 = lut(nk + t, cd, shift);
+            const uint32_t b0 = lut(sel, ab, e >> 1);
+            const uint32_t b1 = lut(sel, cd, e >> 1);
             if constexpr (kRows16)
               mma16816(acc[t][k][e], pa[0], pa[1], pa[2], pa[3], b0, b1);
             else
@@ -717,6 +783,7 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
     __syncwarp();  // every lane is done with this buffer before the next iteration refills it
   }
   cp_async_wait<0>();  // no copy may outlive the warp (empty groups complete at once)
+  let_next_start();
 
   // --- this item's partial state ------------------------------------------------------------------
   const int acc_dim = c.value.term_dim;
@@ -777,6 +844,7 @@ __global__ void __launch_bounds__(kWarps * 32, kRows16 ? 2 : 3)
 // out_g = Π_gᵀ (a_codes + √(π/2)/d_g · Sᵀ a_signs) / l, scattered to the group's channels.
 __global__ void __launch_bounds__(128) merge_kernel(const AttentionParams p) {
   extern __shared__ __align__(16) float buf[];
+  wait_for_previous();
   const CacheView& c = p.cache;
   const uint32_t unit = blockIdx.x / kTileRows;
   const int rho = int(blockIdx.x % kTileRows);
@@ -883,14 +951,33 @@ __global__ void __launch_bounds__(128) merge_kernel(const AttentionParams p) {
   }
 }
 
+// Launches kernel(p) on `stream`, allowed to start before the kernel ahead of it ends (it waits
+// in wait_for_previous) where the device supports that (compute capability 9.0 and later).
+void launch_early(void (*kernel)(AttentionParams), const AttentionParams& p, Device device,
+                  uint32_t blocks, int threads, size_t smem, CudaStream stream) {
+  int major = 0;
+  TQKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index));
+  cudaLaunchAttribute early{};
+  early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  early.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(unsigned(threads));
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &early;
+  config.numAttrs = major >= 9 ? 1 : 0;
+  TQKV_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+}
+
 // Launches the kernel; with p.splits == 0 first chooses the splits so that the items fill one
 // wave of the GPU at this kernel's occupancy (a partial second wave would idle most SMs), with
 // splits of at least kStages tiles.
 template <int kTerms, int kWordsK, int kWordsV, bool kRows16, int kDim = 0, int kKeyWidth = 0,
           int kValueWidth = 0>
-void launch(Device device, AttentionParams& p, size_t stage_smem, CudaStream stream) {
-  const CacheView& c = p.cache;
-  const size_t smem = table_bytes(c.key.n_terms + c.value.n_terms, kDim) + stage_smem;
+void launch(Device device, AttentionParams& p, size_t warp_stage_bytes, CudaStream stream) {
+  constexpr int kWarps = block_warps(kDim);
+  const size_t smem = kTableBytes + size_t(kWarps) * warp_stage_bytes;
   auto kernel = attention_kernel<kTerms, kWordsK, kWordsV, kRows16, kDim, kKeyWidth, kValueWidth>;
   if (smem > 48 * 1024)
     TQKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -908,8 +995,7 @@ void launch(Device device, AttentionParams& p, size_t stage_smem, CudaStream str
   }
   p.splits = int(std::max(1u, std::min(uint32_t(p.splits), p.max_items / p.units)));
   const uint32_t items = p.units * uint32_t(p.splits);
-  kernel<<<(items + kWarps - 1) / kWarps, kWarps * 32, smem, stream>>>(p);
-  TQKV_CUDA_CHECK_LAUNCH("attention_kernel");
+  launch_early(kernel, p, device, (items + kWarps - 1) / kWarps, kWarps * 32, smem, stream);
 }
 
 }  // namespace
@@ -924,9 +1010,8 @@ void launch_attention(Device device, const AttentionParams& params, CudaStream s
   for (const CodecTables* t : {&c.key, &c.value})
     for (int g = 0; g < t->groups; ++g) max_dim = std::max(max_dim, t->g[g].dim);
   const int qk_floats = c.key.term_dim;
-  // Shared memory: the code-pair tables (launch adds them: their copies depend on the kernel),
-  // then each warp's stage buffers.
-  const size_t smem = size_t(kWarps) * kStages * c.value.stage_end;
+  // Shared memory: the code-pair tables, then each warp's stage buffers (launch adds up).
+  const size_t smem = size_t(kStages) * c.value.stage_end;
   // One warp per row: the rows' dependent loads (channel list, then the query) overlap.
   const size_t prep_smem = size_t(kTileRows) * size_t(qk_floats + c.head_dim) * 4;
   if (prep_smem > 48 * 1024)
@@ -937,13 +1022,14 @@ void launch_attention(Device device, const AttentionParams& params, CudaStream s
   TQKV_CUDA_CHECK_LAUNCH("prepare_kernel");
   const bool rows16 = p.group * int(*std::max_element(p.queries, p.queries + p.batch)) > 8;
   // Decode with the common codecs (one MSE term of 128 coordinates per side, keys and values of
-  // the same width 2, 3 or 4) runs a kernel built for that shape.
+  // the same width 2, 3 or 4, float16 norms) runs a kernel built for that shape.
   auto single_mse = [](const CodecTables& t, int dim) {
     return t.groups == 1 && t.n_terms == 1 && t.terms[0].sign == 0 && t.terms[0].dim == dim;
   };
   const int width = c.key.terms[0].width;
   const bool fixed = !rows16 && single_mse(c.key, 128) && single_mse(c.value, 128) &&
-                     c.value.terms[0].width == width && width >= 2 && width <= 4;
+                     c.value.terms[0].width == width && width >= 2 && width <= 4 &&
+                     c.key.norm_f16 && c.value.norm_f16;
   // Otherwise: terms ≤ 1 with coordinates ≤ 256 per term, or ≤ 2 / ≤ 4 terms of ≤ 128.
   if (fixed) {
     if (width == 4) launch<1, 4, 2, false, 128, 4, 4>(device, p, smem, stream);
@@ -967,8 +1053,7 @@ void launch_attention(Device device, const AttentionParams& params, CudaStream s
   if (merge_smem > 48 * 1024)
     TQKV_CUDA_CHECK(cudaFuncSetAttribute(merge_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(merge_smem)));
-  merge_kernel<<<p.units * kTileRows, 128, merge_smem, stream>>>(p);
-  TQKV_CUDA_CHECK_LAUNCH("merge_kernel");
+  launch_early(merge_kernel, p, device, p.units * kTileRows, 128, merge_smem, stream);
 }
 
 }  // namespace tqkv::gpu

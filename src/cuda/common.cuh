@@ -34,10 +34,20 @@ class DeviceGuard {
   bool changed_ = false;
 };
 
+/// Token t's page within its sequence and slot within that page: a shift and a mask for pages
+/// of a power-of-two size (the common case; a division costs ~20 instructions), else divisions.
+__device__ __forceinline__ uint32_t page_index(const CacheView& c, uint64_t t) {
+  return c.page_shift >= 0 ? uint32_t(t >> c.page_shift) : uint32_t(t / uint64_t(c.page_tokens));
+}
+__device__ __forceinline__ uint32_t page_slot(const CacheView& c, uint64_t t) {
+  return c.page_shift >= 0 ? uint32_t(t) & uint32_t(c.page_tokens - 1)
+                           : uint32_t(t % uint64_t(c.page_tokens));
+}
+
 /// The key (side 0) or value (side 1) block of KV head `head` holding token `t` of a sequence.
 __device__ inline uint8_t* block_of(const CacheView& c, const uint32_t* pages, uint64_t t,
                                     int head, int side) {
-  const uint32_t page = pages[t / uint64_t(c.page_tokens)];
+  const uint32_t page = pages[page_index(c, t)];
   return c.pool + uint64_t(page) * c.layer_page_bytes +
          uint64_t(head) * (c.key_block_bytes + c.value_block_bytes) +
          (side ? c.key_block_bytes : 0u);

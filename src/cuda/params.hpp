@@ -109,6 +109,7 @@ struct CacheView {
   uint64_t layer_page_bytes = 0;
   uint32_t key_block_bytes = 0, value_block_bytes = 0;
   int page_tokens = 0, kv_heads = 0, head_dim = 0, layers = 0, layer = 0;
+  int page_shift = -1;  // log2(page_tokens) when it is a power of two, else −1
   const uint32_t* page_tables = nullptr;  // [slot][page_table_stride]
   uint32_t page_table_stride = 0;
   const uint32_t* lengths = nullptr;  // [slot][layers]
