@@ -842,7 +842,17 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
 
 // Merges the splits of one (unit, row) and writes the output row: per value group
 // out_g = Π_gᵀ (a_codes + √(π/2)/d_g · Sᵀ a_signs) / l, scattered to the group's channels.
-__global__ void __launch_bounds__(128) merge_kernel(const AttentionParams p) {
+// Threads of a merge block: 128, or up to 512 where there are many splits, so that a thread
+// sums at most ~8 of them (a chain of dependent loads per thread is what a short context waits
+// for), without idle threads where there are few.
+constexpr int kMergeThreads = 512;
+int merge_threads(int splits, int acc_dim) {
+  const int chunks = acc_dim / 4;  // float4s of a row's accumulator
+  const int wanted = chunks * ((splits + 7) / 8);
+  return std::clamp((wanted + 31) / 32 * 32, 128, kMergeThreads);
+}
+
+__global__ void __launch_bounds__(kMergeThreads) merge_kernel(const AttentionParams p) {
   extern __shared__ __align__(16) float buf[];
   wait_for_previous();
   const CacheView& c = p.cache;
@@ -1048,12 +1058,13 @@ void launch_attention(Device device, const AttentionParams& params, CudaStream s
                                " coordinates with ", terms, " terms are not supported (at most "
                                "256 coordinates for integer-bit mse codecs, 128 otherwise)"));
   }
-  const int phases = std::max(1, 128 / (c.value.term_dim / 4));
+  const int merge_block = merge_threads(p.splits, c.value.term_dim);
+  const int phases = std::max(1, merge_block / (c.value.term_dim / 4));
   const size_t merge_smem = (size_t(phases) * c.value.term_dim + c.head_dim + p.splits) * 4;
   if (merge_smem > 48 * 1024)
     TQKV_CUDA_CHECK(cudaFuncSetAttribute(merge_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(merge_smem)));
-  launch_early(merge_kernel, p, device, p.units * kTileRows, 128, merge_smem, stream);
+  launch_early(merge_kernel, p, device, p.units * kTileRows, merge_block, merge_smem, stream);
 }
 
 }  // namespace tqkv::gpu
