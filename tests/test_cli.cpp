@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -480,6 +481,47 @@ TEST_F(CliTest, EvalModelReportsEveryConfig) {
   EXPECT_EQ(rows[1]["bytes_per_token"], 4 * 2 * 3 * (64 + 2));  // 8-bit codes and an f16 norm
   EXPECT_LT(rows[1]["kl_mean"].get<double>(), 1e-3);
   EXPECT_GT(rows[3]["kl_mean"].get<double>(), rows[1]["kl_mean"].get<double>());
+}
+
+// eval model --plot: a PNG of plausible size and shape, and paths it cannot write refused before
+// anything runs.
+TEST_F(CliTest, EvalModelPlots) {
+  const std::string unwritable = path("no_such_dir") + "/kl.png";
+  const auto bad = run({"eval", "model", "--model", path("absent.onnx"), "--plot", unwritable});
+  EXPECT_EQ(bad.status, 1);
+  EXPECT_NE(bad.err.find("--plot"), std::string::npos) << bad.err;
+  EXPECT_NE(bad.err.find(unwritable), std::string::npos) << bad.err;
+#if !defined(TQKV_HAVE_CAIRO)
+  EXPECT_NE(bad.err.find("cairo"), std::string::npos) << bad.err;
+  GTEST_SKIP() << "built without cairo: --plot only explains that";
+#endif
+  EXPECT_NE(bad.err.find("No such file"), std::string::npos) << bad.err;
+  EXPECT_FALSE(fs::exists(unwritable));
+  const fs::path model = fs::path(TQKV_MODEL_DIR) / "turn_detector.onnx";
+  if (!fs::exists(model)) GTEST_SKIP() << model << " is absent: run tools/fetch-model.sh";
+  const auto only_full = run({"eval", "model", "--model", model.string(), "--configs", "full",
+                              "--plot", path("full.png")});
+  EXPECT_EQ(only_full.status, 1);
+  EXPECT_NE(only_full.err.find("nothing to draw"), std::string::npos) << only_full.err;
+  EXPECT_FALSE(fs::exists(path("full.png")));
+  const auto r = run({"eval", "model", "--model", model.string(), "--tokens", "16",
+                      "--sequences", "1", "--seed", std::to_string(seed_), "--configs",
+                      "full,k4v4,k2v2,q4_0", "--plot", path("kl.png")});
+  ASSERT_EQ(r.status, 0) << r.err;
+  const std::vector<uint8_t> png = tqkv::file::read_bytes(path("kl.png"));
+  ASSERT_GT(png.size(), 24u);
+  const uint8_t signature[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+  EXPECT_EQ(std::memcmp(png.data(), signature, 8), 0);
+  EXPECT_EQ(std::string(png.begin() + 12, png.begin() + 16), "IHDR");
+  auto be32 = [&](size_t at) {
+    return uint32_t(png[at]) << 24 | uint32_t(png[at + 1]) << 16 | uint32_t(png[at + 2]) << 8 |
+           uint32_t(png[at + 3]);
+  };
+  EXPECT_GT(be32(16), be32(20));  // two panels side by side: wider than high
+  EXPECT_GE(be32(20), 300u);
+  // Axes, labels and points: tens of kilobytes (a blank image of this size is about 4 kB).
+  EXPECT_GT(png.size(), 8000u);
+  EXPECT_LT(png.size(), 4000000u);
 }
 
 }  // namespace

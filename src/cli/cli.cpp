@@ -387,6 +387,8 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
                 "round activations to uint8 as the exported graph does (its rounding adds a "
                 "KL floor of ~0.02 to any cache change)");
   evm->add_flag("--json", em.json, "print a JSON array");
+  evm->add_option("--plot", em.plot,
+                  "draw mean KL and top-1 agreement against bits per coordinate into this PNG");
 
   size_t demo_samples = 20000, demo_context = 8192;
   auto* dm = app.add_subcommand("demo", "codecs and attention on built-in synthetic data");

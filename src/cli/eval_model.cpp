@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "commands.hpp"
+#include "plot.hpp"
 #include "tqkv/error.hpp"
 #include "tqkv/llama.hpp"
 #include "tqkv/onnx.hpp"
@@ -84,12 +85,34 @@ struct Totals {
   size_t agree = 0, positions = 0;
 };
 
+// Mean KL (log) and top-1 agreement against bits per coordinate: TurboQuant configurations and
+// the block baselines as two series (the full cache, at 0 KL, is not drawn).
+void plot_rows(const nlohmann::json& rows, const std::vector<CacheChoice>& choices,
+               const EvalModelArgs& args, const LlamaConfig& mc, const std::string& path) {
+  PlotPanel kl{"mean KL(full || config), next-token distributions", true,
+               {{"TurboQuant", {}}, {"block absmax (q4_0, q8_0)", {}}}};
+  PlotPanel top1{"top-1 agreement with the full cache", false, kl.series};
+  for (size_t c = 0; c < choices.size(); ++c) {
+    if (!choices[c].compressed && choices[c].block == BlockFormat::none) continue;
+    const size_t s = choices[c].compressed ? 0 : 1;
+    const double bits = rows[c]["bits_per_coordinate"].get<double>();
+    kl.series[s].points.push_back({bits, rows[c]["kl_mean"].get<double>(), choices[c].name});
+    top1.series[s].points.push_back({bits, rows[c]["top1_agree"].get<double>(), choices[c].name});
+  }
+  write_plot(path,
+             "KV cache configurations on " + std::to_string(mc.layers) + "-layer Llama, " +
+                 std::to_string(args.sequences) + " x " + std::to_string(args.tokens) +
+                 " sampled tokens",
+             "bits per coordinate (codes, norms and scales)", {kl, top1});
+}
+
 }  // namespace
 
 int eval_model(const EvalModelArgs& args, std::ostream& out, std::ostream& err) {
   TQKV_CHECK(!args.model.empty(), "--model: an ONNX file is needed (tools/fetch-model.sh)");
   TQKV_CHECK(args.tokens >= 2, "--tokens must be at least 2, got ", args.tokens);
   TQKV_CHECK(args.sequences >= 1, "--sequences must be at least 1");
+  if (!args.plot.empty()) check_plot_path(args.plot);
   const onnx::Model file = onnx::read(args.model);
   LlamaOptions options;
   options.quantize_activations = args.quantized_activations;
@@ -98,6 +121,9 @@ int eval_model(const EvalModelArgs& args, std::ostream& out, std::ostream& err) 
   std::vector<CacheChoice> choices;
   for (const std::string& name : split_list(args.configs, "--configs"))
     choices.push_back(parse_choice(name, mc.head_dim));
+  TQKV_CHECK(args.plot.empty() || std::any_of(choices.begin(), choices.end(),
+                                              [](const CacheChoice& c) { return c.name != "full"; }),
+             "--plot: --configs has nothing to draw but the full cache");
 
   // Sequences from the model itself, with the full cache.
   std::mt19937_64 rng(args.seed);
@@ -173,6 +199,7 @@ int eval_model(const EvalModelArgs& args, std::ostream& out, std::ostream& err) 
     r["ppl_full"] = std::exp(t.nll_full / n);
     rows.push_back(r);
   }
+  if (!args.plot.empty()) plot_rows(rows, choices, args, mc, args.plot);
   if (args.json) {
     out << rows.dump(2) << "\n";
     return 0;
