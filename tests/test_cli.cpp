@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
@@ -449,6 +450,57 @@ TEST_F(CliTest, DemoShowsAttention) {
   EXPECT_NE(r.out.find("attention on a compressed cache"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("256 tokens"), std::string::npos) << r.out;
   EXPECT_EQ(run({"demo", "--context", "0"}).status, 1);
+}
+
+// demo --model: every row of the real-model demo, the full cache's against itself, and errors.
+TEST_F(CliTest, DemoRunsOnTheRealModel) {
+  const auto missing = run({"demo", "--model", path("absent.onnx")});
+  EXPECT_EQ(missing.status, 1);
+  EXPECT_NE(missing.err.find("absent.onnx"), std::string::npos) << missing.err;
+  const fs::path model = fs::path(TQKV_MODEL_DIR) / "turn_detector.onnx";
+  if (!fs::exists(model)) GTEST_SKIP() << model << " is absent: run tools/fetch-model.sh";
+  const auto short_run = run({"demo", "--model", model.string(), "--tokens", "16"});
+  EXPECT_EQ(short_run.status, 1);
+  EXPECT_NE(short_run.err.find("--tokens"), std::string::npos) << short_run.err;
+  const auto r = run({"demo", "--model", model.string(), "--tokens", "40", "--seed",
+                      std::to_string(seed_)});
+  ASSERT_EQ(r.status, 0) << r.err;
+  std::map<std::string, std::vector<double>> rows;  // name -> the numbers after it
+  std::istringstream lines(r.out);
+  for (std::string line; std::getline(lines, line);) {
+    std::istringstream words(line);
+    std::string name;
+    words >> name;
+    if (name == "full") words >> name;  // "full (f32)"
+    std::vector<double> numbers;
+    for (std::string w; words >> w;) {
+      if (w.back() == 'x') w.pop_back();
+      try {
+        size_t used = 0;
+        numbers.push_back(std::stod(w, &used));
+        if (used != w.size()) break;
+      } catch (const std::exception&) {
+        break;
+      }
+    }
+    if (numbers.size() == 7) rows[name == "(f32)" ? "full" : name] = numbers;
+  }
+  for (const char* name : {"full", "k4v4", "k3.5v3.5", "k3v3", "k2v2", "q4_0", "q8_0"})
+    ASSERT_TRUE(rows.count(name)) << name << " missing in:\n" << r.out;
+  // bytes/token, vs fp16, KL, top-1, ppl, prefill tok/s, decode ms/token
+  EXPECT_EQ(rows["full"][0], 4 * 2 * 3 * 64 * 4);
+  EXPECT_EQ(rows["full"][2], 0.0);
+  EXPECT_EQ(rows["full"][3], 1.0);
+  EXPECT_EQ(rows["k4v4"][0], 4 * 2 * 3 * (32 + 2));  // 4-bit codes and an f16 norm
+  EXPECT_NEAR(rows["k4v4"][1], 3072.0 / 816.0, 0.005);
+  EXPECT_GT(rows["k2v2"][2], rows["k4v4"][2]);  // fewer bits, further from the full cache
+  for (const auto& [name, v] : rows) {
+    EXPECT_GE(v[3], 0.0) << name;
+    EXPECT_LE(v[3], 1.0) << name;
+    EXPECT_GT(v[4], 1.0) << name;
+    EXPECT_GT(v[5], 0.0) << name;
+    EXPECT_GT(v[6], 0.0) << name;
+  }
 }
 
 // eval model: the table's fields on a short sequence of the real model (when fetched), and errors.

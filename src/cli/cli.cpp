@@ -390,10 +390,19 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
   evm->add_option("--plot", em.plot,
                   "draw mean KL and top-1 agreement against bits per coordinate into this PNG");
 
-  size_t demo_samples = 20000, demo_context = 8192;
-  auto* dm = app.add_subcommand("demo", "codecs and attention on built-in synthetic data");
+  size_t demo_samples = 20000, demo_context = 8192, demo_tokens = 256;
+  std::string demo_model_path;
+  uint64_t demo_seed = 1;
+  auto* dm = app.add_subcommand(
+      "demo", "codecs and attention on built-in synthetic data, or (--model) on a real model");
   dm->add_option("--samples", demo_samples, "random unit vectors")->capture_default_str();
   dm->add_option("--context", demo_context, "tokens in the attention demo's cache")
+      ->capture_default_str();
+  dm->add_option("--model", demo_model_path,
+                 "ONNX file of a Llama model (tools/fetch-model.sh): run the demo on it instead");
+  dm->add_option("--tokens", demo_tokens, "with --model: tokens of the sampled sequence")
+      ->capture_default_str();
+  dm->add_option("--seed", demo_seed, "with --model: seed of the sampled sequence")
       ->capture_default_str();
 
   AttendArgs at;
@@ -462,6 +471,8 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
     if (dist->parsed())
       return eval_distortion(dim, bits_list, opt, samples, data_seed, json, out);
     if (evm->parsed()) return eval_model(em, out, err);
+    if (dm->parsed() && !demo_model_path.empty())
+      return demo_model(demo_model_path, demo_tokens, demo_seed, out, err);
     if (dm->parsed()) return demo(demo_samples, demo_context, out);
     if (att->parsed()) return attend(at, out);
     if (bdec->parsed()) return bench_decode(bd, out);

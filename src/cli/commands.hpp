@@ -103,6 +103,13 @@ struct EvalModelArgs {
 /// configurations against the block baselines.
 int eval_model(const EvalModelArgs& args, std::ostream& out, std::ostream& err);
 
+/// The demo on a real model (tqkv demo --model): one sequence of `tokens` tokens sampled from
+/// it, through the full cache, TurboQuant configurations and the block baselines: bytes of KV
+/// per token, mean KL, top-1 agreement and perplexity against the full cache, prefill and decode
+/// speed.
+int demo_model(const std::string& path, size_t tokens, uint64_t seed, std::ostream& out,
+               std::ostream& err);
+
 /// The demo's section "attention on a compressed cache": accuracy of fused decode against exact
 /// dense attention on synthetic data of `context` tokens, and decode timings.
 void demo_attention(size_t context, std::ostream& out);

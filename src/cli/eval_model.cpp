@@ -1,10 +1,13 @@
-// tqkv eval model: what each KV cache configuration costs a real model's predictions.
+// tqkv eval model: what each KV cache configuration costs a real model's predictions; and the
+// demo's real-model section (tqkv demo --model).
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <ostream>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -85,6 +88,34 @@ struct Totals {
   size_t agree = 0, positions = 0;
 };
 
+// Adds what each position's next-token distribution under `got` costs against `full` (logits
+// [seq.size(), V] both; position i predicts token i + 1, the last predicts nothing).
+void add_comparison(const std::vector<float>& full, const std::vector<float>& got,
+                    std::span<const int32_t> seq, size_t V, Totals& t) {
+  double kl_sum = 0, nll = 0, nll_full = 0;
+  size_t agree = 0;
+  const size_t positions = seq.size() - 1;
+#pragma omp parallel for reduction(+ : kl_sum, nll, nll_full, agree) schedule(static)
+  for (size_t i = 0; i < positions; ++i) {
+    const auto p = probabilities(std::span(full.data() + i * V, V));
+    const auto q = probabilities(std::span(got.data() + i * V, V));
+    for (size_t j = 0; j < V; ++j)
+      if (p[j] > 0) kl_sum += p[j] * (std::log(p[j]) - std::log(std::max(q[j], 1e-300)));
+    const auto top = [](const std::vector<double>& x) {
+      return std::max_element(x.begin(), x.end()) - x.begin();
+    };
+    agree += top(p) == top(q);
+    const size_t next = size_t(seq[i + 1]);
+    nll -= std::log(std::max(q[next], 1e-300));
+    nll_full -= std::log(std::max(p[next], 1e-300));
+  }
+  t.kl += kl_sum;
+  t.nll += nll;
+  t.nll_full += nll_full;
+  t.agree += agree;
+  t.positions += positions;
+}
+
 // Mean KL (log) and top-1 agreement against bits per coordinate: TurboQuant configurations and
 // the block baselines as two series (the full cache, at 0 KL, is not drawn).
 void plot_rows(const nlohmann::json& rows, const std::vector<CacheChoice>& choices,
@@ -151,30 +182,8 @@ int eval_model(const EvalModelArgs& args, std::ostream& out, std::ostream& err) 
           << std::string(12, ' ') << std::flush;
       auto store = make_store(choices[c], mc, seq.size());
       const std::vector<float> got = model.forward(seq, *store);
-      Totals& t = totals[c];
-      t.bytes_per_token = store->bytes_per_token();
-      double kl_sum = 0, nll = 0, nll_full = 0;
-      size_t agree = 0;
-      const size_t positions = seq.size() - 1;  // position i predicts token i + 1
-#pragma omp parallel for reduction(+ : kl_sum, nll, nll_full, agree) schedule(static)
-      for (size_t i = 0; i < positions; ++i) {
-        const auto p = probabilities(std::span(full.data() + i * V, V));
-        const auto q = probabilities(std::span(got.data() + i * V, V));
-        for (size_t j = 0; j < V; ++j)
-          if (p[j] > 0) kl_sum += p[j] * (std::log(p[j]) - std::log(std::max(q[j], 1e-300)));
-        const auto top = [](const std::vector<double>& x) {
-          return std::max_element(x.begin(), x.end()) - x.begin();
-        };
-        agree += top(p) == top(q);
-        const size_t next = size_t(seq[i + 1]);
-        nll -= std::log(std::max(q[next], 1e-300));
-        nll_full -= std::log(std::max(p[next], 1e-300));
-      }
-      t.kl += kl_sum;
-      t.nll += nll;
-      t.nll_full += nll_full;
-      t.agree += agree;
-      t.positions += seq.size() - 1;
+      totals[c].bytes_per_token = store->bytes_per_token();
+      add_comparison(full, got, seq, V, totals[c]);
     }
   }
   err << "\n";
@@ -220,6 +229,65 @@ int eval_model(const EvalModelArgs& args, std::ostream& out, std::ostream& err) 
         << fmt("%9.4f", r["top1_agree"].get<double>()) << fmt("%9.3f", r["ppl"].get<double>())
         << fmt("%10.3f", r["ppl_full"].get<double>()) << "\n";
   }
+  return 0;
+}
+
+int demo_model(const std::string& path, size_t tokens, uint64_t seed, std::ostream& out,
+               std::ostream& err) {
+  TQKV_CHECK(!path.empty(), "--model: an ONNX file is needed (tools/fetch-model.sh)");
+  constexpr size_t kDecode = 16;  // the last tokens run one at a time, as in generation
+  TQKV_CHECK(tokens > kDecode, "--tokens must be more than ", kDecode, ", got ", tokens);
+  const onnx::Model file = onnx::read(path);
+  LlamaOptions options;
+  options.quantize_activations = false;
+  const Llama model(file, options);
+  const LlamaConfig& mc = model.config();
+  std::mt19937_64 rng(seed);
+  const std::vector<int32_t> seq = model.sample(tokens, rng, [&](size_t n) {
+    err << "\rsampling: " << n << "/" << tokens << " tokens" << std::flush;
+  });
+  err << "\n";
+  const double fp16_bytes = double(mc.layers) * 2 * mc.kv_heads * mc.head_dim * 2;
+  out << "tqkv demo on a real model: " << path << "\n(" << mc.layers << " layers, " << mc.heads
+      << " query heads on " << mc.kv_heads << " KV heads, head dim " << mc.head_dim
+      << ", vocabulary " << mc.vocab << "), " << num_threads() << " threads\n"
+      << "One sequence of " << tokens << " tokens sampled from the model (temperature 1, seed "
+      << seed << "),\nrun through each KV cache: the first " << tokens - kDecode
+      << " as one prefill call, the last " << kDecode << " one at a time (decode).\n"
+      << "cache       KV bytes/token  vs fp16  mean KL    top-1     ppl   prefill tok/s"
+         "  decode ms/token\n";
+  const size_t V = size_t(mc.vocab), prefill = tokens - kDecode;
+  std::vector<float> full;
+  for (const char* name : {"full", "k4v4", "k3.5v3.5", "k3v3", "k2v2", "q4_0", "q8_0"}) {
+    const CacheChoice choice = parse_choice(name, mc.head_dim);
+    auto store = make_store(choice, mc, tokens);
+    using clock = std::chrono::steady_clock;
+    const auto t0 = clock::now();
+    std::vector<float> logits = model.forward(std::span(seq).first(prefill), *store);
+    const auto t1 = clock::now();
+    for (size_t i = prefill; i < tokens; ++i) {
+      const std::vector<float> next = model.forward(std::span(seq).subspan(i, 1), *store);
+      logits.insert(logits.end(), next.begin(), next.end());
+    }
+    const auto t2 = clock::now();
+    if (full.empty()) full = logits;
+    Totals t;
+    add_comparison(full, logits, seq, V, t);
+    const double n = double(t.positions);
+    const std::string label = choice.name == "full" ? "full (f32)" : choice.name;
+    out << label << std::string(label.size() < 12 ? 12 - label.size() : 1, ' ')
+        << fmt("%14.0f", store->bytes_per_token())
+        << fmt("%8.2fx", fp16_bytes / store->bytes_per_token()) << fmt("%10.2e", t.kl / n)
+        << fmt("%8.3f", double(t.agree) / n) << fmt("%8.2f", std::exp(t.nll / n))
+        << fmt("%16.0f", double(prefill) / std::chrono::duration<double>(t1 - t0).count())
+        << fmt("%17.2f", 1e3 * std::chrono::duration<double>(t2 - t1).count() / kDecode)
+        << "\n" << std::flush;
+  }
+  out << "vs fp16: a float16 cache's bytes per token over this cache's. mean KL, top-1 and ppl:\n"
+         "the next-token distributions against the full float32 cache's, over "
+      << tokens - 1 << " positions.\n"
+         "At this size the model's projections take most of the time; the attention section\n"
+         "of `tqkv demo` (without --model) times attention alone.\n";
   return 0;
 }
 
