@@ -387,6 +387,11 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
                 "round activations to uint8 as the exported graph does (its rounding adds a "
                 "KL floor of ~0.02 to any cache change)");
   evm->add_flag("--json", em.json, "print a JSON array");
+  evm->add_flag("--kv-stats", em.kv_stats,
+                "instead: norms, outlier channels and TurboQuant distortion of the real keys and "
+                "values (float32 cache) against random data");
+  evm->add_option("--kv-bits", em.kv_bits, "with --kv-stats: bit width of the distortion columns")
+      ->capture_default_str();
   evm->add_option("--plot", em.plot,
                   "draw mean KL and top-1 agreement against bits per coordinate into this PNG");
 

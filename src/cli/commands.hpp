@@ -93,6 +93,10 @@ struct EvalModelArgs {
   bool json = false;
   bool quantized_activations = false;  ///< the exported graph's uint8 activations
   std::string plot;  ///< PNG file: mean KL and top-1 agreement against bits per coordinate
+  /// Instead of the configurations: statistics of the sampled sequences' real keys and values
+  /// (norms, outlier channels, TurboQuant's distortion at kv_bits against random data's).
+  bool kv_stats = false;
+  int kv_bits = 4;
 };
 
 /// Samples `sequences` sequences of `tokens` tokens from the model (full float32 cache,

@@ -2,6 +2,7 @@
 // demo's real-model section (tqkv demo --model).
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cmath>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "commands.hpp"
+#include "kv_stats.hpp"
 #include "plot.hpp"
 #include "tqkv/error.hpp"
 #include "tqkv/llama.hpp"
@@ -137,6 +139,66 @@ void plot_rows(const nlohmann::json& rows, const std::vector<CacheChoice>& choic
              "bits per coordinate (codes, norms and scales)", {kl, top1});
 }
 
+// --kv-stats: the sequences through the float32 cache, their keys and values per layer
+// gathered, one row per layer, KV head and kind.
+int print_kv_stats(const Llama& model, const std::vector<std::vector<int32_t>>& seqs,
+                   const EvalModelArgs& args, std::ostream& out) {
+  const LlamaConfig& mc = model.config();
+  constexpr int kSeeds = 32;
+  std::vector<std::vector<float>> keys(size_t(mc.layers)), values(size_t(mc.layers));
+  for (const auto& seq : seqs) {
+    DenseKvStore store(mc.layers, mc.kv_heads, mc.head_dim);
+    model.forward(seq, store);
+    for (int l = 0; l < mc.layers; ++l) {
+      keys[size_t(l)].insert(keys[size_t(l)].end(), store.keys(l).begin(), store.keys(l).end());
+      values[size_t(l)].insert(values[size_t(l)].end(), store.values(l).begin(),
+                               store.values(l).end());
+    }
+  }
+  const auto rows = kv_stats(keys, values, mc.kv_heads, mc.head_dim, args.kv_bits, kSeeds);
+  if (args.json) {
+    nlohmann::json arr = nlohmann::json::array();
+    for (const auto& r : rows)
+      arr.push_back({{"layer", r.layer}, {"kv_head", r.head}, {"kind", r.keys ? "key" : "value"},
+                     {"vectors", r.vectors}, {"norm_mean", r.norms.mean},
+                     {"norm_min", r.norms.min}, {"norm_max", r.norms.max},
+                     {"channel_mean_abs", r.channels.mean_abs},
+                     {"outlier_channels", r.channels.outliers},
+                     {"max_channel_ratio", r.channels.max_ratio}, {"bits", args.kv_bits},
+                     {"mse_theory", r.theory}, {"mse_hadamard", r.hadamard.mean},
+                     {"mse_hadamard_stderr", r.hadamard.std_error}, {"mse_dense", r.dense.mean},
+                     {"mse_dense_stderr", r.dense.std_error},
+                     {"mse_unrotated", r.unrotated.mean},
+                     {"mse_unrotated_stderr", r.unrotated.std_error}});
+    out << arr.dump(2) << "\n";
+    return 0;
+  }
+  out << "tqkv eval model --kv-stats: " << args.model << ", keys (after rotary embedding) and "
+      << "values of " << seqs.size() << " sequences of " << args.tokens << " sampled tokens\n"
+      << "norms: of the vectors; outliers: channels whose mean |x| is at least " << kOutlierRatio
+      << "x the median channel's (max: the largest ratio);\n"
+      << "distortion: mean |u - u_hat|^2 of the unit vectors u = x/|x| at " << args.kv_bits
+      << " bits, mean over " << kSeeds << " rotation seeds (+- standard error); random data: "
+      << fmt("%.5f", rows.front().theory) << "\n"
+      << "kind  layer head   norm mean    min      max    max ratio  outliers      Hadamard"
+         "            dense               no rotation\n";
+  for (const auto& r : rows) {
+    std::string outliers;
+    for (int c : r.channels.outliers) outliers += (outliers.empty() ? "" : ",") + std::to_string(c);
+    if (outliers.empty()) outliers = "-";
+    char line[320];
+    std::snprintf(line, sizeof line,
+                  "%-5s %5d %4d %10.3f %8.3f %8.3f %9.1f  %-12s %.5f+-%.5f  %.5f+-%.5f  "
+                  "%.5f+-%.5f\n",
+                  r.keys ? "key" : "value", r.layer, r.head, r.norms.mean, r.norms.min,
+                  r.norms.max, r.channels.max_ratio, outliers.c_str(), r.hadamard.mean,
+                  r.hadamard.std_error, r.dense.mean, r.dense.std_error, r.unrotated.mean,
+                  r.unrotated.std_error);
+    out << line;
+  }
+  return 0;
+}
+
 }  // namespace
 
 int eval_model(const EvalModelArgs& args, std::ostream& out, std::ostream& err) {
@@ -149,6 +211,10 @@ int eval_model(const EvalModelArgs& args, std::ostream& out, std::ostream& err) 
   options.quantize_activations = args.quantized_activations;
   const Llama model(file, options);
   const LlamaConfig& mc = model.config();
+  TQKV_CHECK(args.kv_bits >= 1 && args.kv_bits <= 8, "--kv-bits must be in 1..8, got ",
+             args.kv_bits);
+  TQKV_CHECK(!args.kv_stats || args.plot.empty(), "--plot draws the configurations, which "
+             "--kv-stats does not run");
   std::vector<CacheChoice> choices;
   for (const std::string& name : split_list(args.configs, "--configs"))
     choices.push_back(parse_choice(name, mc.head_dim));
@@ -165,6 +231,7 @@ int eval_model(const EvalModelArgs& args, std::ostream& out, std::ostream& err) 
           << args.tokens << " tokens" << std::flush;
     }));
   err << "\n";
+  if (args.kv_stats) return print_kv_stats(model, seqs, args, out);
 
   // Each sequence through the full cache once, then through every configuration (one call per
   // sequence: its codes are those of token-by-token appends, and with float activations so are
@@ -238,9 +305,7 @@ int demo_model(const std::string& path, size_t tokens, uint64_t seed, std::ostre
   constexpr size_t kDecode = 16;  // the last tokens run one at a time, as in generation
   TQKV_CHECK(tokens > kDecode, "--tokens must be more than ", kDecode, ", got ", tokens);
   const onnx::Model file = onnx::read(path);
-  LlamaOptions options;
-  options.quantize_activations = false;
-  const Llama model(file, options);
+  const Llama model(file, LlamaOptions{.quantize_activations = false});
   const LlamaConfig& mc = model.config();
   std::mt19937_64 rng(seed);
   const std::vector<int32_t> seq = model.sample(tokens, rng, [&](size_t n) {
