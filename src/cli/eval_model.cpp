@@ -180,15 +180,15 @@ int print_kv_stats(const Llama& model, const std::vector<std::vector<int32_t>>& 
       << "distortion: mean |u - u_hat|^2 of the unit vectors u = x/|x| at " << args.kv_bits
       << " bits, mean over " << kSeeds << " rotation seeds (+- standard error); random data: "
       << fmt("%.5f", rows.front().theory) << "\n"
-      << "kind  layer head   norm mean    min      max    max ratio  outliers      Hadamard"
-         "            dense               no rotation\n";
+      << "kind  layer head   norm mean    min      max    max ratio  outliers            "
+         "Hadamard          dense             no rotation\n";
   for (const auto& r : rows) {
     std::string outliers;
     for (int c : r.channels.outliers) outliers += (outliers.empty() ? "" : ",") + std::to_string(c);
     if (outliers.empty()) outliers = "-";
     char line[320];
     std::snprintf(line, sizeof line,
-                  "%-5s %5d %4d %10.3f %8.3f %8.3f %9.1f  %-12s %.5f+-%.5f  %.5f+-%.5f  "
+                  "%-5s %5d %4d %10.3f %8.3f %8.3f %9.1f  %-18s %.5f+-%.5f  %.5f+-%.5f  "
                   "%.5f+-%.5f\n",
                   r.keys ? "key" : "value", r.layer, r.head, r.norms.mean, r.norms.min,
                   r.norms.max, r.channels.max_ratio, outliers.c_str(), r.hadamard.mean,
