@@ -13,6 +13,7 @@
 #include "cli.hpp"
 #include "tqkv/attention.hpp"
 #include "tqkv/cache.hpp"
+#include "tqkv/codebook.hpp"
 #include "tqkv/codec.hpp"
 #include "tqkv/device.hpp"
 #include "tqkv/file.hpp"
@@ -533,6 +534,39 @@ TEST_F(CliTest, EvalModelReportsEveryConfig) {
   EXPECT_EQ(rows[1]["bytes_per_token"], 4 * 2 * 3 * (64 + 2));  // 8-bit codes and an f16 norm
   EXPECT_LT(rows[1]["kl_mean"].get<double>(), 1e-3);
   EXPECT_GT(rows[3]["kl_mean"].get<double>(), rows[1]["kl_mean"].get<double>());
+}
+
+// eval model --kv-stats: a row per layer, KV head and kind, with the fields the table prints; and
+// bad widths refused.
+TEST_F(CliTest, EvalModelKvStats) {
+  const fs::path model = fs::path(TQKV_MODEL_DIR) / "turn_detector.onnx";
+  if (!fs::exists(model)) GTEST_SKIP() << model << " is absent: run tools/fetch-model.sh";
+  const auto bad = run({"eval", "model", "--model", model.string(), "--kv-stats", "--kv-bits",
+                        "9"});
+  EXPECT_EQ(bad.status, 1);
+  EXPECT_NE(bad.err.find("--kv-bits"), std::string::npos) << bad.err;
+  const auto both = run({"eval", "model", "--model", model.string(), "--kv-stats", "--plot",
+                         path("kv.png")});
+  EXPECT_EQ(both.status, 1);
+  EXPECT_NE(both.err.find("--kv-stats"), std::string::npos) << both.err;
+  const auto r = run({"eval", "model", "--model", model.string(), "--tokens", "40",
+                      "--sequences", "2", "--seed", std::to_string(seed_), "--kv-stats",
+                      "--kv-bits", "3", "--json"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto rows = nlohmann::json::parse(r.out);
+  ASSERT_EQ(rows.size(), 2u * 4 * 3);  // keys and values × layers × KV heads
+  for (const auto& row : rows) {
+    EXPECT_EQ(row["vectors"], 80) << row.dump();
+    EXPECT_EQ(row["bits"], 3);
+    EXPECT_EQ(row["channel_mean_abs"].size(), 64u);
+    EXPECT_LE(row["norm_min"].get<double>(), row["norm_mean"].get<double>());
+    EXPECT_LE(row["norm_mean"].get<double>(), row["norm_max"].get<double>());
+    EXPECT_DOUBLE_EQ(row["mse_theory"].get<double>(), tqkv::Codebook::get(64, 3)->distortion());
+    for (const char* k : {"mse_hadamard", "mse_dense", "mse_unrotated"})
+      EXPECT_GT(row[k].get<double>(), 0.0) << k;
+  }
+  EXPECT_EQ(rows[0]["kind"], "key");
+  EXPECT_EQ(rows.back()["kind"], "value");
 }
 
 // eval model --plot: a PNG of plausible size and shape, and paths it cannot write refused before

@@ -2,8 +2,8 @@
 // demo's real-model section (tqkv demo --model).
 #include <algorithm>
 #include <chrono>
-#include <cstdio>
 #include <cmath>
+#include <cstdio>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <ostream>
@@ -184,7 +184,10 @@ int print_kv_stats(const Llama& model, const std::vector<std::vector<int32_t>>& 
          "Hadamard          dense             no rotation\n";
   for (const auto& r : rows) {
     std::string outliers;
-    for (int c : r.channels.outliers) outliers += (outliers.empty() ? "" : ",") + std::to_string(c);
+    for (int c : r.channels.outliers) {
+      if (!outliers.empty()) outliers += ',';
+      outliers += std::to_string(c);
+    }
     if (outliers.empty()) outliers = "-";
     char line[320];
     std::snprintf(line, sizeof line,
