@@ -6,6 +6,7 @@
 #include <cstring>
 #include <string>
 
+#include "cpu/kernels.hpp"
 #include "tqkv/attention.hpp"
 #include "tqkv/error.hpp"
 #include "tqkv/half.hpp"
@@ -105,25 +106,28 @@ std::vector<float> load_norm(const onnx::Model& m, const std::string& name, int 
 }  // namespace
 
 void QuantizedLinear::apply(const float* x, size_t rows, float* y, bool quantize_input) const {
-  // Work items: (row, block of output columns), so one row (decode) still uses every thread.
+  // Work items: (block of rows, block of output columns), so one row (decode) still uses every
+  // thread and a block of weights is reused by many rows while it is in cache.
   constexpr size_t kBlock = 512;
   const size_t O = size_t(out), blocks = (O + kBlock - 1) / kBlock;
   if (!quantize_input) {
+    constexpr size_t kRows = 64;
+    const size_t row_blocks = (rows + kRows - 1) / kRows;
+    const cpu::FloatKernels& kernels = cpu::float_kernels();
 #pragma omp parallel for collapse(2) schedule(static)
-    for (size_t r = 0; r < rows; ++r) {
+    for (size_t rb = 0; rb < row_blocks; ++rb) {
       for (size_t b = 0; b < blocks; ++b) {
+        const size_t r0 = rb * kRows, m = std::min(kRows, rows - r0);
         const size_t j0 = b * kBlock, n = std::min(kBlock, O - j0);
-        float acc[kBlock] = {};
-        const float* xr = x + r * size_t(in);
-        double sum_x = 0.0;
-        for (int i = 0; i < in; ++i) {
-          const float xi = xr[i];
-          sum_x += xi;
-          const int8_t* w = q.data() + size_t(i) * O + j0;
-          for (size_t j = 0; j < n; ++j) acc[j] += xi * float(w[j]);
+        float* yb = y + r0 * O + j0;
+        kernels.int8_matmul(x + r0 * size_t(in), int(m), in, q.data() + j0, O, int(n), yb, O);
+        for (size_t r = 0; r < m; ++r) {
+          const float* xr = x + (r0 + r) * size_t(in);
+          double sum_x = 0.0;
+          for (int i = 0; i < in; ++i) sum_x += xr[i];
+          const float bias = float(double(zero_point) * sum_x);
+          for (size_t j = 0; j < n; ++j) yb[r * O + j] = (yb[r * O + j] - bias) * scale;
         }
-        const float bias = float(double(zero_point) * sum_x);
-        for (size_t j = 0; j < n; ++j) y[r * O + j0 + j] = (acc[j] - bias) * scale;
       }
     }
     return;

@@ -3,7 +3,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
@@ -11,6 +13,7 @@
 #include "cli.hpp"
 #include "tqkv/attention.hpp"
 #include "tqkv/cache.hpp"
+#include "tqkv/codebook.hpp"
 #include "tqkv/codec.hpp"
 #include "tqkv/device.hpp"
 #include "tqkv/file.hpp"
@@ -450,6 +453,57 @@ TEST_F(CliTest, DemoShowsAttention) {
   EXPECT_EQ(run({"demo", "--context", "0"}).status, 1);
 }
 
+// demo --model: every row of the real-model demo, the full cache's against itself, and errors.
+TEST_F(CliTest, DemoRunsOnTheRealModel) {
+  const auto missing = run({"demo", "--model", path("absent.onnx")});
+  EXPECT_EQ(missing.status, 1);
+  EXPECT_NE(missing.err.find("absent.onnx"), std::string::npos) << missing.err;
+  const fs::path model = fs::path(TQKV_MODEL_DIR) / "turn_detector.onnx";
+  if (!fs::exists(model)) GTEST_SKIP() << model << " is absent: run tools/fetch-model.sh";
+  const auto short_run = run({"demo", "--model", model.string(), "--tokens", "16"});
+  EXPECT_EQ(short_run.status, 1);
+  EXPECT_NE(short_run.err.find("--tokens"), std::string::npos) << short_run.err;
+  const auto r = run({"demo", "--model", model.string(), "--tokens", "40", "--seed",
+                      std::to_string(seed_)});
+  ASSERT_EQ(r.status, 0) << r.err;
+  std::map<std::string, std::vector<double>> rows;  // name -> the numbers after it
+  std::istringstream lines(r.out);
+  for (std::string line; std::getline(lines, line);) {
+    std::istringstream words(line);
+    std::string name;
+    words >> name;
+    if (name == "full") words >> name;  // "full (f32)"
+    std::vector<double> numbers;
+    for (std::string w; words >> w;) {
+      if (w.back() == 'x') w.pop_back();
+      try {
+        size_t used = 0;
+        numbers.push_back(std::stod(w, &used));
+        if (used != w.size()) break;
+      } catch (const std::exception&) {
+        break;
+      }
+    }
+    if (numbers.size() == 7) rows[name == "(f32)" ? "full" : name] = numbers;
+  }
+  for (const char* name : {"full", "k4v4", "k3.5v3.5", "k3v3", "k2v2", "q4_0", "q8_0"})
+    ASSERT_TRUE(rows.count(name)) << name << " missing in:\n" << r.out;
+  // bytes/token, vs fp16, KL, top-1, ppl, prefill tok/s, decode ms/token
+  EXPECT_EQ(rows["full"][0], 4 * 2 * 3 * 64 * 4);
+  EXPECT_EQ(rows["full"][2], 0.0);
+  EXPECT_EQ(rows["full"][3], 1.0);
+  EXPECT_EQ(rows["k4v4"][0], 4 * 2 * 3 * (32 + 2));  // 4-bit codes and an f16 norm
+  EXPECT_NEAR(rows["k4v4"][1], 3072.0 / 816.0, 0.005);
+  EXPECT_GT(rows["k2v2"][2], rows["k4v4"][2]);  // fewer bits, further from the full cache
+  for (const auto& [name, v] : rows) {
+    EXPECT_GE(v[3], 0.0) << name;
+    EXPECT_LE(v[3], 1.0) << name;
+    EXPECT_GT(v[4], 1.0) << name;
+    EXPECT_GT(v[5], 0.0) << name;
+    EXPECT_GT(v[6], 0.0) << name;
+  }
+}
+
 // eval model: the table's fields on a short sequence of the real model (when fetched), and errors.
 TEST_F(CliTest, EvalModelReportsEveryConfig) {
   const auto missing = run({"eval", "model", "--model", path("absent.onnx")});
@@ -480,6 +534,80 @@ TEST_F(CliTest, EvalModelReportsEveryConfig) {
   EXPECT_EQ(rows[1]["bytes_per_token"], 4 * 2 * 3 * (64 + 2));  // 8-bit codes and an f16 norm
   EXPECT_LT(rows[1]["kl_mean"].get<double>(), 1e-3);
   EXPECT_GT(rows[3]["kl_mean"].get<double>(), rows[1]["kl_mean"].get<double>());
+}
+
+// eval model --kv-stats: a row per layer, KV head and kind, with the fields the table prints; and
+// bad widths refused.
+TEST_F(CliTest, EvalModelKvStats) {
+  const fs::path model = fs::path(TQKV_MODEL_DIR) / "turn_detector.onnx";
+  if (!fs::exists(model)) GTEST_SKIP() << model << " is absent: run tools/fetch-model.sh";
+  const auto bad = run({"eval", "model", "--model", model.string(), "--kv-stats", "--kv-bits",
+                        "9"});
+  EXPECT_EQ(bad.status, 1);
+  EXPECT_NE(bad.err.find("--kv-bits"), std::string::npos) << bad.err;
+  const auto both = run({"eval", "model", "--model", model.string(), "--kv-stats", "--plot",
+                         path("kv.png")});
+  EXPECT_EQ(both.status, 1);
+  EXPECT_NE(both.err.find("--kv-stats"), std::string::npos) << both.err;
+  const auto r = run({"eval", "model", "--model", model.string(), "--tokens", "40",
+                      "--sequences", "2", "--seed", std::to_string(seed_), "--kv-stats",
+                      "--kv-bits", "3", "--json"});
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto rows = nlohmann::json::parse(r.out);
+  ASSERT_EQ(rows.size(), 2u * 4 * 3);  // keys and values × layers × KV heads
+  for (const auto& row : rows) {
+    EXPECT_EQ(row["vectors"], 80) << row.dump();
+    EXPECT_EQ(row["bits"], 3);
+    EXPECT_EQ(row["channel_mean_abs"].size(), 64u);
+    EXPECT_LE(row["norm_min"].get<double>(), row["norm_mean"].get<double>());
+    EXPECT_LE(row["norm_mean"].get<double>(), row["norm_max"].get<double>());
+    EXPECT_DOUBLE_EQ(row["mse_theory"].get<double>(), tqkv::Codebook::get(64, 3)->distortion());
+    for (const char* k : {"mse_hadamard", "mse_dense", "mse_unrotated"})
+      EXPECT_GT(row[k].get<double>(), 0.0) << k;
+  }
+  EXPECT_EQ(rows[0]["kind"], "key");
+  EXPECT_EQ(rows.back()["kind"], "value");
+}
+
+// eval model --plot: a PNG of plausible size and shape, and paths it cannot write refused before
+// anything runs.
+TEST_F(CliTest, EvalModelPlots) {
+  const std::string unwritable = path("no_such_dir") + "/kl.png";
+  const auto bad = run({"eval", "model", "--model", path("absent.onnx"), "--plot", unwritable});
+  EXPECT_EQ(bad.status, 1);
+  EXPECT_NE(bad.err.find("--plot"), std::string::npos) << bad.err;
+  EXPECT_NE(bad.err.find(unwritable), std::string::npos) << bad.err;
+#if !defined(TQKV_HAVE_CAIRO)
+  EXPECT_NE(bad.err.find("cairo"), std::string::npos) << bad.err;
+  GTEST_SKIP() << "built without cairo: --plot only explains that";
+#endif
+  EXPECT_NE(bad.err.find("No such file"), std::string::npos) << bad.err;
+  EXPECT_FALSE(fs::exists(unwritable));
+  const fs::path model = fs::path(TQKV_MODEL_DIR) / "turn_detector.onnx";
+  if (!fs::exists(model)) GTEST_SKIP() << model << " is absent: run tools/fetch-model.sh";
+  const auto only_full = run({"eval", "model", "--model", model.string(), "--configs", "full",
+                              "--plot", path("full.png")});
+  EXPECT_EQ(only_full.status, 1);
+  EXPECT_NE(only_full.err.find("nothing to draw"), std::string::npos) << only_full.err;
+  EXPECT_FALSE(fs::exists(path("full.png")));
+  const auto r = run({"eval", "model", "--model", model.string(), "--tokens", "16",
+                      "--sequences", "1", "--seed", std::to_string(seed_), "--configs",
+                      "full,k4v4,k2v2,q4_0", "--plot", path("kl.png")});
+  ASSERT_EQ(r.status, 0) << r.err;
+  const std::vector<uint8_t> png = tqkv::file::read_bytes(path("kl.png"));
+  ASSERT_GT(png.size(), 24u);
+  const uint8_t signature[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n'};
+  EXPECT_EQ(std::memcmp(png.data(), signature, 8), 0);
+  EXPECT_EQ(std::string(png.begin() + 12, png.begin() + 16), "IHDR");
+  auto be32 = [&](size_t at) {
+    return uint32_t(png[at]) << 24 | uint32_t(png[at + 1]) << 16 | uint32_t(png[at + 2]) << 8 |
+           uint32_t(png[at + 3]);
+  };
+  EXPECT_GT(be32(16), be32(20));  // two panels side by side: wider than high
+  EXPECT_GE(be32(20), 300u);
+  // Axes, labels and points: tens of kilobytes (a blank image of this size is about 4 kB).
+  EXPECT_GT(png.size(), 8000u);
+  EXPECT_LT(png.size(), 4000000u);
 }
 
 }  // namespace

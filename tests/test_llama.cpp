@@ -5,11 +5,14 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
+#include "cpu/kernels.hpp"
 #include "tqkv/error.hpp"
 #include "tqkv/onnx.hpp"
 
@@ -18,53 +21,107 @@ namespace {
 
 uint32_t fresh_seed() { return std::random_device{}(); }
 
-// DynamicQuantizeLinear by the ONNX definition, in float64 where that is exact.
+// DynamicQuantizeLinear by the ONNX definition, in float64 where that is exact; float
+// activations against float64. Shapes small and large enough for the blocked float path's row
+// blocks, column tiles and their remainders.
 TEST(Llama, QuantizedLinearMatchesTheDefinition) {
   const uint32_t seed = fresh_seed();
   SCOPED_TRACE("seed = " + std::to_string(seed));
   std::mt19937 rng(seed);
   std::normal_distribution<float> g;
-  QuantizedLinear l;
-  l.in = 37;
-  l.out = 11;
-  l.q.resize(size_t(l.in * l.out));
-  for (auto& w : l.q) w = int8_t(int(rng() % 256) - 128);
-  l.scale = 0.01f;
-  l.zero_point = int(rng() % 7) - 3;
-  const size_t rows = 3;
-  std::vector<float> x(rows * size_t(l.in)), y(rows * size_t(l.out), NAN);
-  for (auto& v : x) v = g(rng) + 0.5f;  // mostly positive: the zero point is not 0
-  l.apply(x.data(), rows, y.data());
-  float lo = 0.0f, hi = 0.0f;
-  for (float v : x) lo = std::min(lo, v), hi = std::max(hi, v);
-  const float scale = (hi - lo) / 255.0f;
-  const double zp = std::clamp(std::nearbyint(double(-lo / scale)), 0.0, 255.0);
-  for (size_t r = 0; r < rows; ++r)
-    for (int j = 0; j < l.out; ++j) {
-      double acc = 0.0;  // exact: integers below 2^53
-      for (int i = 0; i < l.in; ++i) {
-        const double qx =
-            std::clamp(std::nearbyint(double(x[r * size_t(l.in) + size_t(i)] / scale)) + zp, 0.0, 255.0);
-        acc += (qx - zp) * (double(l.q[size_t(i * l.out + j)]) - l.zero_point);
+  for (auto [in, out, rows] : {std::tuple{37, 11, size_t(3)}, std::tuple{40, 150, size_t(70)}}) {
+    SCOPED_TRACE(std::to_string(in) + " x " + std::to_string(out) + ", rows " +
+                 std::to_string(rows));
+    QuantizedLinear l;
+    l.in = in;
+    l.out = out;
+    l.q.resize(size_t(l.in * l.out));
+    for (auto& w : l.q) w = int8_t(int(rng() % 256) - 128);
+    l.scale = 0.01f;
+    l.zero_point = int(rng() % 7) - 3;
+    std::vector<float> x(rows * size_t(l.in)), y(rows * size_t(l.out), NAN);
+    for (auto& v : x) v = g(rng) + 0.5f;  // mostly positive: the zero point is not 0
+    l.apply(x.data(), rows, y.data());
+    float lo = 0.0f, hi = 0.0f;
+    for (float v : x) lo = std::min(lo, v), hi = std::max(hi, v);
+    const float scale = (hi - lo) / 255.0f;
+    const double zp = std::clamp(std::nearbyint(double(-lo / scale)), 0.0, 255.0);
+    for (size_t r = 0; r < rows; ++r)
+      for (int j = 0; j < l.out; ++j) {
+        double acc = 0.0;  // exact: integers below 2^53
+        for (int i = 0; i < l.in; ++i) {
+          const double qx = std::clamp(
+              std::nearbyint(double(x[r * size_t(l.in) + size_t(i)] / scale)) + zp, 0.0, 255.0);
+          acc += (qx - zp) * (double(l.q[size_t(i * l.out + j)]) - l.zero_point);
+        }
+        const double want = acc * double(scale * l.scale);
+        ASSERT_NEAR(y[r * size_t(l.out) + size_t(j)], want, 1e-6 * (1.0 + std::abs(want)))
+            << r << " " << j;
       }
-      const double want = acc * double(scale * l.scale);
-      EXPECT_NEAR(y[r * size_t(l.out) + size_t(j)], want, 1e-6 * (1.0 + std::abs(want)))
-          << r << " " << j;
-    }
-  // Float activations: y = x · (q − zp) · scale.
-  std::vector<float> yf(y.size(), NAN);
-  l.apply(x.data(), rows, yf.data(), false);
-  for (size_t r = 0; r < rows; ++r)
-    for (int j = 0; j < l.out; ++j) {
-      double want = 0.0, mag = 0.0;
-      for (int i = 0; i < l.in; ++i) {
-        const double t = double(x[r * size_t(l.in) + size_t(i)]) *
-                         (double(l.q[size_t(i * l.out + j)]) - l.zero_point) * l.scale;
-        want += t;
-        mag += std::abs(t);
+    // Float activations: y = x · (q − zp) · scale.
+    std::vector<float> yf(y.size(), NAN);
+    l.apply(x.data(), rows, yf.data(), false);
+    for (size_t r = 0; r < rows; ++r)
+      for (int j = 0; j < l.out; ++j) {
+        double want = 0.0, mag = 0.0;
+        for (int i = 0; i < l.in; ++i) {
+          const double t = double(x[r * size_t(l.in) + size_t(i)]) *
+                           (double(l.q[size_t(i * l.out + j)]) - l.zero_point) * l.scale;
+          want += t;
+          mag += std::abs(t);
+        }
+        ASSERT_NEAR(yf[r * size_t(l.out) + size_t(j)], want, 1e-5 * (1.0 + mag))
+            << r << " " << j;
       }
-      EXPECT_NEAR(yf[r * size_t(l.out) + size_t(j)], want, 1e-5 * (1.0 + mag)) << r << " " << j;
-    }
+  }
+}
+
+// The int8 matrix product on every instruction set gives the scalar loop's bits (same products,
+// same order of sums), for row blocks and column tiles with remainders, strided output.
+TEST(Llama, Int8MatmulSimdMatchesScalarBitForBit) {
+  const uint32_t seed = fresh_seed();
+  SCOPED_TRACE("seed = " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> g;
+  int tried = 0;
+  for (cpu::Isa isa : {cpu::Isa::avx2, cpu::Isa::avx512}) {
+    if (!cpu::isa_available(isa)) continue;
+    ++tried;
+    for (int rows : {1, 3, 4, 9})
+      for (int cols : {5, 16, 72, 203})
+        for (int in : {1, 29}) {
+          SCOPED_TRACE(std::string(cpu::to_string(isa)) + " rows " + std::to_string(rows) +
+                       " cols " + std::to_string(cols) + " in " + std::to_string(in));
+          const size_t w_stride = size_t(cols) + 7, y_stride = size_t(cols) + 3;
+          std::vector<int8_t> w(size_t(in) * w_stride);
+          for (auto& v : w) v = int8_t(int(rng() % 256) - 128);
+          std::vector<float> x(size_t(rows) * size_t(in));
+          for (auto& v : x) v = g(rng);
+          std::vector<float> want(size_t(rows) * y_stride, -7.0f), got = want;
+          cpu::float_kernels(cpu::Isa::scalar)
+              .int8_matmul(x.data(), rows, in, w.data(), w_stride, cols, want.data(), y_stride);
+          cpu::float_kernels(isa).int8_matmul(x.data(), rows, in, w.data(), w_stride, cols,
+                                              got.data(), y_stride);
+          ASSERT_EQ(std::memcmp(want.data(), got.data(), want.size() * sizeof(float)), 0);
+          // The scalar loop is a matrix product (float64 reference), and leaves the gaps.
+          for (int r = 0; r < rows; ++r)
+            for (size_t j = 0; j < y_stride; ++j) {
+              const float y = want[size_t(r) * y_stride + j];
+              if (j >= size_t(cols)) {
+                ASSERT_EQ(y, -7.0f);
+                continue;
+              }
+              double ref = 0.0, mag = 0.0;
+              for (int i = 0; i < in; ++i) {
+                const double t = double(x[size_t(r * in + i)]) * w[size_t(i) * w_stride + j];
+                ref += t;
+                mag += std::abs(t);
+              }
+              ASSERT_NEAR(y, ref, 1e-6 * (1.0 + mag));
+            }
+        }
+  }
+  if (tried == 0) GTEST_SKIP() << "no SIMD instruction set on this CPU or build";
 }
 
 // The dense store's causal GQA attention against float64.

@@ -3,7 +3,7 @@
 # Usage: tools/install-deps.sh [--fuzz]   (--fuzz adds clang for the libFuzzer targets)
 set -euo pipefail
 packages=(build-essential cmake ninja-build libboost-dev libxxhash-dev nlohmann-json3-dev
-          libcli11-dev libgtest-dev libbenchmark-dev)
+          libcli11-dev libgtest-dev libbenchmark-dev pkg-config libcairo2-dev)
 if [[ "${1:-}" == "--fuzz" ]]; then packages+=(clang libclang-rt-dev); fi
 missing=()
 for p in "${packages[@]}"; do

@@ -81,6 +81,10 @@ class DenseKvStore : public KvStore {
   void append_and_attend(int layer, size_t tokens, const float* k, const float* v, const float* q,
                          int heads, float* out) override;
   double bytes_per_token() const override;
+  /// The keys (after rotary embedding) and values stored at `layer`, as the model appended them
+  /// (rounded through the block format, if any): [tokens][kv_heads][head_dim].
+  std::span<const float> keys(int layer) const { return k_.at(size_t(layer)); }
+  std::span<const float> values(int layer) const { return v_.at(size_t(layer)); }
 
  private:
   int kv_heads_, head_dim_;

@@ -387,11 +387,27 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
                 "round activations to uint8 as the exported graph does (its rounding adds a "
                 "KL floor of ~0.02 to any cache change)");
   evm->add_flag("--json", em.json, "print a JSON array");
+  evm->add_flag("--kv-stats", em.kv_stats,
+                "instead: norms, outlier channels and TurboQuant distortion of the real keys and "
+                "values (float32 cache) against random data");
+  evm->add_option("--kv-bits", em.kv_bits, "with --kv-stats: bit width of the distortion columns")
+      ->capture_default_str();
+  evm->add_option("--plot", em.plot,
+                  "draw mean KL and top-1 agreement against bits per coordinate into this PNG");
 
-  size_t demo_samples = 20000, demo_context = 8192;
-  auto* dm = app.add_subcommand("demo", "codecs and attention on built-in synthetic data");
+  size_t demo_samples = 20000, demo_context = 8192, demo_tokens = 256;
+  std::string demo_model_path;
+  uint64_t demo_seed = 1;
+  auto* dm = app.add_subcommand(
+      "demo", "codecs and attention on built-in synthetic data, or (--model) on a real model");
   dm->add_option("--samples", demo_samples, "random unit vectors")->capture_default_str();
   dm->add_option("--context", demo_context, "tokens in the attention demo's cache")
+      ->capture_default_str();
+  dm->add_option("--model", demo_model_path,
+                 "ONNX file of a Llama model (tools/fetch-model.sh): run the demo on it instead");
+  dm->add_option("--tokens", demo_tokens, "with --model: tokens of the sampled sequence")
+      ->capture_default_str();
+  dm->add_option("--seed", demo_seed, "with --model: seed of the sampled sequence")
       ->capture_default_str();
 
   AttendArgs at;
@@ -460,6 +476,8 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
     if (dist->parsed())
       return eval_distortion(dim, bits_list, opt, samples, data_seed, json, out);
     if (evm->parsed()) return eval_model(em, out, err);
+    if (dm->parsed() && !demo_model_path.empty())
+      return demo_model(demo_model_path, demo_tokens, demo_seed, out, err);
     if (dm->parsed()) return demo(demo_samples, demo_context, out);
     if (att->parsed()) return attend(at, out);
     if (bdec->parsed()) return bench_decode(bd, out);

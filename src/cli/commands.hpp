@@ -92,13 +92,27 @@ struct EvalModelArgs {
   uint64_t seed = 1;
   bool json = false;
   bool quantized_activations = false;  ///< the exported graph's uint8 activations
+  std::string plot;  ///< PNG file: mean KL and top-1 agreement against bits per coordinate
+  /// Instead of the configurations: statistics of the sampled sequences' real keys and values
+  /// (norms, outlier channels, TurboQuant's distortion at kv_bits against random data's).
+  bool kv_stats = false;
+  int kv_bits = 4;
 };
 
 /// Samples `sequences` sequences of `tokens` tokens from the model (full float32 cache,
 /// temperature 1, from token 1), then runs each through every cache configuration and reports
 /// against the full cache: mean KL(full ‖ config) of the next-token distributions, top-1
 /// agreement, perplexity of the sequence, and bytes of KV per token. Progress goes to `err`.
+/// With `plot`, also draws mean KL and top-1 agreement against bits per coordinate, TurboQuant
+/// configurations against the block baselines.
 int eval_model(const EvalModelArgs& args, std::ostream& out, std::ostream& err);
+
+/// The demo on a real model (tqkv demo --model): one sequence of `tokens` tokens sampled from
+/// it, through the full cache, TurboQuant configurations and the block baselines: bytes of KV
+/// per token, mean KL, top-1 agreement and perplexity against the full cache, prefill and decode
+/// speed.
+int demo_model(const std::string& path, size_t tokens, uint64_t seed, std::ostream& out,
+               std::ostream& err);
 
 /// The demo's section "attention on a compressed cache": accuracy of fused decode against exact
 /// dense attention on synthetic data of `context` tokens, and decode timings.

@@ -1,14 +1,20 @@
-// tqkv eval model: what each KV cache configuration costs a real model's predictions.
+// tqkv eval model: what each KV cache configuration costs a real model's predictions; and the
+// demo's real-model section (tqkv demo --model).
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <ostream>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "commands.hpp"
+#include "kv_stats.hpp"
+#include "plot.hpp"
 #include "tqkv/error.hpp"
 #include "tqkv/llama.hpp"
 #include "tqkv/onnx.hpp"
@@ -84,20 +90,140 @@ struct Totals {
   size_t agree = 0, positions = 0;
 };
 
+// Adds what each position's next-token distribution under `got` costs against `full` (logits
+// [seq.size(), V] both; position i predicts token i + 1, the last predicts nothing).
+void add_comparison(const std::vector<float>& full, const std::vector<float>& got,
+                    std::span<const int32_t> seq, size_t V, Totals& t) {
+  double kl_sum = 0, nll = 0, nll_full = 0;
+  size_t agree = 0;
+  const size_t positions = seq.size() - 1;
+#pragma omp parallel for reduction(+ : kl_sum, nll, nll_full, agree) schedule(static)
+  for (size_t i = 0; i < positions; ++i) {
+    const auto p = probabilities(std::span(full.data() + i * V, V));
+    const auto q = probabilities(std::span(got.data() + i * V, V));
+    for (size_t j = 0; j < V; ++j)
+      if (p[j] > 0) kl_sum += p[j] * (std::log(p[j]) - std::log(std::max(q[j], 1e-300)));
+    const auto top = [](const std::vector<double>& x) {
+      return std::max_element(x.begin(), x.end()) - x.begin();
+    };
+    agree += top(p) == top(q);
+    const size_t next = size_t(seq[i + 1]);
+    nll -= std::log(std::max(q[next], 1e-300));
+    nll_full -= std::log(std::max(p[next], 1e-300));
+  }
+  t.kl += kl_sum;
+  t.nll += nll;
+  t.nll_full += nll_full;
+  t.agree += agree;
+  t.positions += positions;
+}
+
+// Mean KL (log) and top-1 agreement against bits per coordinate: TurboQuant configurations and
+// the block baselines as two series (the full cache, at 0 KL, is not drawn).
+void plot_rows(const nlohmann::json& rows, const std::vector<CacheChoice>& choices,
+               const EvalModelArgs& args, const LlamaConfig& mc, const std::string& path) {
+  PlotPanel kl{"mean KL(full || config), next-token distributions", true,
+               {{"TurboQuant", {}}, {"block absmax (q4_0, q8_0)", {}}}};
+  PlotPanel top1{"top-1 agreement with the full cache", false, kl.series};
+  for (size_t c = 0; c < choices.size(); ++c) {
+    if (!choices[c].compressed && choices[c].block == BlockFormat::none) continue;
+    const size_t s = choices[c].compressed ? 0 : 1;
+    const double bits = rows[c]["bits_per_coordinate"].get<double>();
+    kl.series[s].points.push_back({bits, rows[c]["kl_mean"].get<double>(), choices[c].name});
+    top1.series[s].points.push_back({bits, rows[c]["top1_agree"].get<double>(), choices[c].name});
+  }
+  write_plot(path,
+             "KV cache configurations on " + std::to_string(mc.layers) + "-layer Llama, " +
+                 std::to_string(args.sequences) + " x " + std::to_string(args.tokens) +
+                 " sampled tokens",
+             "bits per coordinate (codes, norms and scales)", {kl, top1});
+}
+
+// --kv-stats: the sequences through the float32 cache, their keys and values per layer
+// gathered, one row per layer, KV head and kind.
+int print_kv_stats(const Llama& model, const std::vector<std::vector<int32_t>>& seqs,
+                   const EvalModelArgs& args, std::ostream& out) {
+  const LlamaConfig& mc = model.config();
+  constexpr int kSeeds = 32;
+  std::vector<std::vector<float>> keys(size_t(mc.layers)), values(size_t(mc.layers));
+  for (const auto& seq : seqs) {
+    DenseKvStore store(mc.layers, mc.kv_heads, mc.head_dim);
+    model.forward(seq, store);
+    for (int l = 0; l < mc.layers; ++l) {
+      keys[size_t(l)].insert(keys[size_t(l)].end(), store.keys(l).begin(), store.keys(l).end());
+      values[size_t(l)].insert(values[size_t(l)].end(), store.values(l).begin(),
+                               store.values(l).end());
+    }
+  }
+  const auto rows = kv_stats(keys, values, mc.kv_heads, mc.head_dim, args.kv_bits, kSeeds);
+  if (args.json) {
+    nlohmann::json arr = nlohmann::json::array();
+    for (const auto& r : rows)
+      arr.push_back({{"layer", r.layer}, {"kv_head", r.head}, {"kind", r.keys ? "key" : "value"},
+                     {"vectors", r.vectors}, {"norm_mean", r.norms.mean},
+                     {"norm_min", r.norms.min}, {"norm_max", r.norms.max},
+                     {"channel_mean_abs", r.channels.mean_abs},
+                     {"outlier_channels", r.channels.outliers},
+                     {"max_channel_ratio", r.channels.max_ratio}, {"bits", args.kv_bits},
+                     {"mse_theory", r.theory}, {"mse_hadamard", r.hadamard.mean},
+                     {"mse_hadamard_stderr", r.hadamard.std_error}, {"mse_dense", r.dense.mean},
+                     {"mse_dense_stderr", r.dense.std_error},
+                     {"mse_unrotated", r.unrotated.mean},
+                     {"mse_unrotated_stderr", r.unrotated.std_error}});
+    out << arr.dump(2) << "\n";
+    return 0;
+  }
+  out << "tqkv eval model --kv-stats: " << args.model << ", keys (after rotary embedding) and "
+      << "values of " << seqs.size() << " sequences of " << args.tokens << " sampled tokens\n"
+      << "norms: of the vectors; outliers: channels whose mean |x| is at least " << kOutlierRatio
+      << "x the median channel's (max: the largest ratio);\n"
+      << "distortion: mean |u - u_hat|^2 of the unit vectors u = x/|x| at " << args.kv_bits
+      << " bits, mean over " << kSeeds << " rotation seeds (+- standard error); random data: "
+      << fmt("%.5f", rows.front().theory) << "\n"
+      << "kind  layer head   norm mean    min      max    max ratio  outliers            "
+         "Hadamard          dense             no rotation\n";
+  for (const auto& r : rows) {
+    std::string outliers;
+    for (int c : r.channels.outliers) {
+      if (!outliers.empty()) outliers += ',';
+      outliers += std::to_string(c);
+    }
+    if (outliers.empty()) outliers = "-";
+    char line[320];
+    std::snprintf(line, sizeof line,
+                  "%-5s %5d %4d %10.3f %8.3f %8.3f %9.1f  %-18s %.5f+-%.5f  %.5f+-%.5f  "
+                  "%.5f+-%.5f\n",
+                  r.keys ? "key" : "value", r.layer, r.head, r.norms.mean, r.norms.min,
+                  r.norms.max, r.channels.max_ratio, outliers.c_str(), r.hadamard.mean,
+                  r.hadamard.std_error, r.dense.mean, r.dense.std_error, r.unrotated.mean,
+                  r.unrotated.std_error);
+    out << line;
+  }
+  return 0;
+}
+
 }  // namespace
 
 int eval_model(const EvalModelArgs& args, std::ostream& out, std::ostream& err) {
   TQKV_CHECK(!args.model.empty(), "--model: an ONNX file is needed (tools/fetch-model.sh)");
   TQKV_CHECK(args.tokens >= 2, "--tokens must be at least 2, got ", args.tokens);
   TQKV_CHECK(args.sequences >= 1, "--sequences must be at least 1");
+  if (!args.plot.empty()) check_plot_path(args.plot);
   const onnx::Model file = onnx::read(args.model);
   LlamaOptions options;
   options.quantize_activations = args.quantized_activations;
   const Llama model(file, options);
   const LlamaConfig& mc = model.config();
+  TQKV_CHECK(args.kv_bits >= 1 && args.kv_bits <= 8, "--kv-bits must be in 1..8, got ",
+             args.kv_bits);
+  TQKV_CHECK(!args.kv_stats || args.plot.empty(), "--plot draws the configurations, which "
+             "--kv-stats does not run");
   std::vector<CacheChoice> choices;
   for (const std::string& name : split_list(args.configs, "--configs"))
     choices.push_back(parse_choice(name, mc.head_dim));
+  TQKV_CHECK(args.plot.empty() || std::any_of(choices.begin(), choices.end(),
+                                              [](const CacheChoice& c) { return c.name != "full"; }),
+             "--plot: --configs has nothing to draw but the full cache");
 
   // Sequences from the model itself, with the full cache.
   std::mt19937_64 rng(args.seed);
@@ -108,6 +234,7 @@ int eval_model(const EvalModelArgs& args, std::ostream& out, std::ostream& err) 
           << args.tokens << " tokens" << std::flush;
     }));
   err << "\n";
+  if (args.kv_stats) return print_kv_stats(model, seqs, args, out);
 
   // Each sequence through the full cache once, then through every configuration (one call per
   // sequence: its codes are those of token-by-token appends, and with float activations so are
@@ -125,30 +252,8 @@ int eval_model(const EvalModelArgs& args, std::ostream& out, std::ostream& err) 
           << std::string(12, ' ') << std::flush;
       auto store = make_store(choices[c], mc, seq.size());
       const std::vector<float> got = model.forward(seq, *store);
-      Totals& t = totals[c];
-      t.bytes_per_token = store->bytes_per_token();
-      double kl_sum = 0, nll = 0, nll_full = 0;
-      size_t agree = 0;
-      const size_t positions = seq.size() - 1;  // position i predicts token i + 1
-#pragma omp parallel for reduction(+ : kl_sum, nll, nll_full, agree) schedule(static)
-      for (size_t i = 0; i < positions; ++i) {
-        const auto p = probabilities(std::span(full.data() + i * V, V));
-        const auto q = probabilities(std::span(got.data() + i * V, V));
-        for (size_t j = 0; j < V; ++j)
-          if (p[j] > 0) kl_sum += p[j] * (std::log(p[j]) - std::log(std::max(q[j], 1e-300)));
-        const auto top = [](const std::vector<double>& x) {
-          return std::max_element(x.begin(), x.end()) - x.begin();
-        };
-        agree += top(p) == top(q);
-        const size_t next = size_t(seq[i + 1]);
-        nll -= std::log(std::max(q[next], 1e-300));
-        nll_full -= std::log(std::max(p[next], 1e-300));
-      }
-      t.kl += kl_sum;
-      t.nll += nll;
-      t.nll_full += nll_full;
-      t.agree += agree;
-      t.positions += seq.size() - 1;
+      totals[c].bytes_per_token = store->bytes_per_token();
+      add_comparison(full, got, seq, V, totals[c]);
     }
   }
   err << "\n";
@@ -173,6 +278,7 @@ int eval_model(const EvalModelArgs& args, std::ostream& out, std::ostream& err) 
     r["ppl_full"] = std::exp(t.nll_full / n);
     rows.push_back(r);
   }
+  if (!args.plot.empty()) plot_rows(rows, choices, args, mc, args.plot);
   if (args.json) {
     out << rows.dump(2) << "\n";
     return 0;
@@ -193,6 +299,63 @@ int eval_model(const EvalModelArgs& args, std::ostream& out, std::ostream& err) 
         << fmt("%9.4f", r["top1_agree"].get<double>()) << fmt("%9.3f", r["ppl"].get<double>())
         << fmt("%10.3f", r["ppl_full"].get<double>()) << "\n";
   }
+  return 0;
+}
+
+int demo_model(const std::string& path, size_t tokens, uint64_t seed, std::ostream& out,
+               std::ostream& err) {
+  TQKV_CHECK(!path.empty(), "--model: an ONNX file is needed (tools/fetch-model.sh)");
+  constexpr size_t kDecode = 16;  // the last tokens run one at a time, as in generation
+  TQKV_CHECK(tokens > kDecode, "--tokens must be more than ", kDecode, ", got ", tokens);
+  const onnx::Model file = onnx::read(path);
+  const Llama model(file, LlamaOptions{.quantize_activations = false});
+  const LlamaConfig& mc = model.config();
+  std::mt19937_64 rng(seed);
+  const std::vector<int32_t> seq = model.sample(tokens, rng, [&](size_t n) {
+    err << "\rsampling: " << n << "/" << tokens << " tokens" << std::flush;
+  });
+  err << "\n";
+  const double fp16_bytes = double(mc.layers) * 2 * mc.kv_heads * mc.head_dim * 2;
+  out << "tqkv demo on a real model: " << path << "\n(" << mc.layers << " layers, " << mc.heads
+      << " query heads on " << mc.kv_heads << " KV heads, head dim " << mc.head_dim
+      << ", vocabulary " << mc.vocab << "), " << num_threads() << " threads\n"
+      << "One sequence of " << tokens << " tokens sampled from the model (temperature 1, seed "
+      << seed << "),\nrun through each KV cache: the first " << tokens - kDecode
+      << " as one prefill call, the last " << kDecode << " one at a time (decode).\n"
+      << "cache       KV bytes/token  vs fp16  mean KL    top-1     ppl   prefill tok/s"
+         "  decode ms/token\n";
+  const size_t V = size_t(mc.vocab), prefill = tokens - kDecode;
+  std::vector<float> full;
+  for (const char* name : {"full", "k4v4", "k3.5v3.5", "k3v3", "k2v2", "q4_0", "q8_0"}) {
+    const CacheChoice choice = parse_choice(name, mc.head_dim);
+    auto store = make_store(choice, mc, tokens);
+    using clock = std::chrono::steady_clock;
+    const auto t0 = clock::now();
+    std::vector<float> logits = model.forward(std::span(seq).first(prefill), *store);
+    const auto t1 = clock::now();
+    for (size_t i = prefill; i < tokens; ++i) {
+      const std::vector<float> next = model.forward(std::span(seq).subspan(i, 1), *store);
+      logits.insert(logits.end(), next.begin(), next.end());
+    }
+    const auto t2 = clock::now();
+    if (full.empty()) full = logits;
+    Totals t;
+    add_comparison(full, logits, seq, V, t);
+    const double n = double(t.positions);
+    const std::string label = choice.name == "full" ? "full (f32)" : choice.name;
+    out << label << std::string(label.size() < 12 ? 12 - label.size() : 1, ' ')
+        << fmt("%14.0f", store->bytes_per_token())
+        << fmt("%8.2fx", fp16_bytes / store->bytes_per_token()) << fmt("%10.2e", t.kl / n)
+        << fmt("%8.3f", double(t.agree) / n) << fmt("%8.2f", std::exp(t.nll / n))
+        << fmt("%16.0f", double(prefill) / std::chrono::duration<double>(t1 - t0).count())
+        << fmt("%17.2f", 1e3 * std::chrono::duration<double>(t2 - t1).count() / kDecode)
+        << "\n" << std::flush;
+  }
+  out << "vs fp16: a float16 cache's bytes per token over this cache's. mean KL, top-1 and ppl:\n"
+         "the next-token distributions against the full float32 cache's, over "
+      << tokens - 1 << " positions.\n"
+         "At this size the model's projections take most of the time; the attention section\n"
+         "of `tqkv demo` (without --model) times attention alone.\n";
   return 0;
 }
 

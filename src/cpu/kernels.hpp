@@ -1,5 +1,6 @@
 // CPU kernels of attention: the inner loops over a run of tokens, for packed codes (compressed
-// cache) and for float32 rows (the uncompressed baseline and dequantized tiles).
+// cache) and for float32 rows (the uncompressed baseline and dequantized tiles); and the product
+// of float32 rows with an int8 matrix, the projections of the model harness (llama.hpp).
 //
 // One interface, several instruction sets: kernels_scalar.cpp is the reference and runs
 // everywhere; kernels_avx2.cpp (AVX2 + FMA) and kernels_avx512.cpp (AVX-512F), both written once
@@ -49,6 +50,11 @@ struct FloatKernels {
                      float* acc, size_t acc_stride);
   /// x[i] = exp(x[i]) for i < n (x <= 0 or −inf; −inf gives exactly 0).
   void (*exp)(float* x, int n);
+  /// y[r * y_stride + j] = Σ_i x[r * in + i] · w[i * w_stride + j] for r < rows, j < cols. Each
+  /// product is rounded to float32 and added in order of i (no fused multiply-add), so every
+  /// instruction set gives the scalar loop's bits.
+  void (*int8_matmul)(const float* x, int rows, int in, const int8_t* w, size_t w_stride,
+                      int cols, float* y, size_t y_stride);
 };
 
 enum class Isa { scalar, avx2, avx512 };

@@ -89,8 +89,13 @@ struct Avx2 {
   static F load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static F broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static F load_i8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static constexpr int kMatmulVectors = 2;  // 4 rows x 2: 8 accumulators of 16 registers
   static float hsum(F v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -150,7 +155,7 @@ constexpr CodeKernels kCode[8] = {
     code_kernels<Avx2, 4>(), code_kernels<Avx2, 5>(), code_kernels<Avx2, 6>(),
     code_kernels<Avx2, 7>(), code_kernels<Avx2, 8>()};
 constexpr FloatKernels kFloat = {simd::float_scores<Avx2>, simd::float_accumulate<Avx2>,
-                                 exp_inplace};
+                                 exp_inplace, simd::int8_matmul<Avx2>};
 
 }  // namespace
 

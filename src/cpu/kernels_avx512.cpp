@@ -63,8 +63,13 @@ struct Avx512 {
   static F load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
   static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static F load_i8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static constexpr int kMatmulVectors = 4;  // 4 rows x 4: 16 accumulators of 32 registers
   static float hsum(F v) { return _mm512_reduce_add_ps(v); }
   // Eight sums: fold each vector to 8 lanes, then the AVX2 transposing tree.
   template <int N>
@@ -146,7 +151,8 @@ const CodeKernels& code_kernels_avx512(int bits) {
 }
 const FloatKernels& float_kernels_avx512() {
   // exp stays on AVX2: it is a few percent of attention time.
-  static const FloatKernels k = {float_scores, float_accumulate, float_kernels_avx2().exp};
+  static const FloatKernels k = {float_scores, float_accumulate, float_kernels_avx2().exp,
+                                 simd::int8_matmul<Avx512>};
   return k;
 }
 

@@ -1,4 +1,5 @@
 // The reference kernels: plain loops, one code at a time.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -77,6 +78,19 @@ void float_accumulate(const FloatRun& run, const float* w, size_t w_stride, int 
   }
 }
 
+void int8_matmul(const float* x, int rows, int in, const int8_t* w, size_t w_stride, int cols,
+                 float* y, size_t y_stride) {
+  for (int r = 0; r < rows; ++r) {
+    float* yr = y + size_t(r) * y_stride;
+    std::fill(yr, yr + cols, 0.0f);
+    for (int i = 0; i < in; ++i) {
+      const float xi = x[size_t(r) * size_t(in) + size_t(i)];
+      const int8_t* wi = w + size_t(i) * w_stride;
+      for (int j = 0; j < cols; ++j) yr[j] += xi * float(wi[j]);
+    }
+  }
+}
+
 void exp_inplace(float* x, int n) {
   for (int i = 0; i < n; ++i) x[i] = std::exp(x[i]);
 }
@@ -87,7 +101,7 @@ constexpr CodeKernels make() {
 }
 constexpr CodeKernels kCode[8] = {make<1>(), make<2>(), make<3>(), make<4>(),
                                   make<5>(), make<6>(), make<7>(), make<8>()};
-constexpr FloatKernels kFloat = {float_scores, float_accumulate, exp_inplace};
+constexpr FloatKernels kFloat = {float_scores, float_accumulate, exp_inplace, int8_matmul};
 
 }  // namespace
 

@@ -2,8 +2,9 @@
 // (kernels_avx2.cpp, kernels_avx512.cpp). Included only by those files, each compiled with its
 // own target flags.
 //
-// V provides: F (a vector of kLanes floats), zero, load, store, add, fmadd, broadcast, hsum,
-// hsum_many<N> (N horizontal sums at once, cheaper than N single ones), and
+// V provides: F (a vector of kLanes floats), zero, load, store, add, mul, fmadd, broadcast, hsum,
+// hsum_many<N> (N horizontal sums at once, cheaper than N single ones), load_i8 (kLanes int8 as
+// floats), kMatmulVectors (the vectors of columns one int8_matmul tile holds), and
 // Codes<Bits>, which turns the packed codes of chunk c (coordinates c·kLanes ...) into the table
 // values they stand for.
 #pragma once
@@ -171,6 +172,47 @@ void float_accumulate(const FloatRun& run, const float* w, size_t w_stride, int 
   });
 }
 
+// y = x · w for RB rows and NV vectors of columns, accumulators in registers. Every product is
+// rounded, then added (mul, add: no fmadd), in order of i: the scalar loop's bits.
+template <class V, int RB, int NV>
+void int8_matmul_tile(const float* x, int in, const int8_t* w, size_t w_stride, float* y,
+                      size_t y_stride) {
+  typename V::F acc[RB][NV];
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c] = V::zero();
+  for (int i = 0; i < in; ++i) {
+    typename V::F wv[NV];
+    for (int c = 0; c < NV; ++c) wv[c] = V::load_i8(w + size_t(i) * w_stride + size_t(c) * V::kLanes);
+    for (int r = 0; r < RB; ++r) {
+      const typename V::F xr = V::broadcast(x + size_t(r) * size_t(in) + size_t(i));
+      for (int c = 0; c < NV; ++c) acc[r][c] = V::add(acc[r][c], V::mul(xr, wv[c]));
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < NV; ++c)
+      V::store(y + size_t(r) * y_stride + size_t(c) * V::kLanes, acc[r][c]);
+}
+
+// Column tiles of kMatmulVectors vectors, then single vectors, then the scalar loop for the
+// last cols % kLanes columns.
+template <class V>
+void int8_matmul(const float* x, int rows, int in, const int8_t* w, size_t w_stride, int cols,
+                 float* y, size_t y_stride) {
+  auto columns = [&](auto nv, int j) {
+    for_row_blocks(rows, [&](auto rb, int r) {
+      int8_matmul_tile<V, decltype(rb)::value, decltype(nv)::value>(
+          x + size_t(r) * size_t(in), in, w + size_t(j), w_stride,
+          y + size_t(r) * y_stride + size_t(j), y_stride);
+    });
+  };
+  constexpr int kTile = V::kMatmulVectors * V::kLanes;
+  int j = 0;
+  for (; j + kTile <= cols; j += kTile) columns(std::integral_constant<int, V::kMatmulVectors>{}, j);
+  for (; j + V::kLanes <= cols; j += V::kLanes) columns(std::integral_constant<int, 1>{}, j);
+  if (j < cols)
+    float_kernels_scalar().int8_matmul(x, rows, in, w + size_t(j), w_stride, cols - j,
+                                       y + size_t(j), y_stride);
+}
 
 template <class V, int Bits>
 constexpr CodeKernels code_kernels() {
