@@ -118,13 +118,18 @@ __device__ __forceinline__ uint32_t load_word(const uint8_t* codes, int width, i
   }
 }
 
-// Words [first, first + N) of one token's 4-bit codes (already nibble words), N = 2 or 4, with
-// one 8- or 16-byte load instead of N 4-byte loads; word by word where they pass `words`
-// (never, with kFits: a shape fixed at compile time).
+// Words [first, first + N) of one token's 4-bit codes (already nibble words), N = 1, 2 or 4,
+// with one 4-, 8- or 16-byte load instead of N 4-byte loads; word by word where they pass
+// `words` (never, with kFits: a shape fixed at compile time).
 template <int N, bool kFits>
 __device__ __forceinline__ void load_words4(const uint8_t* codes, int first, int words,
                                             uint32_t (&w)[N]) {
-  if constexpr (N == 4) {
+  if constexpr (N == 1) {
+    if (kFits || first < words) {
+      w[0] = *reinterpret_cast<const uint32_t*>(codes + 4 * first);
+      return;
+    }
+  } else if constexpr (N == 4) {
     if (kFits || first + 4 <= words) {
       const uint4 v = *reinterpret_cast<const uint4*>(codes + 4 * first);
       w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
@@ -145,19 +150,26 @@ __device__ __forceinline__ void load_words4(const uint8_t* codes, int first, int
 }
 
 // A term's shape: from its tables, or fixed at compile time (kDim > 0: the kernel was built for
-// one MSE term per side of kDim coordinates and kWidth bits), so that the hot codecs' kernels
-// fold it into constants instead of reading and branching on the tables in the inner loops.
+// MSE terms of kDim coordinates each, whose widths kWidths lists one decimal digit per term, the
+// first term last: 4 is one 4-bit term, 34 a 4-bit then a 3-bit one), so that the hot codecs'
+// kernels fold it into constants instead of reading and branching on the tables in the inner
+// loops (the term index is a constant there once the loops over terms are unrolled).
 struct Shape {
   int width, dim, words, per_lane;
   uint32_t bytes;
   bool sign;
 };
-template <int kDim, int kWidth, int kLanesPerWord>
-__device__ __forceinline__ Shape shape_of(const TermTables& x) {
+__host__ __device__ constexpr int term_width(int widths, int t) {
+  return t == 0 ? widths % 10 : widths / 10 % 10;
+}
+__host__ __device__ constexpr int fixed_terms(int widths) { return widths >= 10 ? 2 : 1; }
+template <int kDim, int kWidths, int kLanesPerWord>
+__device__ __forceinline__ Shape shape_of(const TermTables& x, int t) {
   if constexpr (kDim > 0) {
     constexpr int words = kDim / 8;
-    return {kWidth, kDim, words, (words + kLanesPerWord - 1) / kLanesPerWord,
-            uint32_t(kDim * kWidth / 8), false};
+    const int width = term_width(kWidths, t);
+    return {width, kDim, words, (words + kLanesPerWord - 1) / kLanesPerWord,
+            uint32_t(kDim * width / 8), false};
   } else {
     return {x.width, x.dim, x.words, x.per_lane, x.bytes, x.sign != 0};
   }
@@ -241,7 +253,7 @@ __device__ __forceinline__ void load_pages(const CacheView& c, const uint32_t* p
 // allocated, and an append stores only finite codes and norms) and masked. Every section run starts 64-byte
 // aligned and a half's run is 8 tokens × its bytes per token, so the pieces are aligned; all
 // but the lane's offset is the same for the warp.
-template <int kTerms, int kDim, int kKeyWidth, int kValueWidth>
+template <int kTerms>
 __device__ __forceinline__ void stage_tile(const CacheView& c, uint8_t* stage, uint32_t base,
                                            const uint32_t (&page)[2], int head, int lane) {
   const uint32_t head_at = uint32_t(head) * (c.key_block_bytes + c.value_block_bytes);
@@ -253,13 +265,12 @@ __device__ __forceinline__ void stage_tile(const CacheView& c, uint8_t* stage, u
     for (int side = 0; side < 2; ++side) {
       const CodecTables& ct = side ? c.value : c.key;
       const uint8_t* block = key + (side ? c.key_block_bytes : 0u);
-      const uint32_t nb = norm_bytes<kDim>(ct);
+      const uint32_t nb = norm_bytes<0>(ct);
 #pragma unroll
       for (int i = 0; i < kTerms; ++i) {
-        if (i >= (kDim > 0 ? 1 : ct.n_terms)) break;
+        if (i >= ct.n_terms) break;
         const TermTables& x = ct.terms[i];
-        const Shape sh = side ? shape_of<kDim, kValueWidth, kValueLanesPerWord>(x)
-                              : shape_of<kDim, kKeyWidth, kKeyLanesPerWord>(x);
+        const Shape sh = shape_of<0, 0, 1>(x, i);
         const uint32_t half = 8u * uint32_t(h);
         copy_run(stage + x.stage_codes + half * sh.bytes, block + x.at + slot * sh.bytes,
                  8u * sh.bytes, lane);
@@ -272,12 +283,13 @@ __device__ __forceinline__ void stage_tile(const CacheView& c, uint8_t* stage, u
   }
 }
 
-// The same for the kernels built for one 128-coordinate term per side with float16 norms,
-// without loops or per-piece address arithmetic: lanes 0–15 copy the first half (8 tokens) and
-// lanes 16–31 the second, so a lane's page and slot are fixed for the tile and its 16-byte
-// pieces of each code run lie at constant offsets; two lanes of each half copy its norm runs.
-// At 4 bits the warp issues 2 + 2 + 1 copies a tile.
-template <int kKeyWidth, int kValueWidth>
+// The same for the kernels built for fixed shapes (MSE terms of kDim coordinates, float16
+// norms), without loops or per-piece address arithmetic: lanes 0–15 copy the first half (8
+// tokens) and lanes 16–31 the second, so a lane's page and slot are fixed for the tile and its
+// 16-byte pieces of each code run lie at constant offsets; a few lanes of each half copy its
+// norm runs (one per term: each term is a channel group with its own norms). At 4 bits and one
+// term per side the warp issues 2 + 2 + 1 copies a tile.
+template <int kDim, int kKeyWidths, int kValueWidths>
 __device__ __forceinline__ void stage_tile_fixed(const CacheView& c, uint8_t* stage,
                                                  uint32_t base, const uint32_t (&page)[2],
                                                  int head, int lane) {
@@ -286,26 +298,39 @@ __device__ __forceinline__ void stage_tile_fixed(const CacheView& c, uint8_t* st
   const uint32_t slot = page_slot(c, base + (second ? 8u : 0u));
   const uint8_t* block = c.pool + uint64_t(second ? page[1] : page[0]) * c.layer_page_bytes +
                          uint32_t(head) * (c.key_block_bytes + c.value_block_bytes);
+  constexpr int kTermsOf[2] = {fixed_terms(kKeyWidths), fixed_terms(kValueWidths)};
 #pragma unroll
   for (int side = 0; side < 2; ++side) {
-    const TermTables& x = (side ? c.value : c.key).terms[0];
-    constexpr uint32_t kBytes[2] = {128u * kKeyWidth / 8u, 128u * kValueWidth / 8u};
-    const uint32_t bytes = kBytes[side];  // per token; a half's run is 8 · bytes
-    const uint8_t* src = block + (side ? c.key_block_bytes : 0u) + x.at + slot * bytes;
-    uint8_t* dst = stage + x.stage_codes + (second ? 8u * bytes : 0u);
 #pragma unroll
-    for (uint32_t i = 0; i < (kBytes[side] / 2u + 15u) / 16u; ++i) {  // bytes / 2 pieces a half
-      const uint32_t o = 16u * (part + 16u * i);
-      if (o < 8u * bytes) cp_async(dst + o, src + o, 16);
+    for (int t = 0; t < kTermsOf[side]; ++t) {
+      const TermTables& x = (side ? c.value : c.key).terms[t];
+      const uint32_t bytes = uint32_t(kDim * term_width(side ? kValueWidths : kKeyWidths, t) / 8);
+      const uint8_t* src = block + (side ? c.key_block_bytes : 0u) + x.at + slot * bytes;
+      uint8_t* dst = stage + x.stage_codes + (second ? 8u * bytes : 0u);
+#pragma unroll
+      for (uint32_t i = 0; i < (bytes / 2u + 15u) / 16u; ++i) {  // bytes / 2 pieces a half
+        const uint32_t o = 16u * (part + 16u * i);
+        if (o < 8u * bytes) cp_async(dst + o, src + o, 16);
+      }
     }
   }
-  if (part < 2) {  // part 0: the half's key norms, 1: its value norms (8 float16 each)
-    const bool side = part == 1;
-    const TermTables& k = c.key.terms[0];
-    const TermTables& v = c.value.terms[0];
-    const uint32_t at = side ? c.key_block_bytes + v.norm_at : k.norm_at;
-    cp_async(stage + (side ? v.stage_norm : k.stage_norm) + (second ? 16u : 0u),
-             block + at + slot * 2u, 16);
+  // Norm runs (8 float16 each): part 2·t + side copies term t of that side, selected without
+  // indexing the parameter tables by a lane-dependent number.
+  constexpr int kRuns = 2 * (kTermsOf[0] > kTermsOf[1] ? kTermsOf[0] : kTermsOf[1]);
+  if (part < uint32_t(kRuns)) {
+    const bool side = part & 1u;
+    const int t = int(part >> 1);
+    const TermTables& k0 = c.key.terms[0];
+    const TermTables& k1 = c.key.terms[kTermsOf[0] - 1];
+    const TermTables& v0 = c.value.terms[0];
+    const TermTables& v1 = c.value.terms[kTermsOf[1] - 1];
+    const bool present = t < (side ? kTermsOf[1] : kTermsOf[0]);
+    const uint32_t norm_at = side ? (t ? v1.norm_at : v0.norm_at) : (t ? k1.norm_at : k0.norm_at);
+    const uint32_t stage_norm =
+        side ? (t ? v1.stage_norm : v0.stage_norm) : (t ? k1.stage_norm : k0.stage_norm);
+    if (present)
+      cp_async(stage + stage_norm + (second ? 16u : 0u),
+               block + (side ? c.key_block_bytes : 0u) + norm_at + slot * 2u, 16);
   }
 }
 
@@ -443,8 +468,8 @@ __global__ void __launch_bounds__(32 * kTileRows) prepare_kernel(const Attention
   }
 }
 
-template <int kTerms, int kWordsK, int kWordsV, bool kRows16, int kDim, int kKeyWidth,
-          int kValueWidth>
+template <int kTerms, int kWordsK, int kWordsV, bool kRows16, int kDim, int kKeyWidths,
+          int kValueWidths>
 __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
     attention_kernel(const AttentionParams p) {
   constexpr int kRowRegs = kRows16 ? 2 : 1;  // fragment rows a lane holds: g (and g + 8)
@@ -463,9 +488,12 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
 
   const TermTables* kt = c.key.terms;
   const TermTables* vt = c.value.terms;
-  const int nk = kDim > 0 ? 1 : c.key.n_terms, nv = kDim > 0 ? 1 : c.value.n_terms;
-  auto key_shape = [&](int t) { return shape_of<kDim, kKeyWidth, kKeyLanesPerWord>(kt[t]); };
-  auto value_shape = [&](int t) { return shape_of<kDim, kValueWidth, kValueLanesPerWord>(vt[t]); };
+  const int nk = kDim > 0 ? fixed_terms(kKeyWidths) : c.key.n_terms;
+  const int nv = kDim > 0 ? fixed_terms(kValueWidths) : c.value.n_terms;
+  auto key_shape = [&](int t) { return shape_of<kDim, kKeyWidths, kKeyLanesPerWord>(kt[t], t); };
+  auto value_shape = [&](int t) {
+    return shape_of<kDim, kValueWidths, kValueLanesPerWord>(vt[t], t);
+  };
 
   // The code-pair tables (key terms', then value terms'): one load per entry, then its copies.
   for (int i = threadIdx.x; i < (nk + nv) * 256; i += blockDim.x) {
@@ -525,10 +553,10 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
   auto stage = [&](uint32_t j, const uint32_t(&page)[2]) {  // starts copying tile j
     uint8_t* to = stages + (j % kStages) * stage_bytes;
     if constexpr (kDim > 0)
-      stage_tile_fixed<kKeyWidth, kValueWidth>(c, to, t_begin + 16u * j, page, geo.h, lane);
-    else
-      stage_tile<kTerms, kDim, kKeyWidth, kValueWidth>(c, to, t_begin + 16u * j, page, geo.h,
+      stage_tile_fixed<kDim, kKeyWidths, kValueWidths>(c, to, t_begin + 16u * j, page, geo.h,
                                                        lane);
+    else
+      stage_tile<kTerms>(c, to, t_begin + 16u * j, page, geo.h, lane);
   };
 #pragma unroll
   for (int j = 0; j < kStages - 1; ++j) {
@@ -983,12 +1011,12 @@ void launch_early(void (*kernel)(AttentionParams), const AttentionParams& p, Dev
 // Launches the kernel; with p.splits == 0 first chooses the splits so that the items fill one
 // wave of the GPU at this kernel's occupancy (a partial second wave would idle most SMs), with
 // splits of at least kStages tiles.
-template <int kTerms, int kWordsK, int kWordsV, bool kRows16, int kDim = 0, int kKeyWidth = 0,
-          int kValueWidth = 0>
+template <int kTerms, int kWordsK, int kWordsV, bool kRows16, int kDim = 0, int kKeyWidths = 0,
+          int kValueWidths = 0>
 void launch(Device device, AttentionParams& p, size_t warp_stage_bytes, CudaStream stream) {
   constexpr int kWarps = block_warps(kDim);
   const size_t smem = kTableBytes + size_t(kWarps) * warp_stage_bytes;
-  auto kernel = attention_kernel<kTerms, kWordsK, kWordsV, kRows16, kDim, kKeyWidth, kValueWidth>;
+  auto kernel = attention_kernel<kTerms, kWordsK, kWordsV, kRows16, kDim, kKeyWidths, kValueWidths>;
   if (smem > 48 * 1024)
     TQKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(smem)));
@@ -1031,20 +1059,31 @@ void launch_attention(Device device, const AttentionParams& params, CudaStream s
   prepare_kernel<<<p.units, 32 * kTileRows, prep_smem, stream>>>(p);
   TQKV_CUDA_CHECK_LAUNCH("prepare_kernel");
   const bool rows16 = p.group * int(*std::max_element(p.queries, p.queries + p.batch)) > 8;
-  // Decode with the common codecs (one MSE term of 128 coordinates per side, keys and values of
-  // the same width 2, 3 or 4, float16 norms) runs a kernel built for that shape.
-  auto single_mse = [](const CodecTables& t, int dim) {
-    return t.groups == 1 && t.n_terms == 1 && t.terms[0].sign == 0 && t.terms[0].dim == dim;
+  // Decode with the common codecs (float16 norms, MSE only) runs kernels built for their shape:
+  // one term of 128 coordinates per side, keys and values of the same width 2, 3 or 4; or the
+  // fractional 3.5 / 2.5 bits at d = 128 (terms of 64 coordinates at 4 + 3 / 3 + 2 bits).
+  // A side's widths as those kernels name them (shape_of), or 0 for any other shape.
+  auto fixed_widths = [](const CodecTables& t) {
+    for (int i = 0; i < t.n_terms; ++i)
+      if (t.terms[i].sign) return 0;
+    if (t.n_terms == 1 && t.terms[0].dim == 128) return t.terms[0].width;
+    if (t.n_terms == 2 && t.terms[0].dim == 64 && t.terms[1].dim == 64)
+      return t.terms[0].width + 10 * t.terms[1].width;
+    return 0;
   };
-  const int width = c.key.terms[0].width;
-  const bool fixed = !rows16 && single_mse(c.key, 128) && single_mse(c.value, 128) &&
-                     c.value.terms[0].width == width && width >= 2 && width <= 4 &&
-                     c.key.norm_f16 && c.value.norm_f16;
+  const bool fixed = !rows16 && c.key.norm_f16 && c.value.norm_f16;
+  const int kw = fixed ? fixed_widths(c.key) : 0, vw = fixed ? fixed_widths(c.value) : 0;
+  const bool fractional = (kw == 34 || kw == 23) && (vw == 34 || vw == 23);
   // Otherwise: terms ≤ 1 with coordinates ≤ 256 per term, or ≤ 2 / ≤ 4 terms of ≤ 128.
-  if (fixed) {
-    if (width == 4) launch<1, 4, 2, false, 128, 4, 4>(device, p, smem, stream);
-    if (width == 3) launch<1, 4, 2, false, 128, 3, 3>(device, p, smem, stream);
-    if (width == 2) launch<1, 4, 2, false, 128, 2, 2>(device, p, smem, stream);
+  if (kw == vw && kw >= 2 && kw <= 4) {
+    if (kw == 4) launch<1, 4, 2, false, 128, 4, 4>(device, p, smem, stream);
+    if (kw == 3) launch<1, 4, 2, false, 128, 3, 3>(device, p, smem, stream);
+    if (kw == 2) launch<1, 4, 2, false, 128, 2, 2>(device, p, smem, stream);
+  } else if (fractional) {
+    if (kw == 34 && vw == 34) launch<2, 2, 1, false, 64, 34, 34>(device, p, smem, stream);
+    if (kw == 34 && vw == 23) launch<2, 2, 1, false, 64, 34, 23>(device, p, smem, stream);
+    if (kw == 23 && vw == 34) launch<2, 2, 1, false, 64, 23, 34>(device, p, smem, stream);
+    if (kw == 23 && vw == 23) launch<2, 2, 1, false, 64, 23, 23>(device, p, smem, stream);
   } else if (terms <= 1 && max_dim <= 128) {
     rows16 ? launch<1, 4, 2, true>(device, p, smem, stream) : launch<1, 4, 2, false>(device, p, smem, stream);
   } else if (terms <= 1 && max_dim <= 256) {
