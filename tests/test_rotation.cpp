@@ -147,7 +147,8 @@ TEST(Rotation, DeterministicPerSeedAndSubstream) {
     const Rotation h1(RotationKind::hadamard, d, seed, 2), h2(RotationKind::hadamard, d, seed, 2);
     const Rotation h3(RotationKind::hadamard, d, seed, 3);
     EXPECT_EQ(h1.signs(), h2.signs());
-    EXPECT_NE(h1.signs(), h3.signs());
+    // Two substreams draw the same d signs with probability 2^-d: compared where that is nil.
+    if (d >= 64) EXPECT_NE(h1.signs(), h3.signs());
   }
 }
 
