@@ -79,6 +79,8 @@ std::vector<GpuSetup> setups(uint64_t seed) {
   // and pages of a size that is not a power of two (40: divisions instead of shifts).
   add(128, 4.0, CodecKind::mse, 4.0, CodecKind::mse, 8);
   add(128, 3.0, CodecKind::mse, 3.0, CodecKind::mse, 40);
+  add(128, 3.5, CodecKind::mse, 3.5, CodecKind::mse, 8);   // the fractional ones too
+  add(128, 2.5, CodecKind::mse, 3.5, CodecKind::mse, 24);
   add(128, 3.5, CodecKind::mse, 2.5, CodecKind::mse, 32);
   add(128, 4.0, CodecKind::prod, 3.0, CodecKind::prod, 16);
   add(128, 2.0, CodecKind::prod, 4.0, CodecKind::mse, 24, NormFormat::f32);

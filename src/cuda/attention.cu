@@ -20,8 +20,8 @@
 // to keep float16 in range; scores are kept in log2 units (scale · log2 e folded into the query).
 // Codes, norms and γ reach the warp through its ring of stage buffers in shared memory, filled
 // by cp.async several tiles ahead. The common codecs (one 128-coordinate MSE term per side of
-// width 2, 3 or 4) run kernels built for their shape, in blocks of 12 warps; the rest read it
-// from the term tables. On sm_90 the attention and merge kernels are launched to start early
+// width 2, 3 or 4, or the fractional 3.5 / 2.5 bits' two 64-coordinate terms) run kernels built
+// for their shape, in blocks of up to 12 warps; the rest read it from the term tables. On sm_90 the attention and merge kernels are launched to start early
 // (programmatic dependent launch) and wait only before reading what the kernel ahead wrote.
 // Each item leaves (m, l, acc) per row in the workspace; a merge kernel combines the splits and
 // applies each value group's inverse rotation once (plus Sᵀ for QJL values).
@@ -36,8 +36,10 @@ namespace tqkv::gpu {
 
 namespace {
 
-// Warps of a block: 12 for the kernels built for fixed shapes (≤ 144 registers: three warps per
-// scheduler share one copy of the code tables), 4 for the generic ones (up to 255 registers).
+// Warps of a block, at most: 12 for the kernels built for fixed shapes (≤ 168 registers: three
+// warps per scheduler share one copy of the code tables), 4 for the generic ones (up to 255
+// registers). A GPU with less shared memory per block (e.g. 99 KB on sm_86 / sm_89) gets fewer:
+// the launch fits them to its limit, and the kernel reads them from blockDim.
 __host__ __device__ constexpr int block_warps(int fixed_dim) { return fixed_dim > 0 ? 12 : 4; }
 constexpr int kStages = 4;  // a warp's stage buffers: tiles in flight while one is computed
 // The code-pair tables open the shared memory: entry e of every table lies in row e (256 bytes,
@@ -480,7 +482,6 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
   // 8·((2·quad + j)·per_lane + k) + e of row grp, and j + 2 of row grp + 8).
   constexpr bool kValuesT = kDim == 128 && !kRows16;
   constexpr int kCopies = lut_copies(kTerms);
-  constexpr int kWarps = block_warps(kDim);
   extern __shared__ __align__(16) uint8_t shared[];
   const CacheView& c = p.cache;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -507,7 +508,7 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
   }
   __syncthreads();
 
-  const uint32_t item = blockIdx.x * kWarps + uint32_t(warp);
+  const uint32_t item = blockIdx.x * (blockDim.x / 32) + uint32_t(warp);
   if (item >= p.units * uint32_t(p.splits)) return;
   const uint32_t unit = item / uint32_t(p.splits);
   const int split = int(item % uint32_t(p.splits));
@@ -990,11 +991,13 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const AttentionPar
 }
 
 // Launches kernel(p) on `stream`, allowed to start before the kernel ahead of it ends (it waits
-// in wait_for_previous) where the device supports that (compute capability 9.0 and later).
-void launch_early(void (*kernel)(AttentionParams), const AttentionParams& p, Device device,
-                  uint32_t blocks, int threads, size_t smem, CudaStream stream) {
-  int major = 0;
-  TQKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index));
+// in wait_for_previous) where the code running supports that (compute capability 9.0 and later).
+void launch_early(void (*kernel)(AttentionParams), const AttentionParams& p, uint32_t blocks,
+                  int threads, size_t smem, CudaStream stream) {
+  // The kernel that runs must contain the wait: its code must come from PTX of sm_90 or later
+  // (code JIT-compiled from compute_80 PTX on an H100 has none, so it is launched as usual).
+  cudaFuncAttributes attributes{};
+  TQKV_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
   cudaLaunchAttribute early{};
   early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   early.val.programmaticStreamSerializationAllowed = 1;
@@ -1004,7 +1007,7 @@ void launch_early(void (*kernel)(AttentionParams), const AttentionParams& p, Dev
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   config.attrs = &early;
-  config.numAttrs = major >= 9 ? 1 : 0;
+  config.numAttrs = attributes.ptxVersion >= 90 ? 1 : 0;
   TQKV_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
 }
 
@@ -1014,8 +1017,14 @@ void launch_early(void (*kernel)(AttentionParams), const AttentionParams& p, Dev
 template <int kTerms, int kWordsK, int kWordsV, bool kRows16, int kDim = 0, int kKeyWidths = 0,
           int kValueWidths = 0>
 void launch(Device device, AttentionParams& p, size_t warp_stage_bytes, CudaStream stream) {
-  constexpr int kWarps = block_warps(kDim);
-  const size_t smem = kTableBytes + size_t(kWarps) * warp_stage_bytes;
+  int smem_limit = 0;
+  TQKV_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                         device.index));
+  const size_t room = size_t(smem_limit) > kTableBytes ? size_t(smem_limit) - kTableBytes : 0;
+  const int warps = int(std::min<size_t>(size_t(block_warps(kDim)), room / warp_stage_bytes));
+  TQKV_CHECK(warps >= 1, "GPU attention: this codec needs ", kTableBytes + warp_stage_bytes,
+             " bytes of shared memory per block; ", to_string(device), " allows ", smem_limit);
+  const size_t smem = kTableBytes + size_t(warps) * warp_stage_bytes;
   auto kernel = attention_kernel<kTerms, kWordsK, kWordsV, kRows16, kDim, kKeyWidths, kValueWidths>;
   if (smem > 48 * 1024)
     TQKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1023,9 +1032,9 @@ void launch(Device device, AttentionParams& p, size_t warp_stage_bytes, CudaStre
   if (p.splits == 0) {
     int blocks_per_sm = 0;
     TQKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel,
-                                                                  kWarps * 32, smem));
+                                                                  warps * 32, smem));
     const uint32_t wave = uint32_t(multiprocessors(device)) * uint32_t(std::max(1, blocks_per_sm)) *
-                          uint32_t(kWarps);
+                          uint32_t(warps);
     // At least kStages tiles a split: a warp's whole ring is in flight at once, and fewer
     // partial states leave less for the merge (short contexts).
     const uint32_t tiles = std::max(1u, (p.max_tokens + 15) / 16);
@@ -1033,7 +1042,7 @@ void launch(Device device, AttentionParams& p, size_t warp_stage_bytes, CudaStre
   }
   p.splits = int(std::max(1u, std::min(uint32_t(p.splits), p.max_items / p.units)));
   const uint32_t items = p.units * uint32_t(p.splits);
-  launch_early(kernel, p, device, (items + kWarps - 1) / kWarps, kWarps * 32, smem, stream);
+  launch_early(kernel, p, (items + warps - 1) / warps, warps * 32, smem, stream);
 }
 
 }  // namespace
@@ -1103,7 +1112,7 @@ void launch_attention(Device device, const AttentionParams& params, CudaStream s
   if (merge_smem > 48 * 1024)
     TQKV_CUDA_CHECK(cudaFuncSetAttribute(merge_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(merge_smem)));
-  launch_early(merge_kernel, p, device, p.units * kTileRows, merge_block, merge_smem, stream);
+  launch_early(merge_kernel, p, p.units * kTileRows, merge_block, merge_smem, stream);
 }
 
 }  // namespace tqkv::gpu
