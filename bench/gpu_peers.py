@@ -8,7 +8,10 @@ SDPA) that an engine without fused kernels would run every step. Each is capture
 graph and timed over replays (median). PyTorch is a benchmark peer here, not a dependency.
 
   python3 bench/gpu_peers.py --tqkv build/tqkv --batch 1,8,32 --context 4096,32768,131072 \
-      --bits 4,3.5,3,2
+      --bits 4,3.5,3,2 [--compare other-build/tqkv]
+
+--compare runs a second tqkv build (an earlier version, say) on the same shapes in the same run
+and adds its fused time and the speedup of --tqkv over it.
 """
 import argparse
 import json
@@ -96,13 +99,21 @@ def main():
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", help="also write all rows here")
+    ap.add_argument("--compare", help="another tqkv build to time on the same shapes")
     a = ap.parse_args()
 
-    cmd = [a.tqkv, "bench", "decode", "--device", "cuda", "--batch", a.batch, "--context",
-           a.context, "--bits", a.bits, "--q-heads", str(a.q_heads), "--kv-heads",
-           str(a.kv_heads), "--dim", str(a.dim), "--repeats", str(a.repeats), "--json"]
-    print("$", " ".join(cmd), flush=True)
-    rows = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    def bench(tqkv):
+        cmd = [tqkv, "bench", "decode", "--device", "cuda", "--batch", a.batch, "--context",
+               a.context, "--bits", a.bits, "--q-heads", str(a.q_heads), "--kv-heads",
+               str(a.kv_heads), "--dim", str(a.dim), "--repeats", str(a.repeats), "--json"]
+        print("$", " ".join(cmd), flush=True)
+        return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+
+    rows = bench(a.tqkv)
+    other = {}
+    if a.compare:
+        for r in bench(a.compare):
+            other[(r["batch"], r["context"], r["key_bits"])] = r["fused_us"]
 
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -111,7 +122,7 @@ def main():
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}; "
           f"H_q {Hq}, H_kv {H}, d {d}; CUDA graph replays, median")
     print("batch  context  bits  tqkv us  sdpa bf16 us  fallback us  vs sdpa  vs fallback"
-          "  tqkv GB/s  fused/memcpy")
+          "  tqkv GB/s  fused/memcpy" + ("  other us  vs other" if other else ""))
     for r in rows:
         B, T, bits = r["batch"], r["context"], r["key_bits"]
         if (B, T) not in sdpa_cache:
@@ -159,9 +170,14 @@ def main():
         r["speedup_vs_fallback"] = fallback_us / r["fused_us"] if fallback_us else None
         fb = f"{fallback_us:11.1f}" if fallback_us else "        n/a"
         vf = f"{r['speedup_vs_fallback']:10.1f}x" if fallback_us else "        n/a"
+        vo = ""
+        if other:
+            r["other_us"] = other.get((B, T, bits))
+            vo = (f"  {r['other_us']:8.1f}  {r['other_us'] / r['fused_us']:7.2f}x"
+                  if r["other_us"] else "       n/a      n/a")
         print(f"{B:5d}  {T:7d}  {bits:4.3g}  {r['fused_us']:7.1f}  {sdpa_us:12.1f}  {fb}  "
               f"{r['speedup_vs_sdpa']:6.2f}x  {vf}  {r['fused_gbps']:9.0f}  "
-              f"{r['fused_vs_memcpy']:12.2f}", flush=True)
+              f"{r['fused_vs_memcpy']:12.2f}{vo}", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

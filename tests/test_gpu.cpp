@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/backend.hpp"
 #include "tqkv/attention.hpp"
 #include "tqkv/error.hpp"
 #include "tqkv/half.hpp"
@@ -180,26 +181,11 @@ TEST(Gpu, WideCodesAreBitIdenticalToo) {
   }
 }
 
-// Attention on the GPU against the float64 reference on the same (GPU-made) codes.
-void check_attention(const KVCache& gpu, std::span<const SequenceId> seqs,
-                     std::span<const size_t> queries, int q_heads, const AttentionOptions& opt,
-                     std::mt19937_64& rng, const std::string& what) {
-  const int d = gpu.config().head_dim;
-  size_t rows = 0;
-  for (size_t L : queries) rows += L;
-  const size_t n = rows * size_t(q_heads) * size_t(d);
-  std::normal_distribution<float> g(0.0f, 1.0f);
-  std::vector<float> q(n);
-  for (auto& x : q) x = g(rng);
-  std::vector<float> ref(n), out(n);
-  attend_reference(gpu, 0, seqs, queries, q.data(), q_heads, ref.data(), opt);
-  DeviceBuffer dq(Device::cuda(0), n * 4), dout(Device::cuda(0), n * 4);
-  dq.upload(q.data(), n * 4);
-  dout.fill(0xff);  // NaN: an element the kernels never write fails
-  GpuWorkspace ws(gpu);
-  attend(gpu, 0, seqs, queries, dq.as<float>(), q_heads, dout.as<float>(), ws, nullptr, opt);
-  synchronize(Device::cuda(0));
-  dout.download(out.data(), n * 4);
+// GPU attention's output against the float64 reference's on the same (GPU-made) codes.
+void expect_close(const std::vector<float>& out, const std::vector<float>& ref,
+                  const std::string& what) {
+  const size_t n = ref.size();
+  ASSERT_EQ(out.size(), n);
   double num = 0, den = 0, worst = 0;
   double vmax = 0;
   for (float x : ref) vmax = std::max(vmax, std::abs(double(x)));
@@ -215,6 +201,34 @@ void check_attention(const KVCache& gpu, std::span<const SequenceId> seqs,
   // Per element: the output is a convex combination of value vectors; float16 rounding moves
   // each score by a few ε times its size (|score| ≲ 20 here) and each value by ε.
   EXPECT_LE(worst, 64 * kHalfEpsilon * (1.0 + vmax) * 4) << what;
+}
+
+std::vector<float> random_queries(std::span<const size_t> queries, int q_heads, int d,
+                                  std::mt19937_64& rng) {
+  size_t rows = 0;
+  for (size_t L : queries) rows += L;
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  std::vector<float> q(rows * size_t(q_heads) * size_t(d));
+  for (auto& x : q) x = g(rng);
+  return q;
+}
+
+// Attention on the GPU against the float64 reference on the same (GPU-made) codes.
+void check_attention(const KVCache& gpu, std::span<const SequenceId> seqs,
+                     std::span<const size_t> queries, int q_heads, const AttentionOptions& opt,
+                     std::mt19937_64& rng, const std::string& what) {
+  const std::vector<float> q = random_queries(queries, q_heads, gpu.config().head_dim, rng);
+  const size_t n = q.size();
+  std::vector<float> ref(n), out(n);
+  attend_reference(gpu, 0, seqs, queries, q.data(), q_heads, ref.data(), opt);
+  DeviceBuffer dq(Device::cuda(0), n * 4), dout(Device::cuda(0), n * 4);
+  dq.upload(q.data(), n * 4);
+  dout.fill(0xff);  // NaN: an element the kernels never write fails
+  GpuWorkspace ws(gpu);
+  attend(gpu, 0, seqs, queries, dq.as<float>(), q_heads, dout.as<float>(), ws, nullptr, opt);
+  synchronize(Device::cuda(0));
+  dout.download(out.data(), n * 4);
+  expect_close(out, ref, what);
 }
 
 TEST(Gpu, AttentionMatchesTheReference) {
@@ -239,17 +253,69 @@ TEST(Gpu, AttentionMatchesTheReference) {
                                std::to_string(seed);
       const std::vector<size_t> decode(seqs.size(), 1);
       check_attention(gpu, seqs, decode, q_heads, {}, rng, what + " decode");
-      AttentionOptions split;
-      split.splits = 3;
-      check_attention(gpu, seqs, decode, q_heads, split, rng, what + " decode, 3 splits");
+      // Splits that no block's warps divide (the merge kernel), and more splits than most
+      // sequences have tiles (empty splits, merged inside the attention kernel).
+      for (int splits : {3, 24}) {
+        AttentionOptions split;
+        split.splits = splits;
+        check_attention(gpu, seqs, decode, q_heads, split, rng,
+                        what + " decode, " + std::to_string(splits) + " splits");
+      }
       AttentionOptions recent;
       recent.window = 40;
       check_attention(gpu, seqs, decode, q_heads, recent, rng, what + " decode, window 40");
       const std::vector<size_t> prefill = {1, 77, 45, 16};
       check_attention(gpu, seqs, prefill, q_heads, {}, rng, what + " prefill");
+      AttentionOptions five;
+      five.splits = 5;
+      check_attention(gpu, seqs, prefill, q_heads, five, rng, what + " prefill, 5 splits");
       AttentionOptions window;
       window.window = 50;
       check_attention(gpu, seqs, prefill, q_heads, window, rng, what + " prefill, window 50");
+    }
+  }
+}
+
+// A decode step captured once in a CUDA graph and replayed: each replay first poisons the output,
+// so one that merged nothing (block counts a launch left behind) fails.
+TEST(Gpu, DecodeReplaysInACudaGraph) {
+  REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  std::mt19937_64 rng(seed);
+  const std::vector<GpuSetup> all = setups(seed);
+  for (const GpuSetup& s : {all[0], all[6], all[9], all[13]}) {
+    KVCache gpu(config_of(s, Device::cuda(0)));
+    std::vector<SequenceId> seqs;
+    for (size_t T : {size_t(1000), size_t(77)}) {
+      seqs.push_back(gpu.add_sequence());
+      const size_t n = T * size_t(s.kv_heads) * size_t(s.head_dim);
+      const DeviceBuffer k = on_gpu(random_rows(rng, n, ScalarType::f32, true));
+      const DeviceBuffer v = on_gpu(random_rows(rng, n, ScalarType::f32, false));
+      gpu.append(seqs.back(), 0, k.data(), v.data(), T, ScalarType::f32);
+    }
+    const int q_heads = 4 * s.kv_heads;
+    const std::vector<size_t> decode(seqs.size(), 1);
+    for (int splits : {0, 3}) {
+      AttentionOptions opt;
+      opt.splits = splits;
+      const std::vector<float> q = random_queries(decode, q_heads, s.head_dim, rng);
+      const size_t n = q.size();
+      std::vector<float> ref(n), out(n);
+      attend_reference(gpu, 0, seqs, decode, q.data(), q_heads, ref.data(), opt);
+      DeviceBuffer dq(Device::cuda(0), n * 4), dout(Device::cuda(0), n * 4);
+      dq.upload(q.data(), n * 4);
+      GpuWorkspace ws(gpu);
+      gpu::time_graph_us(
+          Device::cuda(0),
+          [&](CudaStream stream) {
+            gpu::fill(Device::cuda(0), dout.data(), 0xff, n * 4, stream);
+            attend_decode(gpu, 0, seqs, dq.as<float>(), q_heads, dout.as<float>(), ws, stream,
+                          opt);
+          },
+          2, 3);
+      dout.download(out.data(), n * 4);
+      expect_close(out, ref, s.name() + " splits " + std::to_string(splits) + " seed " +
+                                 std::to_string(seed) + ", after 9 replays");
     }
   }
 }

@@ -82,7 +82,8 @@ void attend_dequantized(const KVCache& cache, int layer, std::span<const Sequenc
 // prod up to 5 bits), channel groups of up to 256 coordinates (128 for prod and fractional bits).
 // A non-finite query gives non-finite outputs (the GPU path does not inspect q).
 
-/// Device memory for GPU attention's partial softmax states, sized once for a cache.
+/// Device memory for GPU attention's partial softmax states, sized once for a cache. Calls that
+/// share a workspace must be ordered (one stream, or events): each launch uses all of it.
 class GpuWorkspace {
  public:
   explicit GpuWorkspace(const KVCache& cache);
