@@ -17,8 +17,7 @@ namespace {
 
 constexpr size_t kWorkspaceItems = 4096;
 
-// Workspace regions: partial states per item, then per unit its prepared queries, their scales
-// and the count of its finished attention blocks (4-byte words each).
+// Workspace regions: partial states per item, then prepared queries and their scales per unit.
 struct Regions {
   size_t partial_floats, prepared_words, scale_floats;
   explicit Regions(const GpuMirror& gpu)
@@ -26,7 +25,7 @@ struct Regions {
         prepared_words(gpu::kTileRows * size_t(gpu.key.term_dim) / 2),
         scale_floats(4 * gpu::kTileRows) {}
   size_t bytes() const {
-    return (partial_floats + kWorkspaceItems * (prepared_words + scale_floats + 1)) * 4;
+    return (partial_floats + kWorkspaceItems * (prepared_words + scale_floats)) * 4;
   }
 };
 
@@ -36,7 +35,6 @@ GpuWorkspace::GpuWorkspace(const KVCache& cache)
     : buffer_(cache.device(), cache.internals().on_gpu() ? Regions(*cache.internals().gpu).bytes() : 0),
       items_(kWorkspaceItems) {
   TQKV_CHECK(cache.device().is_cuda(), "GpuWorkspace: the cache lives on the CPU");
-  buffer_.fill(0);  // the block counts start at zero (each launch leaves them so)
 }
 
 void attend(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
@@ -72,7 +70,6 @@ void attend(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
   p.prepared = reinterpret_cast<uint32_t*>(workspace.data() + regions.partial_floats);
   p.prepared_words = uint32_t(regions.prepared_words);
   p.row_scales = reinterpret_cast<float*>(p.prepared + kWorkspaceItems * regions.prepared_words);
-  p.unit_done = reinterpret_cast<uint32_t*>(p.row_scales + kWorkspaceItems * regions.scale_floats);
   const size_t capacity = workspace.items();
   size_t longest = 0;
   auto flush = [&] {

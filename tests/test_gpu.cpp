@@ -253,8 +253,8 @@ TEST(Gpu, AttentionMatchesTheReference) {
                                std::to_string(seed);
       const std::vector<size_t> decode(seqs.size(), 1);
       check_attention(gpu, seqs, decode, q_heads, {}, rng, what + " decode");
-      // Splits that no block's warps divide (the merge kernel), and more splits than most
-      // sequences have tiles (empty splits, merged inside the attention kernel).
+      // An odd number of splits, and more splits than most sequences have tiles (empty splits,
+      // whose states the merge must select away).
       for (int splits : {3, 24}) {
         AttentionOptions split;
         split.splits = splits;
@@ -277,7 +277,8 @@ TEST(Gpu, AttentionMatchesTheReference) {
 }
 
 // A decode step captured once in a CUDA graph and replayed: each replay first poisons the output,
-// so one that merged nothing (block counts a launch left behind) fails.
+// so a replay that leaves any element unwritten fails (a check of graph safety, too: capture
+// fails if the call synchronizes or allocates).
 TEST(Gpu, DecodeReplaysInACudaGraph) {
   REQUIRE_GPU();
   const uint64_t seed = fresh_seed();

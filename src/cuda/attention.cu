@@ -470,165 +470,6 @@ __global__ void __launch_bounds__(32 * kTileRows) prepare_kernel(const Attention
   }
 }
 
-// --- merging the token splits --------------------------------------------------------------------
-// Rows of a unit's tile that are query rows (a prefix of the tile: row ρ holds query token
-// (16·tile + ρ) / R, which exists while 16·tile + ρ < L·R).
-__device__ __forceinline__ int unit_rows(const AttentionParams& p, const ItemGeometry& g) {
-  return min(kTileRows, int(g.L) * p.group - g.tile * kTileRows);
-}
-
-// Accumulator phases of a merge: threads that share one float4 of a row's accumulator, each
-// summing every phases-th split.
-__host__ __device__ inline int merge_phases(int threads, int rows, int acc_dim) {
-  return max(1, threads / (rows * (acc_dim / 4)));
-}
-// Floats of shared memory merge_rows needs for `rows` rows (see its layout).
-__host__ __device__ inline size_t merge_floats(int threads, int rows, int splits, int acc_dim,
-                                               int head_dim) {
-  return size_t(rows) * size_t(merge_phases(threads, rows, acc_dim)) * size_t(acc_dim) +
-         size_t(rows) * size_t(head_dim + 1 + splits);
-}
-
-// Merges the splits of rows [row0, row0 + rows) of `unit` and writes their output rows: per value
-// group out_g = Π_gᵀ (a_codes + √(π/2)/d_g · Sᵀ a_signs) / l, scattered to the group's channels.
-// Run by a whole block (its barriers are __syncthreads); `buf` holds merge_floats(...) floats.
-// Partial states are read through L2 (__ldcg): in the attention kernel's own merge they were
-// written by other blocks of the same launch.
-__device__ void merge_rows(const AttentionParams& p, uint32_t unit, int row0, int rows,
-                           float* buf) {
-  const CacheView& c = p.cache;
-  const ItemGeometry geo = item_geometry(p, unit);
-  const int acc_dim = c.value.term_dim, d = c.head_dim, chunks = acc_dim / 4;
-  const int splits = p.splits, threads = int(blockDim.x);
-  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, warps = threads / 32;
-  const int phases = merge_phases(threads, rows, acc_dim);
-  float* a = buf;                                         // [rows][phases][acc_dim]
-  float* y = a + size_t(rows) * size_t(phases) * acc_dim;  // [rows][d]
-  float* inv_l = y + size_t(rows) * d;                    // [rows]
-  float* weight = inv_l + rows;                           // [rows][splits]
-  const size_t row_floats = 4 + size_t(acc_dim);
-  const size_t stride = size_t(kTileRows) * row_floats;   // from one split's state to the next
-  const float* first = p.partial + size_t(unit) * size_t(splits) * stride + size_t(row0) * row_floats;
-  // Per row, by one warp: the splits' maxima M, weights 2^(m_s − M) and 1 / Σ_s weight_s · l_s.
-  for (int r = warp; r < rows; r += warps) {
-    const float* row = first + size_t(r) * row_floats;
-    float M = kNegInf;
-    for (int s = lane; s < splits; s += 32) M = fmaxf(M, __ldcg(row + s * stride));
-    for (int o = 16; o >= 1; o /= 2) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-    float L = 0.0f;
-    for (int s = lane; s < splits; s += 32) {
-      const float ms = __ldcg(row + s * stride);
-      const float e = ms == kNegInf ? 0.0f : exp2f(ms - M);
-      weight[r * splits + s] = e;
-      L += e * __ldcg(row + s * stride + 1);
-    }
-    for (int o = 16; o >= 1; o /= 2) L += __shfl_xor_sync(0xffffffffu, L, o);
-    if (lane == 0) inv_l[r] = 1.0f / L;
-  }
-  __syncthreads();
-  // Accumulators: thread (row, phase, chunk) sums splits s ≡ phase (mod phases), 16-byte loads.
-  for (int t = int(threadIdx.x); t < rows * phases * chunks; t += threads) {
-    const int chunk = t % chunks, phase = t / chunks % phases, r = t / (chunks * phases);
-    const float* src = first + size_t(r) * row_floats + 4 + 4 * chunk;
-    const float* w = weight + r * splits;
-    float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll 8
-    for (int s = phase; s < splits; s += phases) {
-      // No branch, so the unrolled loads are all in flight at once; a split that saw no token
-      // has weight 0 and an accumulator never written (selected away, not multiplied: it may
-      // hold anything).
-      const float ws = w[s];
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(src + s * stride));
-      sum.x += ws != 0.0f ? ws * v.x : 0.0f;
-      sum.y += ws != 0.0f ? ws * v.y : 0.0f;
-      sum.z += ws != 0.0f ? ws * v.z : 0.0f;
-      sum.w += ws != 0.0f ? ws * v.w : 0.0f;
-    }
-    *reinterpret_cast<float4*>(a + (size_t(r) * phases + phase) * acc_dim + 4 * chunk) = sum;
-  }
-  __syncthreads();
-  for (int t = int(threadIdx.x); t < rows * acc_dim; t += threads) {
-    const int r = t / acc_dim, j = t % acc_dim;
-    float* ar = a + size_t(r) * phases * acc_dim;
-    float v = 0.0f;
-    for (int ph = 0; ph < phases; ++ph) v += ar[size_t(ph) * acc_dim + j];
-    ar[j] = v * inv_l[r];
-  }
-  __syncthreads();
-  auto out_row = [&](int r) {
-    const int rho = row0 + r;
-    const int qhead = geo.h * p.group + (geo.tile * kTileRows + rho) % p.group;
-    const uint32_t i = uint32_t(row_token(p, geo, rho));
-    return p.out + (size_t(p.first_row[geo.b] + i) * p.q_heads + qhead) * d;
-  };
-  const int16_t* channels = c.channels + ((size_t(c.layer) * c.kv_heads + geo.h) * 2 + 1) * d;
-  int at = 0, first_channel = 0;
-  for (int gi = 0; gi < c.value.groups; ++gi) {
-    const GroupTables& g = c.value.g[gi];
-    for (int t = int(threadIdx.x); t < rows * g.dim; t += threads) {
-      const int r = t / g.dim, j = t % g.dim;
-      const float* ar = a + size_t(r) * phases * acc_dim + at;
-      float v = g.mse_bits > 0 ? ar[j] : 0.0f;
-      if (g.qjl) {
-        const float* signs = ar + (g.mse_bits > 0 ? g.dim : 0);
-        float s = 0.0f;
-        for (int k = 0; k < g.dim; ++k) s += g.qjl_matrix[size_t(k) * g.dim + j] * signs[k];
-        v += g.qjl_factor * s;
-      }
-      y[size_t(r) * d + j] = v;
-    }
-    __syncthreads();
-    if (!g.dense) {
-      for (int hs = 1; hs < g.dim; hs *= 2) {
-        for (int t = int(threadIdx.x); t < rows * (g.dim / 2); t += threads) {
-          const int r = t / (g.dim / 2), pr = t % (g.dim / 2);
-          float* yr = y + size_t(r) * d;
-          const int x = ((pr & ~(hs - 1)) << 1) | (pr & (hs - 1));  // (pr / hs) · 2hs + pr mod hs
-          const float u = yr[x], v = yr[x + hs];
-          yr[x] = u + v;
-          yr[x + hs] = u - v;
-        }
-        __syncthreads();
-      }
-      for (int t = int(threadIdx.x); t < rows * g.dim; t += threads) {
-        const int r = t / g.dim, j = t % g.dim;
-        out_row(r)[channels[first_channel + j]] = y[size_t(r) * d + j] * g.gain * g.signs[j];
-      }
-    } else {
-      for (int t = int(threadIdx.x); t < rows * g.dim; t += threads) {
-        const int r = t / g.dim, col = t % g.dim;
-        const float* yr = y + size_t(r) * d;
-        float s = 0.0f;
-        for (int k = 0; k < g.dim; ++k) s += g.rotation[size_t(k) * g.dim + col] * yr[k];
-        out_row(r)[channels[first_channel + col]] = s;
-      }
-    }
-    __syncthreads();
-    at += g.dim * ((g.mse_bits > 0 ? 1 : 0) + (g.qjl ? 1 : 0));
-    first_channel += g.dim;
-  }
-}
-
-// The merge as its own kernel, a block per (unit, row), for launches whose splits the attention
-// kernel does not merge itself. Threads of a block: 128, or up to 512 where there are many
-// splits, so that a thread sums at most ~8 of them (a chain of dependent loads per thread is what
-// a short context waits for), without idle threads where there are few.
-constexpr int kMergeThreads = 512;
-int merge_threads(int splits, int acc_dim) {
-  const int chunks = acc_dim / 4;  // float4s of a row's accumulator
-  const int wanted = chunks * ((splits + 7) / 8);
-  return std::clamp((wanted + 31) / 32 * 32, 128, kMergeThreads);
-}
-
-__global__ void __launch_bounds__(kMergeThreads) merge_kernel(const AttentionParams p) {
-  extern __shared__ __align__(16) float merge_shared[];
-  wait_for_previous();
-  const uint32_t unit = blockIdx.x / kTileRows;
-  const int rho = int(blockIdx.x % kTileRows);
-  if (rho >= unit_rows(p, item_geometry(p, unit))) return;
-  merge_rows(p, unit, rho, 1, merge_shared);
-}
-
 template <int kTerms, int kWordsK, int kWordsV, bool kRows16, int kDim, int kKeyWidths,
           int kValueWidths>
 __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
@@ -668,7 +509,7 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
   __syncthreads();
 
   const uint32_t item = blockIdx.x * (blockDim.x / 32) + uint32_t(warp);
-  if (item >= p.units * uint32_t(p.splits)) return;  // (never with merge_in_attention)
+  if (item >= p.units * uint32_t(p.splits)) return;
   const uint32_t unit = item / uint32_t(p.splits);
   const int split = int(item % uint32_t(p.splits));
   const ItemGeometry geo = item_geometry(p, unit);
@@ -1026,24 +867,126 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
       }
     }
   }
+}
 
-  if (p.merge_in_attention) {
-    // The block's warps took splits of one unit (the launch sees to it, so no warp returned
-    // early). Its states are visible GPU-wide before the count; the unit's last block merges.
-    const uint32_t blocks_per_unit = uint32_t(p.splits) / (blockDim.x / 32);
-    __threadfence();
-    __syncthreads();  // every warp is done with the tables and stage buffers: they are reused
-    uint32_t* last = reinterpret_cast<uint32_t*>(shared);
-    if (threadIdx.x == 0) {
-      const uint32_t done = atomicAdd(p.unit_done + unit, 1u);
-      *last = done == blocks_per_unit - 1;
-      if (*last) {
-        atomicExch(p.unit_done + unit, 0u);  // ready for the next launch (a graph replay)
-        __threadfence();  // the other blocks' states are seen from here on
+// Merges the splits of one (unit, row) and writes the output row: per value group
+// out_g = Π_gᵀ (a_codes + √(π/2)/d_g · Sᵀ a_signs) / l, scattered to the group's channels.
+// Threads of a merge block: 128, or up to 512 where there are many splits, so that a thread
+// sums at most ~8 of them (a chain of dependent loads per thread is what a short context waits
+// for), without idle threads where there are few.
+constexpr int kMergeThreads = 512;
+int merge_threads(int splits, int acc_dim) {
+  const int chunks = acc_dim / 4;  // float4s of a row's accumulator
+  const int wanted = chunks * ((splits + 7) / 8);
+  return std::clamp((wanted + 31) / 32 * 32, 128, kMergeThreads);
+}
+
+__global__ void __launch_bounds__(kMergeThreads) merge_kernel(const AttentionParams p) {
+  extern __shared__ __align__(16) float buf[];
+  wait_for_previous();
+  const CacheView& c = p.cache;
+  const uint32_t unit = blockIdx.x / kTileRows;
+  const int rho = int(blockIdx.x % kTileRows);
+  const ItemGeometry geo = item_geometry(p, unit);
+  const int i = row_token(p, geo, rho);
+  if (i < 0) return;
+  const int acc_dim = c.value.term_dim, d = c.head_dim;
+  const int chunks = acc_dim / 4;  // float4s of a row's accumulator
+  const int phases = max(1, int(blockDim.x) / chunks);  // threads that share a float4, over splits
+  float* a = buf;                              // [phases][acc_dim]
+  float* y = buf + size_t(phases) * acc_dim;   // [d]
+  float* weight = y + d;                       // [splits]
+  __shared__ float reduce[32];
+  const size_t stride = size_t(kTileRows) * size_t(4 + acc_dim);
+  const float* first = p.partial + size_t(unit) * p.splits * stride + size_t(rho) * (4 + acc_dim);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  // The splits' maxima, then weights 2^(m_s − M): parallel over splits (independent loads).
+  float M = kNegInf;
+  for (int s = threadIdx.x; s < p.splits; s += blockDim.x) M = fmaxf(M, first[s * stride]);
+  for (int w = 16; w >= 1; w /= 2) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, w));
+  if (lane == 0) reduce[warp] = M;
+  __syncthreads();
+  M = reduce[0];
+  for (int w = 1; w < warps; ++w) M = fmaxf(M, reduce[w]);
+  __syncthreads();
+  float L = 0.0f;
+  for (int s = threadIdx.x; s < p.splits; s += blockDim.x) {
+    const float ms = first[s * stride];
+    const float e = ms == kNegInf ? 0.0f : exp2f(ms - M);
+    weight[s] = e;
+    L += e * first[s * stride + 1];
+  }
+  for (int w = 16; w >= 1; w /= 2) L += __shfl_xor_sync(0xffffffffu, L, w);
+  if (lane == 0) reduce[warp] = L;
+  __syncthreads();
+  L = 0.0f;
+  for (int w = 0; w < warps; ++w) L += reduce[w];
+  // Accumulators: thread (phase, chunk) sums splits s ≡ phase (mod phases), 16-byte loads.
+  for (int t = threadIdx.x; t < phases * chunks; t += blockDim.x) {
+    const int chunk = t % chunks, phase = t / chunks;
+    float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 8
+    for (int s = phase; s < p.splits; s += phases) {
+      // No branch, so the unrolled loads are all in flight at once; a split that saw no token
+      // has weight 0 and an accumulator never written (selected away, not multiplied: it may
+      // hold anything).
+      const float w = weight[s];
+      const float4 v = *reinterpret_cast<const float4*>(first + s * stride + 4 + 4 * chunk);
+      sum.x += w != 0.0f ? w * v.x : 0.0f;
+      sum.y += w != 0.0f ? w * v.y : 0.0f;
+      sum.z += w != 0.0f ? w * v.z : 0.0f;
+      sum.w += w != 0.0f ? w * v.w : 0.0f;
+    }
+    *reinterpret_cast<float4*>(a + size_t(phase) * acc_dim + 4 * chunk) = sum;
+  }
+  __syncthreads();
+  const float invL = 1.0f / L;
+  for (int j = threadIdx.x; j < acc_dim; j += blockDim.x) {
+    float v = 0.0f;
+    for (int ph = 0; ph < phases; ++ph) v += a[size_t(ph) * acc_dim + j];
+    a[j] = v * invL;
+  }
+  __syncthreads();
+  const int qhead = geo.h * p.group + (geo.tile * kTileRows + rho) % p.group;
+  float* out = p.out + (size_t(p.first_row[geo.b] + uint32_t(i)) * p.q_heads + qhead) * d;
+  const int16_t* channels = c.channels + ((size_t(c.layer) * c.kv_heads + geo.h) * 2 + 1) * d;
+  int at = 0, first_channel = 0;
+  for (int gi = 0; gi < c.value.groups; ++gi) {
+    const GroupTables& g = c.value.g[gi];
+    const float* codes = g.mse_bits > 0 ? a + at : nullptr;
+    const float* signs = g.qjl ? a + at + (g.mse_bits > 0 ? g.dim : 0) : nullptr;
+    for (int j = threadIdx.x; j < g.dim; j += blockDim.x) {
+      float v = codes ? codes[j] : 0.0f;
+      if (signs) {
+        float s = 0.0f;
+        for (int r = 0; r < g.dim; ++r) s += g.qjl_matrix[size_t(r) * g.dim + j] * signs[r];
+        v += g.qjl_factor * s;
+      }
+      y[j] = v;
+    }
+    __syncthreads();
+    if (!g.dense) {
+      for (int hs = 1; hs < g.dim; hs *= 2) {
+        for (int pr = threadIdx.x; pr < g.dim / 2; pr += blockDim.x) {
+          const int x = ((pr & ~(hs - 1)) << 1) | (pr & (hs - 1));  // (pr / hs) · 2hs + pr mod hs
+          const float u = y[x], v = y[x + hs];
+          y[x] = u + v;
+          y[x + hs] = u - v;
+        }
+        __syncthreads();
+      }
+      for (int j = threadIdx.x; j < g.dim; j += blockDim.x)
+        out[channels[first_channel + j]] = y[j] * g.gain * g.signs[j];
+    } else {
+      for (int col = threadIdx.x; col < g.dim; col += blockDim.x) {
+        float s = 0.0f;
+        for (int r = 0; r < g.dim; ++r) s += g.rotation[size_t(r) * g.dim + col] * y[r];
+        out[channels[first_channel + col]] = s;
       }
     }
     __syncthreads();
-    if (*last) merge_rows(p, unit, 0, unit_rows(p, geo), reinterpret_cast<float*>(shared + 16));
+    at += g.dim * ((g.mse_bits > 0 ? 1 : 0) + (g.qjl ? 1 : 0));
+    first_channel += g.dim;
   }
 }
 
@@ -1086,7 +1029,6 @@ void launch(Device device, AttentionParams& p, size_t warp_stage_bytes, CudaStre
   if (smem > 48 * 1024)
     TQKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(smem)));
-  const uint32_t capacity = std::max(1u, p.max_items / p.units);  // splits the workspace holds
   if (p.splits == 0) {
     int blocks_per_sm = 0;
     TQKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel,
@@ -1096,28 +1038,10 @@ void launch(Device device, AttentionParams& p, size_t warp_stage_bytes, CudaStre
     // At least kStages tiles a split: a warp's whole ring is in flight at once, and fewer
     // partial states leave less for the merge (short contexts).
     const uint32_t tiles = std::max(1u, (p.max_tokens + 15) / 16);
-    const uint32_t fill = std::min(wave / p.units, capacity);
-    uint32_t splits = std::max(1u, std::min(fill, tiles / kStages));
-    // Whole blocks of one unit, so that the attention kernel merges (no merge launch): up to
-    // the next multiple of the block's warps where that still fits one wave, else down to one.
-    const uint32_t up = (splits + uint32_t(warps) - 1) / uint32_t(warps) * uint32_t(warps);
-    if (up <= fill) splits = up;
-    else if (splits >= uint32_t(warps)) splits = splits / uint32_t(warps) * uint32_t(warps);
-    p.splits = int(splits);
+    p.splits = int(std::max(1u, std::min(wave / p.units, tiles / kStages)));
   }
-  p.splits = int(std::min(uint32_t(p.splits), capacity));
+  p.splits = int(std::max(1u, std::min(uint32_t(p.splits), p.max_items / p.units)));
   const uint32_t items = p.units * uint32_t(p.splits);
-  // The merge inside the attention kernel reuses its shared memory (after a 16-byte flag).
-  int rows = 0;  // query rows of a unit's tile, at most
-  for (int b = 0; b < p.batch; ++b) rows = std::max(rows, int(p.queries[b]) * p.group);
-  rows = std::min(rows, kTileRows);
-  size_t merge_bytes = 0;
-  for (int r = 1; r <= rows; ++r)
-    merge_bytes = std::max(merge_bytes, 16 + 4 * merge_floats(warps * 32, r, p.splits,
-                                                              p.cache.value.term_dim,
-                                                              p.cache.head_dim));
-  p.merge_in_attention =
-      p.unit_done != nullptr && p.splits % warps == 0 && merge_bytes <= smem ? 1 : 0;
   launch_early(kernel, p, (items + warps - 1) / warps, warps * 32, smem, stream);
 }
 
@@ -1182,10 +1106,9 @@ void launch_attention(Device device, const AttentionParams& params, CudaStream s
                                " coordinates with ", terms, " terms are not supported (at most "
                                "256 coordinates for integer-bit mse codecs, 128 otherwise)"));
   }
-  if (p.merge_in_attention) return;
   const int merge_block = merge_threads(p.splits, c.value.term_dim);
-  const size_t merge_smem =
-      4 * merge_floats(merge_block, 1, p.splits, c.value.term_dim, c.head_dim);
+  const int phases = std::max(1, merge_block / (c.value.term_dim / 4));
+  const size_t merge_smem = (size_t(phases) * c.value.term_dim + c.head_dim + p.splits) * 4;
   if (merge_smem > 48 * 1024)
     TQKV_CUDA_CHECK(cudaFuncSetAttribute(merge_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(merge_smem)));

@@ -149,11 +149,6 @@ struct AttentionParams {
   uint32_t max_tokens = 0;  // longest sequence of the launch (splits beyond its tiles are idle)
   uint32_t units = 0;  // Σ_b kv_heads · tiles_b
   float* partial = nullptr;  // [units · splits][16 rows][m, l, 0, 0, value term_dim floats]
-  /// Merge inside the attention kernel (set by the launch, where a block's warps take splits of
-  /// one unit): the unit's last block to finish merges its splits, found through unit_done (per
-  /// unit: blocks finished; zero between launches, the last block resets it). Else a merge kernel.
-  int merge_in_attention = 0;
-  uint32_t* unit_done = nullptr;  // [max_items] (workspace, zeroed when allocated)
   /// Rotated, normalized query rows as float16 pairs: [unit][key term][16 rows][dim / 2], and
   /// their magnitudes [unit][4 terms][16 rows] (workspace, written by the prepare kernel).
   uint32_t* prepared = nullptr;
