@@ -1,5 +1,7 @@
 // Quantize + append: one launch encodes the keys and values of every KV head of `tokens` new
-// tokens of one layer and writes them into their page slots. One warp per vector.
+// tokens of one layer and writes them into their page slots. One warp per vector; a block's
+// warps take consecutive tokens of one (side, KV head), so they share its codec's boundaries,
+// copied into shared memory once.
 //
 // The codes must be bit-identical to Codec::encode on the CPU, so every step that decides a code
 // follows the CPU's arithmetic exactly (this file is compiled without fused multiply-add):
@@ -52,11 +54,13 @@ template <int E>
 __device__ __forceinline__ void butterflies(float (&r)[E], int lane) {
 #pragma unroll
   for (int h = 1; h < 32; h *= 2) {
-    const bool upper = lane & h;  // this lane holds element i + h of its pairs
+    // The lane holding element i + h of its pairs computes other − r = other + (−r), the other
+    // r + other = other + r: the same IEEE operations, as one addition after a sign flip.
+    const uint32_t flip = lane & h ? 0x80000000u : 0u;
 #pragma unroll
     for (int k = 0; k < E; ++k) {
       const float other = __shfl_xor_sync(0xffffffffu, r[k], h);
-      r[k] = upper ? __fsub_rn(other, r[k]) : __fadd_rn(r[k], other);
+      r[k] = __fadd_rn(other, __uint_as_float(__float_as_uint(r[k]) ^ flip));
     }
   }
 #pragma unroll
@@ -84,8 +88,9 @@ __device__ void hadamard_in_registers(const GroupTables& g, const float* x, floa
 
 // Encodes one group's channels (x, already gathered) into its sections at `slot` of `block`.
 // Returns false if the vector cannot be encoded (then what it wrote is never made visible).
-__device__ bool encode_group(const GroupTables& g, int norm_f16, float* x, float* y,
-                             uint8_t* idx, uint8_t* block, uint32_t slot, int lane) {
+__device__ bool encode_group(const GroupTables& g, const float* boundaries, int norm_f16,
+                             float* x, float* y, uint8_t* idx, uint8_t* block, uint32_t slot,
+                             int lane) {
   const int d = g.dim;
   bool ok = true;
   for (int j = lane; j < d; j += 32) ok &= finite(x[j]);
@@ -128,7 +133,7 @@ __device__ bool encode_group(const GroupTables& g, int norm_f16, float* x, float
     for (int j = lane; j < d; j += 32) {
       int c = 0;
       for (int step = 1 << (g.mse_bits - 1); step > 0; step >>= 1)
-        if (g.boundaries[c + step - 1] < y[j]) c += step;
+        if (boundaries[c + step - 1] < y[j]) c += step;
       idx[j] = uint8_t(c);
     }
     __syncwarp();
@@ -181,13 +186,37 @@ __device__ bool encode_group(const GroupTables& g, int norm_f16, float* x, float
 // read straight from the input. Lane l holds channels l + 32k, which is also the canonical
 // order's lane assignment, so the norm's partial sums need no reordering. Same arithmetic, in the
 // same order, as encode_group.
+// x[k] = channel channels[lane + 32k] of the row: the channel numbers, then the elements, each
+// group of loads in flight at once (the element type is the launch's, so it is switched on
+// outside the loops, which keeps them free of branches).
 template <int E>
-__device__ bool encode_group_in_registers(const GroupTables& g, int norm_f16, const void* src,
-                                          int type, size_t row, const int16_t* channels,
-                                          uint8_t* block, uint32_t slot, int lane) {
-  float x[E];
+__device__ __forceinline__ void load_channels(const void* src, int type, size_t row,
+                                              const int16_t* channels, int lane, float (&x)[E]) {
+  int ch[E];
 #pragma unroll
-  for (int k = 0; k < E; ++k) x[k] = load_element(src, type, row + size_t(channels[lane + 32 * k]));
+  for (int k = 0; k < E; ++k) ch[k] = channels[lane + 32 * k];
+  if (type == 0) {
+    const float* s = static_cast<const float*>(src) + row;
+#pragma unroll
+    for (int k = 0; k < E; ++k) x[k] = s[ch[k]];
+    return;
+  }
+  const uint16_t* s = static_cast<const uint16_t*>(src) + row;
+  uint32_t bits[E];
+#pragma unroll
+  for (int k = 0; k < E; ++k) bits[k] = s[ch[k]];
+#pragma unroll
+  for (int k = 0; k < E; ++k)
+    x[k] = type == 1 ? __half2float(__ushort_as_half(uint16_t(bits[k]))) : __uint_as_float(bits[k] << 16);
+}
+
+template <int E>
+__device__ bool encode_group_in_registers(const GroupTables& g, const float* boundaries,
+                                          int norm_f16, const void* src, int type, size_t row,
+                                          const int16_t* channels, uint8_t* block, uint32_t slot,
+                                          int lane) {
+  float x[E];
+  load_channels<E>(src, type, row, channels, lane, x);
   bool ok = true;
 #pragma unroll
   for (int k = 0; k < E; ++k) ok &= finite(x[k]);
@@ -213,7 +242,7 @@ __device__ bool encode_group_in_registers(const GroupTables& g, int norm_f16, co
   for (int step = 1 << (g.mse_bits - 1); step > 0; step >>= 1)
 #pragma unroll
     for (int k = 0; k < E; ++k)
-      if (g.boundaries[code[k] + step - 1] < x[k]) code[k] += step;
+      if (boundaries[code[k] + step - 1] < x[k]) code[k] += step;
   // Pack (bitpack.hpp): field of width w, widest first, holds code bits [shift, shift + w);
   // coordinates 8q..8q+7 fill its w bytes from q·w, coordinate 8q + i at bit i·w. Eight lanes
   // OR their bits together and one of them stores the w bytes.
@@ -249,22 +278,29 @@ __device__ bool encode_group_in_registers(const GroupTables& g, int norm_f16, co
   return ok;
 }
 
+// Grid: (token blocks, KV head, side); warp w of block x encodes token x · kWarps + w.
 __global__ void __launch_bounds__(kWarps * 32) append_kernel(const AppendParams p) {
   extern __shared__ float shared[];
   const CacheView& c = p.cache;
   const int d = c.head_dim;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int head = int(blockIdx.y), side = int(blockIdx.z);
+  const CodecTables& codec = side ? c.value : c.key;
+  // The groups' boundaries: [group][255] after the warps' buffers.
+  float* boundaries = shared + size_t(kWarps) * (2 * d + d / 4);
+  for (int gi = 0; gi < codec.groups; ++gi) {
+    const GroupTables& g = codec.g[gi];
+    const int n = g.mse_bits > 0 ? (1 << g.mse_bits) - 1 : 0;
+    for (int i = int(threadIdx.x); i < n; i += kWarps * 32) boundaries[255 * gi + i] = g.boundaries[i];
+  }
+  __syncthreads();
   float* x = shared + size_t(warp) * (2 * d + d / 4);
   float* y = x + d;
   uint8_t* idx = reinterpret_cast<uint8_t*>(y + d);
-  const uint32_t vectors = 2u * uint32_t(c.kv_heads) * p.tokens;
-  const uint32_t v = blockIdx.x * kWarps + uint32_t(warp);
-  if (v >= vectors) return;
+  const uint32_t t = blockIdx.x * kWarps + uint32_t(warp);
+  if (t >= p.tokens) return;
   // Vector order = the CPU's order of checks: side, then head, then token.
-  const uint32_t t = v % p.tokens;
-  const int head = int((v / p.tokens) % uint32_t(c.kv_heads));
-  const int side = int(v / (p.tokens * uint32_t(c.kv_heads)));
-  const CodecTables& codec = side ? c.value : c.key;
+  const uint32_t v = (uint32_t(side) * uint32_t(c.kv_heads) + uint32_t(head)) * p.tokens + t;
   const int16_t* channels =
       c.channels + ((size_t(c.layer) * c.kv_heads + head) * 2 + side) * size_t(d);
   const size_t row = (size_t(t) * c.kv_heads + head) * size_t(d);
@@ -280,8 +316,9 @@ __global__ void __launch_bounds__(kWarps * 32) append_kernel(const AppendParams 
     if (!g.dense && !g.qjl && g.mse_bits > 0 && g.dim % 32 == 0 && g.dim <= 256) {
       const int16_t* ch = channels + first;
       auto run = [&](auto e) {
-        return encode_group_in_registers<decltype(e)::value>(g, codec.norm_f16, src, p.type, row,
-                                                             ch, block, slot, lane);
+        return encode_group_in_registers<decltype(e)::value>(g, boundaries + 255 * gi,
+                                                             codec.norm_f16, src, p.type, row, ch,
+                                                             block, slot, lane);
       };
       switch (g.dim / 32) {  // Hadamard sizes are powers of two
         case 1: ok &= run(std::integral_constant<int, 1>{}); break;
@@ -295,7 +332,7 @@ __global__ void __launch_bounds__(kWarps * 32) append_kernel(const AppendParams 
     for (int j = lane; j < g.dim; j += 32)
       x[j] = load_element(side ? p.v : p.k, p.type, row + size_t(channels[first + j]));
     __syncwarp();
-    ok &= encode_group(g, codec.norm_f16, x, y, idx, block, slot, lane);
+    ok &= encode_group(g, boundaries + 255 * gi, codec.norm_f16, x, y, idx, block, slot, lane);
     first += g.dim;
   }
   if (!ok && lane == 0) atomicMin(p.first_invalid, v);
@@ -306,13 +343,14 @@ __global__ void __launch_bounds__(kWarps * 32) append_kernel(const AppendParams 
 void launch_append(Device device, const AppendParams& p, CudaStream stream) {
   DeviceGuard guard(device);
   const int d = p.cache.head_dim;
-  const size_t smem = size_t(kWarps) * (size_t(2 * d) * 4 + size_t(d));
+  const size_t smem = size_t(kWarps) * (size_t(2 * d) * 4 + size_t(d)) + kMaxGroups * 255 * 4;
   if (smem > 48 * 1024)
     TQKV_CUDA_CHECK(cudaFuncSetAttribute(append_kernel,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  const uint32_t vectors = 2u * uint32_t(p.cache.kv_heads) * p.tokens;
-  const uint32_t blocks = (vectors + kWarps - 1) / kWarps;
-  append_kernel<<<blocks, kWarps * 32, smem, stream>>>(p);
+  TQKV_CHECK(p.cache.kv_heads <= 65535, "GPU append: at most 65535 KV heads, got ",
+             p.cache.kv_heads);
+  const dim3 grid((p.tokens + kWarps - 1) / kWarps, unsigned(p.cache.kv_heads), 2);
+  append_kernel<<<grid, kWarps * 32, smem, stream>>>(p);
   TQKV_CUDA_CHECK_LAUNCH("append_kernel");
 }
 
