@@ -219,6 +219,10 @@ class CompressedSource {
       for (size_t j = 0; j < dg; ++j) out[g.channels[j]] = s.vec2[j];
       mse_acc += dg;
     }
+    // Centered values: the output is μ_V + Σ p (v − μ_V), as the weights sum to 1. (Centered
+    // keys need nothing: they shift all of a query's scores by ⟨q, μ_K⟩, which softmax ignores.)
+    const std::vector<float>& offset = codec.offset();
+    for (size_t j = 0; j < offset.size(); ++j) out[j] += offset[j];
   }
 
  private:

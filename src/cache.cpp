@@ -209,6 +209,7 @@ void KVCache::Impl::init_gpu() {
     t.groups = int(codec.groups().size());
     TQKV_ASSERT(t.groups <= gpu::kMaxGroups);
     t.norm_f16 = codec.spec().norm_format == NormFormat::f16;
+    t.center = codec.spec().center;
     t.block_bytes = uint32_t(layout.block_bytes);
     for (int gi = 0; gi < t.groups; ++gi) {
       const ChannelGroup& g = codec.groups()[size_t(gi)];
@@ -274,6 +275,7 @@ void KVCache::Impl::init_gpu() {
   const size_t d = size_t(config.head_dim), L = size_t(config.layers);
   const size_t H = size_t(config.kv_heads), S = config.max_sequences;
   m.channels = DeviceBuffer(dev, L * H * 2 * d * 2);
+  m.offsets = DeviceBuffer(dev, L * H * 2 * d * 4);
   for (int l = 0; l < config.layers; ++l)
     for (int h = 0; h < config.kv_heads; ++h)
       for (int side = 0; side < 2; ++side) upload_channels(l, h, side);
@@ -294,8 +296,12 @@ void KVCache::Impl::upload_channels(int layer, int head, int side) {
     for (const ChannelGroup& g : codec.groups())
       for (int ch : g.channels) list[at++] = int16_t(ch);
   for (; at < d; ++at) list[at] = int16_t(at);  // not chosen yet: never read
-  const size_t offset = ((codec_index(layer, head)) * 2 + size_t(side)) * d * 2;
-  gpu::upload(config.device, gpu->channels.as<uint8_t>() + offset, list.data(), d * 2,
+  const size_t index = (codec_index(layer, head)) * 2 + size_t(side);
+  gpu::upload(config.device, gpu->channels.as<uint8_t>() + index * d * 2, list.data(), d * 2,
+              gpu->stream);
+  std::vector<float> offset(d, 0.0f);  // by original channel; 0 where the codec does not center
+  if (codec.ready() && !codec.offset().empty()) offset = codec.offset();
+  gpu::upload(config.device, gpu->offsets.as<uint8_t>() + index * d * 4, offset.data(), d * 4,
               gpu->stream);
 }
 
@@ -347,6 +353,7 @@ gpu::CacheView KVCache::Impl::view(int layer) const {
   v.page_table_stride = uint32_t(config.max_pages);
   v.lengths = gpu->lengths.as<const uint32_t>();
   v.channels = gpu->channels.as<const int16_t>();
+  v.offsets = gpu->offsets.as<const float>();
   v.key = gpu->key;
   v.value = gpu->value;
   return v;
@@ -407,8 +414,8 @@ std::string append_where(SequenceId seq, int layer, int side, size_t head) {
 
 }  // namespace
 
-// Chooses outlier channels for the (layer, head) codecs that have none yet, from host copies of
-// this append's keys and values; nothing is installed here.
+// Chooses what the (layer, head) codecs that are not ready lack (outlier channels, offsets) from
+// host copies of this append's keys and values; nothing is installed here.
 static std::vector<Calibrated> calibrate(const KVCache::Impl& im, SequenceId seq, int layer,
                                          const uint8_t* k, const uint8_t* v, size_t tokens,
                                          ScalarType type) {
@@ -426,9 +433,7 @@ static std::vector<Calibrated> calibrate(const KVCache::Impl& im, SequenceId seq
           TQKV_CHECK(std::isfinite(rows[t * d + j]), append_where(seq, layer, side, h), "token ",
                      t, " has a non-finite element (", rows[t * d + j], " at index ", j, ")");
       }
-      CodecSpec spec = codec.spec();
-      spec.outlier_channels = codec.select_outlier_channels(rows.data(), tokens);
-      calibrated.push_back({side, h, Codec(spec)});
+      calibrated.push_back({side, h, Codec(codec.calibrated_spec(rows.data(), tokens))});
     }
   }
   return calibrated;
@@ -781,11 +786,16 @@ KVCache KVCache::parse(std::span<const uint8_t> bytes, std::string_view name, si
     TQKV_CHECK(specs.size() == codecs.size(), name, ": ", specs.size(), " ",
                side == 0 ? "key" : "value", " codecs for ", codecs.size(), " (layer, head) pairs");
     for (size_t i = 0; i < specs.size(); ++i) {
+      // Equal but for what each (layer, head) chose itself where the configuration left it open.
       CodecSpec a = specs[i], b = base;
       a.outlier_channels.clear();
       b.outlier_channels.clear();
-      TQKV_CHECK(a == b && (base.outlier_channels.empty() ||
-                            specs[i].outlier_channels == base.outlier_channels),
+      a.offset.clear();
+      b.offset.clear();
+      TQKV_CHECK(a == b &&
+                     (base.outlier_channels.empty() ||
+                      specs[i].outlier_channels == base.outlier_channels) &&
+                     (base.offset.empty() || specs[i].offset == base.offset),
                  name, ": codec ", i, " does not match the cache's ",
                  side == 0 ? "key" : "value", " codec");
       try {
@@ -812,7 +822,8 @@ KVCache KVCache::parse(std::span<const uint8_t> bytes, std::string_view name, si
         TQKV_CHECK(im.key_codecs[im.codec_index(int(l), h)].ready() &&
                        im.value_codecs[im.codec_index(int(l), h)].ready(),
                    name, ": sequence ", ss.id, " stores tokens in layer ", l,
-                   " but the codecs of that layer have no outlier channels");
+                   " but the codecs of that layer have not chosen their outlier channels or "
+                   "offsets");
     }
     TQKV_CHECK(ss.pages == (longest + P - 1) / P, name, ": sequence ", ss.id, " has ", ss.pages,
                " pages for ", longest, " tokens of ", P, " per page");

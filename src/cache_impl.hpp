@@ -28,6 +28,7 @@ class PagePool {
 struct GpuMirror {
   DeviceBuffer tables;    // rotations, codebooks, code-pair tables, QJL matrices
   DeviceBuffer channels;  // int16 [layers][kv_heads][2][head_dim]
+  DeviceBuffer offsets;   // float [layers][kv_heads][2][head_dim]: centering offsets (or 0)
   DeviceBuffer page_tables;  // uint32 [max_sequences][max_pages]
   DeviceBuffer lengths;      // uint32 [max_sequences][layers]
   DeviceBuffer flag;         // uint32: append's first invalid vector

@@ -170,12 +170,12 @@ void quantize(const float* y, int d, const float* boundaries, uint8_t* idx) {
 
 struct Scratch {
   explicit Scratch(int d)
-      : x(size_t(d)), g(size_t(d)), w(padded(d)), r(size_t(d)), idx(size_t(d)) {}
+      : x(size_t(d)), c(size_t(d)), g(size_t(d)), w(padded(d)), r(size_t(d)), idx(size_t(d)) {}
   // w holds the rotated vector that quantize() reads in whole blocks; the padding stays zero.
   static size_t padded(int d) {
     return size_t((d + kQuantizeBlock - 1) / kQuantizeBlock * kQuantizeBlock);
   }
-  std::vector<float> x, g, w, r;
+  std::vector<float> x, c, g, w, r;  // c: the centered row
   std::vector<uint8_t> idx;
 };
 
@@ -192,11 +192,21 @@ struct Codec::Impl {
 
   void set_channels(std::vector<int> outliers);
   void calibrate_from(const void* x, ScalarType t, size_t n);
-  std::vector<int> select_outliers(const void* x, ScalarType t, size_t n) const;
+  // The offset and outlier channels that batch x would give (as calibrated_spec describes).
+  CodecSpec calibrated(const void* x, ScalarType t, size_t n) const;
   void require_ready(const char* what) const {
-    TQKV_CHECK(ready.load(std::memory_order_acquire), what,
-               ": this fractional-bit codec has no outlier channels yet; encode a batch first "
-               "or give CodecSpec::outlier_channels");
+    if (ready.load(std::memory_order_acquire)) return;
+    const bool channels = fractional && spec.outlier_channels.empty();
+    throw Error(detail::concat(what, ": this codec has not chosen its ",
+                               channels ? "outlier channels" : "offset",
+                               " yet; encode a batch first or give CodecSpec::",
+                               channels ? "outlier_channels" : "offset"));
+  }
+  // Row x less the offset (into buf), or x itself when the codec does not center.
+  const float* centered(const float* x, float* buf) const {
+    if (spec.offset.empty()) return x;
+    for (int j = 0; j < spec.dim; ++j) buf[j] = x[j] - spec.offset[size_t(j)];
+    return buf;
   }
   // Group g's channels of row x: x itself for a single group, else gathered into buf.
   const float* gather(const ChannelGroup& g, const float* x, float* buf) const {
@@ -204,7 +214,7 @@ struct Codec::Impl {
     for (int j = 0; j < g.dim; ++j) buf[j] = x[g.channels[size_t(j)]];
     return buf;
   }
-  // Empty if the row can be encoded; otherwise a message saying why.
+  // Empty if the row (as given, before centering) can be encoded; otherwise a message saying why.
   std::string check_row(const float* x, size_t i, Scratch& s) const;
   void encode_row(const float* x, uint8_t* rec, Scratch& s) const;
   void decode_row(const uint8_t* rec, float* out, Scratch& s) const;
@@ -224,9 +234,10 @@ std::string Codec::Impl::check_row(const float* x, size_t i, Scratch& s) const {
       if (!std::isfinite(x[j]))
         return detail::concat("encode: vector ", i, " has a non-finite element (", x[j],
                             " at index ", j, ")");
+  const float* xc = centered(x, s.c.data());
   for (size_t gi = 0; gi < groups.size(); ++gi) {
     const auto& g = groups[gi];
-    const float* xs = gather(g, x, s.g.data());
+    const float* xs = gather(g, xc, s.g.data());
     const float n = std::sqrt(canonical_dot(xs, xs, size_t(g.dim)));
     if (!std::isfinite(n))
       return detail::concat("encode: vector ", i, " has a norm too large for float32");
@@ -300,25 +311,44 @@ void Codec::Impl::decode_row(const uint8_t* rec, float* out, Scratch& s) const {
     if (groups.size() > 1)
       for (size_t j = 0; j < d; ++j) out[g.channels[j]] = dst[j];
   }
+  if (!spec.offset.empty())
+    for (int j = 0; j < spec.dim; ++j) out[j] += spec.offset[size_t(j)];
 }
 
-std::vector<int> Codec::Impl::select_outliers(const void* x, ScalarType t, size_t n) const {
-  TQKV_CHECK(fractional, "select_outlier_channels: only fractional-bit codecs have outliers");
-  TQKV_CHECK(n > 0, "select_outlier_channels: the batch is empty");
+CodecSpec Codec::Impl::calibrated(const void* x, ScalarType t, size_t n) const {
+  TQKV_CHECK(n > 0, "calibrated_spec: the batch is empty");
   const int d = spec.dim;
-  std::vector<double> energy(static_cast<size_t>(d), 0.0);
-  std::vector<float> row(static_cast<size_t>(d));
-  for (size_t i = 0; i < n; ++i) {
-    row_to_float(x, t, i, d, row.data());
-    for (int j = 0; j < d; ++j) energy[size_t(j)] += double(row[size_t(j)]) * row[size_t(j)];
+  CodecSpec out = spec;
+  std::vector<float> row(static_cast<size_t>(d)), buf(static_cast<size_t>(d));
+  if (spec.center && spec.offset.empty()) {
+    std::vector<double> sum(static_cast<size_t>(d), 0.0);
+    for (size_t i = 0; i < n; ++i) {
+      row_to_float(x, t, i, d, row.data());
+      for (int j = 0; j < d; ++j) sum[size_t(j)] += double(row[size_t(j)]);
+    }
+    out.offset.resize(size_t(d));
+    for (int j = 0; j < d; ++j) out.offset[size_t(j)] = float(sum[size_t(j)] / double(n));
   }
-  std::vector<int> order(static_cast<size_t>(d));
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int a, int b) { return energy[size_t(a)] > energy[size_t(b)]; });
-  std::vector<int> chosen(order.begin(), order.begin() + groups[0].dim);
-  std::sort(chosen.begin(), chosen.end());
-  return chosen;
+  if (fractional && spec.outlier_channels.empty()) {
+    // The channels of largest mean square after centering.
+    std::vector<double> energy(static_cast<size_t>(d), 0.0);
+    for (size_t i = 0; i < n; ++i) {
+      row_to_float(x, t, i, d, row.data());
+      const float* xc = row.data();
+      if (!out.offset.empty()) {
+        for (int j = 0; j < d; ++j) buf[size_t(j)] = row[size_t(j)] - out.offset[size_t(j)];
+        xc = buf.data();
+      }
+      for (int j = 0; j < d; ++j) energy[size_t(j)] += double(xc[j]) * xc[j];
+    }
+    std::vector<int> order(static_cast<size_t>(d));
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int a, int b) { return energy[size_t(a)] > energy[size_t(b)]; });
+    out.outlier_channels.assign(order.begin(), order.begin() + groups[0].dim);
+    std::sort(out.outlier_channels.begin(), out.outlier_channels.end());
+  }
+  return out;
 }
 
 void Codec::Impl::set_channels(std::vector<int> outliers) {
@@ -347,7 +377,9 @@ void Codec::Impl::set_channels(std::vector<int> outliers) {
 void Codec::Impl::calibrate_from(const void* x, ScalarType t, size_t n) {
   std::lock_guard lock(calibrate_mutex);
   if (ready.load(std::memory_order_acquire)) return;
-  set_channels(select_outliers(x, t, n));
+  CodecSpec chosen = calibrated(x, t, n);
+  spec.offset = std::move(chosen.offset);
+  if (fractional) set_channels(std::move(chosen.outlier_channels));
   ready.store(true, std::memory_order_release);
 }
 
@@ -440,10 +472,15 @@ Codec::Codec(const CodecSpec& spec_in) : impl_(std::make_shared<Impl>()) {
   }
   im.record_bytes = offset;
 
-  if (!im.fractional || !spec.outlier_channels.empty()) {
-    im.set_channels(spec.outlier_channels);
+  TQKV_CHECK(spec.center || spec.offset.empty(), "codec: an offset is given but center is off");
+  TQKV_CHECK(spec.offset.empty() || spec.offset.size() == size_t(d), "codec: the offset has ",
+             spec.offset.size(), " elements for dim ", d);
+  for (size_t j = 0; j < spec.offset.size(); ++j)
+    TQKV_CHECK(std::isfinite(spec.offset[j]), "codec: offset[", j, "] is not finite (",
+               spec.offset[j], ")");
+  if (!im.fractional || !spec.outlier_channels.empty()) im.set_channels(spec.outlier_channels);
+  if ((!im.fractional || !spec.outlier_channels.empty()) && (!spec.center || !spec.offset.empty()))
     im.ready.store(true);
-  }
 }
 
 CodecSpec Codec::spec() const {
@@ -459,9 +496,15 @@ const std::vector<ChannelGroup>& Codec::groups() const { return impl_->groups; }
 const Rotation& Codec::rotation(size_t g) const { return impl_->tables.at(g).rotation; }
 const Codebook* Codec::codebook(size_t g) const { return impl_->tables.at(g).codebook.get(); }
 const std::vector<float>& Codec::qjl_matrix(size_t g) const { return impl_->tables.at(g).s; }
+const std::vector<float>& Codec::offset() const {
+  impl_->require_ready("offset");
+  return impl_->spec.offset;
+}
 
-std::vector<int> Codec::select_outlier_channels(const float* x, size_t n) const {
-  return impl_->select_outliers(x, ScalarType::f32, n);
+CodecSpec Codec::calibrated_spec(const float* x, size_t n) const {
+  TQKV_CHECK(x != nullptr || n == 0, "calibrated_spec: null input");
+  std::lock_guard lock(impl_->calibrate_mutex);
+  return impl_->calibrated(x, ScalarType::f32, n);
 }
 
 void Codec::encode(const void* x, ScalarType type, size_t n, uint8_t* records) const {
@@ -510,7 +553,7 @@ void Codec::encode(const void* x, ScalarType type, size_t n, uint8_t* records) c
 #pragma omp for schedule(static)
     for (long long i = 0; i < count; ++i) {
       row_to_float(x, type, size_t(i), d, s.x.data());
-      im.encode_row(s.x.data(), records + size_t(i) * im.record_bytes, s);
+      im.encode_row(im.centered(s.x.data(), s.c.data()), records + size_t(i) * im.record_bytes, s);
     }
   }
 }
@@ -561,6 +604,8 @@ void Codec::inner_products(const float* q, const uint8_t* records, size_t n, flo
         prep[gi].projected[i] = canonical_dot(&t.s[i * gd], prep[gi].rotated.data(), gd);
     }
   }
+  // ⟨q, x̃⟩ = ⟨q, μ⟩ + ⟨q, x̃ − μ⟩ for a centering codec.
+  const float shift = im.spec.offset.empty() ? 0.0f : canonical_dot(q, im.spec.offset.data(), size_t(d));
   const long long count = static_cast<long long>(n);
   [[maybe_unused]] const int threads = n >= kParallelMin ? thread_count() : 1;
 #pragma omp parallel num_threads(threads)
@@ -569,7 +614,7 @@ void Codec::inner_products(const float* q, const uint8_t* records, size_t n, flo
 #pragma omp for schedule(static)
     for (long long i = 0; i < count; ++i) {
       const uint8_t* rec = records + size_t(i) * im.record_bytes;
-      float total = 0;
+      float total = shift;
       for (size_t gi = 0; gi < im.groups.size(); ++gi) {
         const auto& g = im.groups[gi];
         const auto& t = im.tables[gi];

@@ -166,8 +166,13 @@ auto parse_name(F parse, const json& obj, const char* key, std::string_view name
 CodecSpec spec_from_value(const json& j, std::string_view name) {
   constexpr std::string_view what = "codec spec";
   TQKV_CHECK(j.is_object(), name, ": ", what, " must be a JSON object, got ", j.type_name());
-  check_keys(j, {"dim", "bits", "kind", "rotation", "seed", "norm_format", "outlier_channels"},
-             name, what);
+  // "center" and "offset" are optional (files written before centering existed lack them).
+  json required = j;
+  required.erase("center");
+  required.erase("offset");
+  check_keys(required,
+             {"dim", "bits", "kind", "rotation", "seed", "norm_format", "outlier_channels"}, name,
+             what);
   CodecSpec spec;
   const uint64_t dim = get_unsigned(j, "dim", name, what);
   TQKV_CHECK(dim >= 2 && dim <= uint64_t(kMaxCodecDim), name, ": ", what, ": 'dim' is ", dim,
@@ -202,6 +207,23 @@ CodecSpec spec_from_value(const json& j, std::string_view name) {
                spec.outlier_channels.empty() ? 0 : spec.outlier_channels.back(), ")");
     spec.outlier_channels.push_back(c);
   }
+  if (j.contains("center")) {
+    TQKV_CHECK(j["center"].is_boolean(), name, ": ", what, ": 'center' must be true or false, got ",
+               j["center"].type_name());
+    spec.center = j["center"].get<bool>();
+  }
+  if (j.contains("offset")) {
+    const json& off = j["offset"];
+    TQKV_CHECK(off.is_array() && (off.empty() || off.size() == dim), name, ": ", what,
+               ": 'offset' must be an array of ", dim, " numbers (or empty)");
+    TQKV_CHECK(spec.center || off.empty(), name, ": ", what, ": 'offset' given but 'center' is ",
+               "false");
+    for (size_t i = 0; i < off.size(); ++i) {
+      TQKV_CHECK(off[i].is_number() && std::isfinite(off[i].get<double>()), name, ": ", what,
+                 ": offset[", i, "] must be a finite number");
+      spec.offset.push_back(float(off[i].get<double>()));
+    }
+  }
   return spec;
 }
 
@@ -231,6 +253,18 @@ ordered_json spec_to_value(const CodecSpec& spec) {
   j["seed"] = spec.seed;
   j["norm_format"] = to_string(spec.norm_format);
   j["outlier_channels"] = std::move(channels);
+  if (spec.center) {  // absent for codecs that do not center, as before centering existed
+    TQKV_CHECK(spec.offset.empty() || spec.offset.size() == size_t(spec.dim),
+               "spec_to_json: the offset has ", spec.offset.size(), " elements for dim ",
+               spec.dim);
+    ordered_json off = ordered_json::array();
+    for (float x : spec.offset) {
+      TQKV_CHECK(std::isfinite(x), "spec_to_json: the offset holds a non-finite value");
+      off.push_back(double(x));  // a float survives the round trip through a double exactly
+    }
+    j["center"] = true;
+    j["offset"] = std::move(off);
+  }
   return j;
 }
 

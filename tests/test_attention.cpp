@@ -68,6 +68,8 @@ struct Case {
   size_t window = 0;
   int splits = 0;
   int page_tokens = 32;
+  bool center = false;  // centering codecs
+  float common = 0;     // spread of a component common to every token (keys; values: 2/3 of it)
 };
 
 std::string describe(const Case& c) {
@@ -76,7 +78,7 @@ std::string describe(const Case& c) {
                   std::to_string(c.value_bits) + " rot=" + to_string(c.rotation) +
                   " R=" + std::to_string(c.group) + " L=" + std::to_string(c.queries) +
                   " W=" + std::to_string(c.window) + " splits=" + std::to_string(c.splits) +
-                  " T=";
+                  (c.center ? " centered" : "") + " T=";
   for (size_t t : c.lengths) s += std::to_string(t) + ",";
   return s;
 }
@@ -96,17 +98,27 @@ Built build(const Case& c, std::mt19937_64& rng, int kv_heads) {
              .seed = rng()};
   cfg.value = {.dim = c.dim, .bits = c.value_bits, .kind = c.value_kind, .rotation = c.rotation,
                .seed = rng()};
+  cfg.key.center = cfg.value.center = c.center;
   cfg.page_tokens = c.page_tokens;
   cfg.max_pages = cfg.pages_for(c.lengths) + 4;
   Built b{KVCache(cfg), {}, {}, {}};
+  // A component common to every token, per (head, channel), as real keys and values have.
+  const size_t row = size_t(kv_heads) * size_t(c.dim);
+  const bool common = c.common > 0;
+  const auto key_mean = common ? gaussian(rng, row, c.common) : std::vector<float>(row, 0.0f);
+  const auto value_mean =
+      common ? gaussian(rng, row, c.common * 2 / 3) : std::vector<float>(row, 0.0f);
   for (size_t T : c.lengths) {
     const SequenceId id = b.cache.add_sequence();
     b.seqs.push_back(id);
     b.k.push_back(keys_like(rng, T, kv_heads, c.dim));
     b.v.push_back(gaussian(rng, T * size_t(kv_heads) * size_t(c.dim)));
+    for (size_t i = 0; i < b.k.back().size(); ++i) {
+      b.k.back()[i] += key_mean[i % row];
+      b.v.back()[i] += value_mean[i % row];
+    }
     // Layer 1 is the one attended; append in uneven chunks.
     std::uniform_int_distribution<size_t> chunk(1, 300);
-    const size_t row = size_t(kv_heads) * size_t(c.dim);
     for (size_t t = 0; t < T;) {
       const size_t n = std::min(T - t, chunk(rng));
       b.cache.append(id, 1, &b.k.back()[t * row], &b.v.back()[t * row], n);
@@ -185,6 +197,23 @@ TEST(AttentionMatrix, SplitsAndWindows) {
                                 RotationChoice::automatic, 4, {1000, 33}, 5, window, splits});
 }
 
+// Centered keys (ignored by the fused path: softmax does not see a common shift of the scores)
+// and centered values (their offset added to the output) against the reference, which decodes
+// both with their offsets.
+TEST(AttentionMatrix, CenteredKeysAndValues) {
+  for (auto [d, bits] : {std::pair{128, 4.0}, {128, 3.5}, {64, 2.0}, {96, 3.0}})
+    for (CodecKind kind : {CodecKind::mse, CodecKind::prod}) {
+      Case c{d, bits, bits, kind, CodecKind::mse, RotationChoice::automatic, 4, {1000, 33}};
+      c.center = true;
+      c.common = 3.0f;
+      check_fused_vs_reference(c);
+      c.queries = 5;
+      c.window = 50;
+      c.splits = 3;
+      check_fused_vs_reference(c);
+    }
+}
+
 TEST(AttentionMatrix, PageSizes) {
   for (int page : {8, 16, 64, 256})
     check_fused_vs_reference({64, 2, 3, CodecKind::prod, CodecKind::mse,
@@ -246,6 +275,24 @@ TEST(Attention, DenseAndDequantizedMatchReference) {
   EXPECT_LE(relative_error(out, exact), kFusedTolerance);
 }
 
+// Exact decode attention (dense, float32 accumulation checked elsewhere) on the original keys
+// and values of b's first sequence ([T, H, d] → [H, T, d]).
+std::vector<float> exact_decode(const Built& b, const std::vector<float>& q, int q_heads) {
+  const int H = b.cache.config().kv_heads, d = b.cache.config().head_dim;
+  const size_t T = b.k[0].size() / size_t(H * d), row = size_t(H) * size_t(d);
+  std::vector<float> kt(b.k[0].size()), vt(kt.size());
+  for (size_t t = 0; t < T; ++t)
+    for (size_t h = 0; h < size_t(H); ++h)
+      for (size_t j = 0; j < size_t(d); ++j) {
+        kt[(h * T + t) * size_t(d) + j] = b.k[0][t * row + h * size_t(d) + j];
+        vt[(h * T + t) * size_t(d) + j] = b.v[0][t * row + h * size_t(d) + j];
+      }
+  const DenseKV dense{kt.data(), vt.data(), T};
+  std::vector<float> exact(q.size());
+  attend_dense({&dense, 1}, H, d, q.data(), q_heads, exact.data());
+  return exact;
+}
+
 // Against exact attention on the original K/V: the error falls with bits, by roughly the
 // distortion ratio (each extra bit divides the MSE by ~4, the error norm by ~2).
 TEST(Attention, ErrorShrinksWithBits) {
@@ -259,25 +306,34 @@ TEST(Attention, ErrorShrinksWithBits) {
     const auto q = gaussian(rng, 8 * 128, 0.5f);
     std::vector<float> fused(q.size());
     attend_decode(b.cache, 1, b.seqs, q.data(), 8, fused.data());
-    // Exact: dense on the originals.
-    const size_t T = 2000;
-    std::vector<float> kt(T * 2 * 128), vt(kt.size());
-    for (size_t t = 0; t < T; ++t)
-      for (size_t h = 0; h < 2; ++h)
-        for (size_t j = 0; j < 128; ++j) {
-          kt[(h * T + t) * 128 + j] = b.k[0][(t * 2 + h) * 128 + j];
-          vt[(h * T + t) * 128 + j] = b.v[0][(t * 2 + h) * 128 + j];
-        }
-    const DenseKV dense{kt.data(), vt.data(), T};
-    std::vector<float> exact(q.size());
-    attend_dense({&dense, 1}, 2, 128, q.data(), 8, exact.data());
-    errors.push_back(relative_error(fused, exact));
+    errors.push_back(relative_error(fused, exact_decode(b, q, 8)));
   }
   for (size_t i = 0; i + 1 < errors.size(); ++i) {
     SCOPED_TRACE("bits step " + std::to_string(i));
     EXPECT_LT(errors[i + 1], errors[i] * (i + 2 < errors.size() ? 0.75 : 0.1));
   }
   EXPECT_LT(errors[3], 0.15);  // 4 bits: near-lossless on these scores
+}
+
+// On keys and values with a common component, centering codecs bring the error against exact
+// attention down to what the same codecs make of the rest.
+TEST(Attention, CenteringLowersTheErrorOnACommonComponent) {
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed = " + std::to_string(seed));
+  double errors[2];
+  for (bool center : {false, true}) {
+    std::mt19937_64 rng(seed);  // the same data for both
+    Case c{128, 3.0, 3.0, CodecKind::mse, CodecKind::mse, RotationChoice::automatic, 4, {2000}};
+    c.center = center;
+    c.common = 3.0f;
+    Built b = build(c, rng, 2);
+    const auto q = gaussian(rng, 8 * 128, 0.5f);
+    auto fused = poisoned(q.size());
+    attend_decode(b.cache, 1, b.seqs, q.data(), 8, fused.data());
+    errors[center] = relative_error(fused, exact_decode(b, q, 8));
+  }
+  // Keys of spread 3 + noise 1 per channel: centering removes ~9/10 of their energy.
+  EXPECT_LT(errors[1], 0.5 * errors[0]) << errors[1] << " vs " << errors[0];
 }
 
 // Every SIMD kernel against the scalar reference kernel, for every width.

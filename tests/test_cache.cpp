@@ -241,7 +241,10 @@ TEST(CacheFile, SaveLoadGivesBitIdenticalAttention) {
   const uint64_t seed = fresh_seed();
   SCOPED_TRACE("seed = " + std::to_string(seed));
   std::mt19937_64 rng(seed);
+  for (bool center : {false, true}) {
+  SCOPED_TRACE(center ? "centering codecs" : "plain codecs");
   CacheConfig c = config(rng, 3.5, 4, CodecKind::prod);
+  c.key.center = c.value.center = center;  // each (layer, head) chooses its offset
   KVCache cache(c);
   const auto k = gaussian(rng, 90 * 128), v = gaussian(rng, 90 * 128);
   const SequenceId a = cache.add_sequence(), b = cache.add_sequence();
@@ -264,6 +267,11 @@ TEST(CacheFile, SaveLoadGivesBitIdenticalAttention) {
   attend_decode(loaded, 2, seqs, q.data(), 4, o2.data());
   EXPECT_EQ(0, std::memcmp(o1.data(), o2.data(), o1.size() * 4));
   EXPECT_EQ(loaded.serialize(), cache.serialize());
+  if (center) {
+    EXPECT_EQ(loaded.value_codec(2, 0).offset().size(), 64u);
+    EXPECT_NE(loaded.key_codec(2, 0).offset(), loaded.key_codec(2, 1).offset());
+  }
+  }
 }
 
 TEST(CacheFile, TruncatedOrCorruptedFilesAreRejected) {

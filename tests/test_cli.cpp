@@ -122,6 +122,37 @@ TEST_F(CliTest, QuantizeInfoDequantizeRoundTrip) {
   EXPECT_NE(r.out.find("bytes per vector"), std::string::npos);
 }
 
+// quantize --center: the file carries the batch's mean, info says so, and vectors that share a
+// large component come back with far less error than without it.
+TEST_F(CliTest, QuantizeCenterStoresTheOffset) {
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  std::mt19937 rng(seed_);
+  std::normal_distribution<float> normal;
+  const size_t n = 400, d = 64;
+  std::vector<float> common(d), x(n * d);
+  for (auto& c : common) c = 5.0f * normal(rng);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = common[i % d] + normal(rng);
+  const size_t shape[2] = {n, d};
+  tqkv::npy::write(path("c.npy"), x, shape, tqkv::npy::DType::f32);
+  double errs[2];
+  for (bool center : {false, true}) {
+    std::vector<std::string> args = {"quantize", "--in", path("c.npy"), "--out", path("c.tqkv"),
+                                     "--bits", "3"};
+    if (center) args.push_back("--center");
+    auto r = run(args);
+    ASSERT_EQ(r.status, 0) << r.err;
+    r = run({"info", path("c.tqkv")});
+    ASSERT_EQ(r.status, 0) << r.err;
+    EXPECT_EQ(r.out.find("centered") != std::string::npos, center) << r.out;
+    const auto ev = tqkv::file::read_encoded(path("c.tqkv"));
+    EXPECT_EQ(ev.spec.offset.size(), center ? d : 0u);
+    r = run({"dequantize", "--in", path("c.tqkv"), "--out", path("c_hat.npy")});
+    ASSERT_EQ(r.status, 0) << r.err;
+    errs[center] = relative_difference(tqkv::npy::read(path("c_hat.npy")).data, x);
+  }
+  EXPECT_LT(errs[1], 0.4 * errs[0]) << errs[1] << " vs " << errs[0];
+}
+
 TEST_F(CliTest, ErrorsNameTheCulprit) {
   write_random("x.npy", 10, 64);
   auto r = run({"quantize", "--in", path("missing.npy"), "--out", path("o.tqkv"), "--bits", "4"});
@@ -486,8 +517,10 @@ TEST_F(CliTest, DemoRunsOnTheRealModel) {
     }
     if (numbers.size() == 7) rows[name == "(f32)" ? "full" : name] = numbers;
   }
-  for (const char* name : {"full", "k4v4", "k3.5v3.5", "k3v3", "k2v2", "q4_0", "q8_0"})
+  for (const char* name : {"full", "k4v4", "k3.5v3.5", "k3v3", "k2v2", "k4v4-center",
+                           "k3.5v3.5-center", "q4_0", "q8_0"})
     ASSERT_TRUE(rows.count(name)) << name << " missing in:\n" << r.out;
+  EXPECT_EQ(rows["k4v4-center"][0], rows["k4v4"][0]);  // the offset is per codec, not per token
   // bytes/token, vs fp16, KL, top-1, ppl, prefill tok/s, decode ms/token
   EXPECT_EQ(rows["full"][0], 4 * 2 * 3 * 64 * 4);
   EXPECT_EQ(rows["full"][2], 0.0);
@@ -516,10 +549,12 @@ TEST_F(CliTest, EvalModelReportsEveryConfig) {
   EXPECT_NE(bad.err.find("'k4x4'"), std::string::npos) << bad.err;
   const auto r = run({"eval", "model", "--model", model.string(), "--tokens", "24",
                       "--sequences", "2", "--seed", std::to_string(seed_), "--configs",
-                      "full,k8v8,q8_0,k2v2", "--json"});
+                      "full,k8v8,q8_0,k2v2,k3v3-dense-center", "--json"});
   ASSERT_EQ(r.status, 0) << r.err;
   const auto rows = nlohmann::json::parse(r.out);
-  ASSERT_EQ(rows.size(), 4u);
+  ASSERT_EQ(rows.size(), 5u);
+  EXPECT_EQ(rows[4]["config"], "k3v3-dense-center");
+  EXPECT_EQ(rows[4]["bytes_per_token"], 4 * 2 * 3 * (24 + 2));  // 3-bit codes and an f16 norm
   const double coords = 4 * 2 * 3 * 64;  // layers × (K, V) × KV heads × head_dim
   for (const auto& row : rows) {
     EXPECT_EQ(row["tokens"], 2 * 23) << row.dump();

@@ -153,7 +153,7 @@ TEST_F(FileTest, ContainerRoundTripAndLayout) {
 
 TEST_F(FileTest, EncodedRoundTripThroughCodec) {
   SCOPED_TRACE("seed " + std::to_string(seed_));
-  std::vector<CodecSpec> specs(6);
+  std::vector<CodecSpec> specs(8);
   specs[0] = {64, 4.0, CodecKind::mse, RotationChoice::automatic, rng_(), NormFormat::f16, {}};
   specs[1] = {96, 3.0, CodecKind::prod, RotationChoice::automatic, rng_(), NormFormat::f16, {}};
   specs[2] = {128, 2.5, CodecKind::mse, RotationChoice::automatic, rng_(), NormFormat::f16, {}};
@@ -162,6 +162,11 @@ TEST_F(FileTest, EncodedRoundTripThroughCodec) {
   specs[4] = {64, 3.5, CodecKind::prod, RotationChoice::hadamard, rng_(), NormFormat::f32, {}};
   specs[5] = {40, 1.0, CodecKind::prod, RotationChoice::dense,
               std::numeric_limits<uint64_t>::max(), NormFormat::f16, {}};
+  // Centering codecs: the offset each chose travels in the file.
+  specs[6] = {64, 3.0, CodecKind::mse, RotationChoice::automatic, rng_(), NormFormat::f16, {},
+              true};
+  specs[7] = {128, 3.5, CodecKind::prod, RotationChoice::automatic, rng_(), NormFormat::f16, {},
+              true};
   for (const CodecSpec& spec : specs) {
     SCOPED_TRACE(spec_to_json(spec));
     const size_t n = 1 + rng_() % 20;
@@ -170,6 +175,7 @@ TEST_F(FileTest, EncodedRoundTripThroughCodec) {
     if (spec.bits != std::floor(spec.bits)) {
       EXPECT_FALSE(ev.spec.outlier_channels.empty());
     }
+    EXPECT_EQ(ev.spec.offset.size(), spec.center ? size_t(spec.dim) : 0u);
 
     const EncodedVectors back = parse_encoded(serialize_encoded(ev), "rt.tqkv");
     EXPECT_EQ(back.spec, ev.spec);
@@ -212,6 +218,12 @@ TEST_F(FileTest, SpecJsonRoundTrip) {
     spec.norm_format = rng_() % 2 ? NormFormat::f32 : NormFormat::f16;
     for (int c = 0; c < spec.dim && c < 100; ++c)
       if (rng_() % 3 == 0) spec.outlier_channels.push_back(c);
+    if (trial % 2 == 0 && spec.dim <= 4096) {  // centering, with an offset or not chosen yet
+      spec.center = true;
+      std::normal_distribution<float> g(0.0f, 100.0f);
+      if (trial % 4 == 0)
+        for (int j = 0; j < spec.dim; ++j) spec.offset.push_back(g(rng_));
+    }
     const std::string text = spec_to_json(spec);
     EXPECT_EQ(spec_from_json(text, "s.json"), spec) << text;
   }
@@ -251,6 +263,17 @@ TEST(File, SpecFromJsonIsStrict) {
   expect_err("[]", "[8]", "outlier_channels[0] must be a channel index in 0..7");
   expect_err("[]", "[-1]", "outlier_channels[0]");
   expect_err("[]", "{}", "'outlier_channels' must be an array");
+  // Centering keys are optional; when present they are checked.
+  EXPECT_TRUE(spec_from_json(replaced(good, "[]}", "[],\"center\":true}"), "s.json").center);
+  EXPECT_EQ(spec_from_json(replaced(good, "[]}", "[],\"center\":true,\"offset\":[1,2,3,4,5,6,7,8.5]}"),
+                           "s.json").offset.back(), 8.5f);
+  expect_err("[]}", "[],\"center\":1}", "'center' must be true or false");
+  expect_err("[]}", "[],\"center\":false,\"offset\":[1,2,3,4,5,6,7,8]}",
+             "'offset' given but 'center' is false");
+  expect_err("[]}", "[],\"center\":true,\"offset\":[1,2]}", "'offset' must be an array of 8");
+  expect_err("[]}", "[],\"center\":true,\"offset\":[1,2,3,4,5,6,7,\"x\"]}",
+             "offset[7] must be a finite number");
+  expect_err("[]}", "[],\"centre\":true}", "unknown key 'centre'");
   expect_err("{\"dim\"", "[{\"dim\"", "not valid JSON");
   EXPECT_NE(error_of([] { spec_from_json("[1]", "s.json"); }).find("must be a JSON object"),
             std::string::npos);

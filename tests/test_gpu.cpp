@@ -67,12 +67,12 @@ CacheConfig config_of(const GpuSetup& s, Device device) {
 std::vector<GpuSetup> setups(uint64_t seed) {
   std::vector<GpuSetup> out;
   auto add = [&](int d, double kb, CodecKind kk, double vb, CodecKind vk, int P,
-                 NormFormat nf = NormFormat::f16) {
+                 NormFormat nf = NormFormat::f16, bool center = false) {
     GpuSetup s;
     s.head_dim = d;
     s.page_tokens = P;
-    s.key = {d, kb, kk, RotationChoice::automatic, seed, nf, {}};
-    s.value = {d, vb, vk, RotationChoice::automatic, seed ^ 0x5bd1e995u, nf, {}};
+    s.key = {d, kb, kk, RotationChoice::automatic, seed, nf, {}, center};
+    s.value = {d, vb, vk, RotationChoice::automatic, seed ^ 0x5bd1e995u, nf, {}, center};
     out.push_back(s);
   };
   for (double b : {4.0, 3.0, 2.0, 1.0}) add(128, b, CodecKind::mse, b, CodecKind::mse, 32);
@@ -89,15 +89,26 @@ std::vector<GpuSetup> setups(uint64_t seed) {
   add(64, 3.0, CodecKind::mse, 4.0, CodecKind::mse, 8);
   add(96, 4.0, CodecKind::mse, 3.0, CodecKind::mse, 32);  // dense rotations
   add(256, 4.0, CodecKind::mse, 2.0, CodecKind::mse, 64);
+  // Centering codecs (offsets subtracted by the append kernel, value offsets added by the merge):
+  // the fixed-shape, fractional and generic kernels.
+  add(128, 4.0, CodecKind::mse, 4.0, CodecKind::mse, 32, NormFormat::f16, true);
+  add(128, 3.5, CodecKind::mse, 2.5, CodecKind::mse, 16, NormFormat::f16, true);
+  add(64, 3.0, CodecKind::prod, 2.0, CodecKind::mse, 8, NormFormat::f32, true);
   return out;
 }
 
-// Keys with a few heavy channels, values Gaussian, as float32 / float16 / bfloat16 bits.
-std::vector<uint8_t> random_rows(std::mt19937_64& rng, size_t n, ScalarType type, bool keys) {
+// The spread of the component common to every token in a setup's test data: large where the
+// codecs center (so that their offsets matter), none elsewhere.
+float common_of(const CacheConfig& c) { return c.key.center ? 3.0f : 0.0f; }
+
+// Keys with a few heavy channels, values Gaussian, as float32 / float16 / bfloat16 bits; plus
+// `common` · sin(i mod 64), the same for every token where rows are multiples of 64 long.
+std::vector<uint8_t> random_rows(std::mt19937_64& rng, size_t n, ScalarType type, bool keys,
+                                 float common = 0.0f) {
   std::normal_distribution<float> g(0.0f, 1.0f);
   std::vector<uint8_t> out(n * (type == ScalarType::f32 ? 4 : 2));
   for (size_t i = 0; i < n; ++i) {
-    float x = g(rng) * (keys && i % 17 == 3 ? 4.0f : 1.0f);
+    float x = g(rng) * (keys && i % 17 == 3 ? 4.0f : 1.0f) + common * std::sin(float(i % 64));
     if (type == ScalarType::f32) {
       std::memcpy(&out[i * 4], &x, 4);
     } else {
@@ -118,8 +129,8 @@ DeviceBuffer on_gpu(const std::vector<uint8_t>& host) {
 void append_both(KVCache& cpu, KVCache& gpu, SequenceId sc, SequenceId sg, int layer,
                  size_t tokens, ScalarType type, std::mt19937_64& rng) {
   const size_t n = tokens * size_t(cpu.config().kv_heads) * size_t(cpu.config().head_dim);
-  const auto k = random_rows(rng, n, type, true);
-  const auto v = random_rows(rng, n, type, false);
+  const auto k = random_rows(rng, n, type, true, common_of(cpu.config()));
+  const auto v = random_rows(rng, n, type, false, common_of(cpu.config()));
   cpu.append(sc, layer, k.data(), v.data(), tokens, type);
   const DeviceBuffer dk = on_gpu(k), dv = on_gpu(v);
   gpu.append(sg, layer, dk.data(), dv.data(), tokens, type);
@@ -243,8 +254,9 @@ TEST(Gpu, AttentionMatchesTheReference) {
       const SequenceId id = gpu.add_sequence();
       seqs.push_back(id);
       const size_t n = T * size_t(s.kv_heads) * size_t(s.head_dim);
-      const DeviceBuffer k = on_gpu(random_rows(rng, n, ScalarType::f32, true));
-      const DeviceBuffer v = on_gpu(random_rows(rng, n, ScalarType::f32, false));
+      const float common = common_of(gpu.config());
+      const DeviceBuffer k = on_gpu(random_rows(rng, n, ScalarType::f32, true, common));
+      const DeviceBuffer v = on_gpu(random_rows(rng, n, ScalarType::f32, false, common));
       gpu.append(id, 0, k.data(), v.data(), T, ScalarType::f32);
     }
     for (int R : {1, 4, 8}) {
@@ -284,14 +296,15 @@ TEST(Gpu, DecodeReplaysInACudaGraph) {
   const uint64_t seed = fresh_seed();
   std::mt19937_64 rng(seed);
   const std::vector<GpuSetup> all = setups(seed);
-  for (const GpuSetup& s : {all[0], all[6], all[9], all[13]}) {
+  for (const GpuSetup& s : {all[0], all[6], all[9], all[13], all[15]}) {
     KVCache gpu(config_of(s, Device::cuda(0)));
     std::vector<SequenceId> seqs;
     for (size_t T : {size_t(1000), size_t(77)}) {
       seqs.push_back(gpu.add_sequence());
       const size_t n = T * size_t(s.kv_heads) * size_t(s.head_dim);
-      const DeviceBuffer k = on_gpu(random_rows(rng, n, ScalarType::f32, true));
-      const DeviceBuffer v = on_gpu(random_rows(rng, n, ScalarType::f32, false));
+      const float common = common_of(gpu.config());
+      const DeviceBuffer k = on_gpu(random_rows(rng, n, ScalarType::f32, true, common));
+      const DeviceBuffer v = on_gpu(random_rows(rng, n, ScalarType::f32, false, common));
       gpu.append(seqs.back(), 0, k.data(), v.data(), T, ScalarType::f32);
     }
     const int q_heads = 4 * s.kv_heads;

@@ -20,6 +20,16 @@
 // 32 × 3 + 96 × 2 is 2.25 bits. Outlier channels are given in the spec or, if not, chosen from
 // the first batch the codec encodes: the f·d channels of largest mean square (ties: lower index).
 //
+// Centering (CodecSpec::center): the codec encodes x − μ and decodes to x̂ + μ, for a fixed
+// per-channel offset μ: given in the spec or, if not, the mean of the first batch encoded (summed
+// in float64 in row order, rounded to float32; outlier channels are then chosen from the centered
+// batch). Real keys and values share a large common component (LLM keys: channels whose mean is
+// many times their spread), which the rotation would otherwise spread over every coordinate and
+// every token's error. Attention needs no change for it: centered keys shift every score of a
+// query by the same ⟨q, μ_K⟩, which softmax ignores, and centered values add μ_V to the output
+// (the weights sum to 1). A first batch of very few tokens gives a poor μ; prefer a prefill-sized
+// batch or give μ.
+//
 // Record layout (one encoded vector): the groups' parts, outlier group first; each part is
 //   [MSE code fields: packed_bytes(mse_bits, d_g)] [QJL signs: ceil(d_g/8), prod only]
 //   [norm n: 2 bytes f16 or 4 bytes f32] [γ: same format, prod only]
@@ -65,6 +75,10 @@ struct CodecSpec {
   /// Fractional bits only: the channels quantized at the higher width, ascending. Empty: chosen
   /// from the first batch encoded.
   std::vector<int> outlier_channels;
+  /// Encode x − offset (see Centering above).
+  bool center = false;
+  /// center only: the per-channel offset μ (dim finite floats). Empty: the first batch's mean.
+  std::vector<float> offset;
 
   bool operator==(const CodecSpec&) const = default;
 };
@@ -88,14 +102,15 @@ class Codec {
   /// Validates `spec` and builds codebooks, rotations and QJL matrices. Throws tqkv::Error.
   explicit Codec(const CodecSpec& spec);
 
-  /// The spec, with the outlier channels once chosen.
+  /// The spec, with the outlier channels and the offset once chosen.
   CodecSpec spec() const;
   int dim() const;
   double bits() const;
   CodecKind kind() const;
   /// Bytes of one encoded vector (codes, signs, norms, γ).
   size_t record_bytes() const;
-  /// False only for a fractional-bit codec whose outlier channels are not chosen yet.
+  /// False only while what the first batch chooses (fractional bits' outlier channels, a
+  /// centering codec's offset) is not chosen yet.
   bool ready() const;
   /// Channel groups (one for integer bits, two for fractional). Sizes and record offsets are
   /// fixed at construction; the channel lists are empty until ready().
@@ -105,11 +120,13 @@ class Codec {
   const Rotation& rotation(size_t g) const;
   const Codebook* codebook(size_t g) const;
   const std::vector<float>& qjl_matrix(size_t g) const;
+  /// The centering offset μ (dim() floats; empty unless the spec centers). Once ready().
+  const std::vector<float>& offset() const;
 
   /// Encodes n vectors of dim() elements (row-major) into n records of record_bytes(). Input
   /// float32, float16 or bfloat16 bits. Throws tqkv::Error, before writing anything, if any
   /// element is NaN/Inf or a norm does not fit the norm format, naming the first such vector.
-  /// A fractional codec without outlier channels takes them from this batch (first call only).
+  /// A codec that is not ready() takes what it lacks from this batch (first call only).
   /// Multi-threaded over vectors (OpenMP) for large batches.
   void encode(const void* x, ScalarType type, size_t n, uint8_t* records) const;
   void encode(const float* x, size_t n, uint8_t* records) const {
@@ -121,8 +138,10 @@ class Codec {
   /// computed from the codes: the query is rotated (and projected by S) once, no vector is decoded.
   void inner_products(const float* q, const uint8_t* records, size_t n, float* out) const;
 
-  /// Outlier channels (the f·d of largest mean square) for this batch, without fixing them.
-  std::vector<int> select_outlier_channels(const float* x, size_t n) const;
+  /// The spec this codec would take from the batch x (n rows, float32, finite) if it were the
+  /// first: the offset (if centering and not given) and the outlier channels (if fractional and
+  /// not given) chosen from it. Fixes nothing. Throws tqkv::Error for an empty batch.
+  CodecSpec calibrated_spec(const float* x, size_t n) const;
 
   struct Impl;
 

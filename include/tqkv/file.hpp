@@ -16,13 +16,14 @@
 // any of it, so a truncated or corrupted file gives a clear error, never garbage.
 //
 // Encoded-vectors metadata: {"codec": {dim, bits, kind, rotation, seed, norm_format,
-// outlier_channels}, "count": N, "record_bytes": R, "tqkv_version": "x.y.z"}; payload: N records
+// outlier_channels[, center: true, offset: [dim numbers]]}, "count": N, "record_bytes": R,
+// "tqkv_version": "x.y.z"} (center and offset only for centering codecs); payload: N records
 // of R bytes as laid out in codec.hpp. The codec spec carries the seed, so the file alone
 // reproduces the rotation, codebooks and QJL matrix.
 //
 // KV-cache metadata: {"layers", "kv_heads", "head_dim", "page_tokens", "max_pages", "page_bytes",
 // "key": spec, "value": spec (as configured), "key_codecs": [spec per (layer, head)],
-// "value_codecs": [...] (with the outlier channels each chose), "sequences": [{"id", "lengths":
+// "value_codecs": [...] (with the outlier channels and offsets each chose), "sequences": [{"id", "lengths":
 // [per layer], "pages"}], "next_id", "tqkv_version"}; payload: each sequence's pages in token
 // order, each page its layers in order, page_bytes bytes per page (cache.hpp's page layout).
 #pragma once

@@ -52,6 +52,11 @@ std::string describe(const CodecSpec& s) {
   std::ostringstream o;
   o << s.bits << "-bit " << to_string(s.kind) << ", rotation " << to_string(s.rotation)
     << ", seed " << s.seed << ", norm " << to_string(s.norm_format);
+  if (s.center) {
+    double norm = 0;
+    for (float x : s.offset) norm += double(x) * x;
+    o << ", centered (offset norm " << std::sqrt(norm) << ")";
+  }
   return o.str();
 }
 
@@ -73,6 +78,7 @@ namespace {
 struct CodecOptions {
   std::string bits = "4", codec = "mse", rotation = "auto", norm = "f16";
   uint64_t seed = 0;
+  bool center = false;
 
   void add_to(CLI::App* app, bool with_bits = true) {
     if (with_bits)
@@ -85,6 +91,9 @@ struct CodecOptions {
         ->capture_default_str();
     app->add_option("--seed", seed, "seed of the rotation and QJL matrix")->capture_default_str();
     app->add_option("--norm", norm, "stored norm format: f16 or f32")->capture_default_str();
+    app->add_flag("--center", center,
+                  "encode each vector less the batch's per-channel mean (stored with the codec; "
+                  "decoding adds it back): less error where vectors share a large component");
   }
   CodecSpec spec(int dim, const std::string& bits_text) const {
     CodecSpec s;
@@ -94,6 +103,7 @@ struct CodecOptions {
     s.rotation = parse_rotation_choice(rotation);
     s.norm_format = parse_norm_format(norm);
     s.seed = seed;
+    s.center = center;
     return s;
   }
 };
@@ -380,7 +390,8 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
   evm->add_option("--tokens", em.tokens, "tokens per sampled sequence")->capture_default_str();
   evm->add_option("--sequences", em.sequences, "sequences")->capture_default_str();
   evm->add_option("--configs", em.configs,
-                  "comma-separated: full, q4_0, q8_0, k<bits>[p]v<bits>[p][-dense] (p: prod)")
+                  "comma-separated: full, q4_0, q8_0, k<bits>[p]v<bits>[p][-dense][-center] (p: prod; "
+                  "-center: centering codecs)")
       ->capture_default_str();
   evm->add_option("--seed", em.seed, "seed of the sampled sequences")->capture_default_str();
   evm->add_flag("--quantized-activations", em.quantized_activations,

@@ -23,7 +23,8 @@ namespace tqkv::cli {
 
 namespace {
 
-// A configuration by name: "full", "k<bits>[p]v<bits>[p][-dense]" (p: prod codec), "q4_0", "q8_0".
+// A configuration by name: "full", "k<bits>[p]v<bits>[p][-dense][-center]" (p: prod codec;
+// -center: centering codecs on both sides), "q4_0", "q8_0".
 struct CacheChoice {
   std::string name;
   BlockFormat block = BlockFormat::none;
@@ -41,17 +42,20 @@ CacheChoice parse_choice(const std::string& name, int head_dim) {
     return c;
   }
   std::string rest = name;
-  RotationChoice rotation = RotationChoice::automatic;
-  const std::string dense = "-dense";
-  if (rest.size() > dense.size() &&
-      rest.compare(rest.size() - dense.size(), dense.size(), dense) == 0) {
-    rotation = RotationChoice::dense;
-    rest.resize(rest.size() - dense.size());
-  }
+  auto strip = [&](const std::string& suffix) {
+    const bool has = rest.size() > suffix.size() &&
+                     rest.compare(rest.size() - suffix.size(), suffix.size(), suffix) == 0;
+    if (has) rest.resize(rest.size() - suffix.size());
+    return has;
+  };
+  const bool center = strip("-center");
+  const RotationChoice rotation = strip("-dense") ? RotationChoice::dense
+                                                  : RotationChoice::automatic;
   const size_t v = rest.find('v');
   TQKV_CHECK(rest.size() > 1 && rest[0] == 'k' && v != std::string::npos && v > 1,
-             "--configs: '", name, "' is not full, q4_0, q8_0 or k<bits>[p]v<bits>[p][-dense] "
-             "(e.g. k3.5v3.5, k3pv4, k4v4-dense)");
+             "--configs: '", name, "' is not full, q4_0, q8_0 or "
+             "k<bits>[p]v<bits>[p][-dense][-center] (e.g. k3.5v3.5, k3pv4, k4v4-dense, "
+             "k4v4-center)");
   auto side = [&](std::string text, CodecSpec& spec, bool value) {
     spec.kind = CodecKind::mse;
     if (!text.empty() && text.back() == 'p') {
@@ -62,6 +66,7 @@ CacheChoice parse_choice(const std::string& name, int head_dim) {
     spec.dim = head_dim;
     spec.rotation = rotation;
     spec.seed = value ? 2 : 1;
+    spec.center = center;
     check_cache_codec(spec, value, head_dim, "--configs '" + name + "'");
   };
   side(rest.substr(1, v - 1), c.key, false);
@@ -322,11 +327,12 @@ int demo_model(const std::string& path, size_t tokens, uint64_t seed, std::ostre
       << "One sequence of " << tokens << " tokens sampled from the model (temperature 1, seed "
       << seed << "),\nrun through each KV cache: the first " << tokens - kDecode
       << " as one prefill call, the last " << kDecode << " one at a time (decode).\n"
-      << "cache       KV bytes/token  vs fp16  mean KL    top-1     ppl   prefill tok/s"
+      << "cache            KV bytes/token  vs fp16  mean KL    top-1     ppl   prefill tok/s"
          "  decode ms/token\n";
   const size_t V = size_t(mc.vocab), prefill = tokens - kDecode;
   std::vector<float> full;
-  for (const char* name : {"full", "k4v4", "k3.5v3.5", "k3v3", "k2v2", "q4_0", "q8_0"}) {
+  for (const char* name : {"full", "k4v4", "k3.5v3.5", "k3v3", "k2v2", "k4v4-center",
+                           "k3.5v3.5-center", "q4_0", "q8_0"}) {
     const CacheChoice choice = parse_choice(name, mc.head_dim);
     auto store = make_store(choice, mc, tokens);
     using clock = std::chrono::steady_clock;
@@ -343,7 +349,7 @@ int demo_model(const std::string& path, size_t tokens, uint64_t seed, std::ostre
     add_comparison(full, logits, seq, V, t);
     const double n = double(t.positions);
     const std::string label = choice.name == "full" ? "full (f32)" : choice.name;
-    out << label << std::string(label.size() < 12 ? 12 - label.size() : 1, ' ')
+    out << label << std::string(label.size() < 17 ? 17 - label.size() : 1, ' ')
         << fmt("%14.0f", store->bytes_per_token())
         << fmt("%8.2fx", fp16_bytes / store->bytes_per_token()) << fmt("%10.2e", t.kl / n)
         << fmt("%8.3f", double(t.agree) / n) << fmt("%8.2f", std::exp(t.nll / n))

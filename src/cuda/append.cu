@@ -189,9 +189,11 @@ __device__ bool encode_group(const GroupTables& g, const float* boundaries, int 
 // x[k] = channel channels[lane + 32k] of the row: the channel numbers, then the elements, each
 // group of loads in flight at once (the element type is the launch's, so it is switched on
 // outside the loops, which keeps them free of branches).
+// A centering codec then subtracts the channel's offset (`offsets`, or nullptr), as the CPU does.
 template <int E>
 __device__ __forceinline__ void load_channels(const void* src, int type, size_t row,
-                                              const int16_t* channels, int lane, float (&x)[E]) {
+                                              const int16_t* channels, const float* offsets,
+                                              int lane, float (&x)[E]) {
   int ch[E];
 #pragma unroll
   for (int k = 0; k < E; ++k) ch[k] = channels[lane + 32 * k];
@@ -199,24 +201,28 @@ __device__ __forceinline__ void load_channels(const void* src, int type, size_t 
     const float* s = static_cast<const float*>(src) + row;
 #pragma unroll
     for (int k = 0; k < E; ++k) x[k] = s[ch[k]];
-    return;
+  } else {
+    const uint16_t* s = static_cast<const uint16_t*>(src) + row;
+    uint32_t bits[E];
+#pragma unroll
+    for (int k = 0; k < E; ++k) bits[k] = s[ch[k]];
+#pragma unroll
+    for (int k = 0; k < E; ++k)
+      x[k] = type == 1 ? __half2float(__ushort_as_half(uint16_t(bits[k])))
+                       : __uint_as_float(bits[k] << 16);
   }
-  const uint16_t* s = static_cast<const uint16_t*>(src) + row;
-  uint32_t bits[E];
+  if (offsets != nullptr)
 #pragma unroll
-  for (int k = 0; k < E; ++k) bits[k] = s[ch[k]];
-#pragma unroll
-  for (int k = 0; k < E; ++k)
-    x[k] = type == 1 ? __half2float(__ushort_as_half(uint16_t(bits[k]))) : __uint_as_float(bits[k] << 16);
+    for (int k = 0; k < E; ++k) x[k] = __fsub_rn(x[k], offsets[ch[k]]);
 }
 
 template <int E>
 __device__ bool encode_group_in_registers(const GroupTables& g, const float* boundaries,
                                           int norm_f16, const void* src, int type, size_t row,
-                                          const int16_t* channels, uint8_t* block, uint32_t slot,
-                                          int lane) {
+                                          const int16_t* channels, const float* offsets,
+                                          uint8_t* block, uint32_t slot, int lane) {
   float x[E];
-  load_channels<E>(src, type, row, channels, lane, x);
+  load_channels<E>(src, type, row, channels, offsets, lane, x);
   bool ok = true;
 #pragma unroll
   for (int k = 0; k < E; ++k) ok &= finite(x[k]);
@@ -301,8 +307,9 @@ __global__ void __launch_bounds__(kWarps * 32) append_kernel(const AppendParams 
   if (t >= p.tokens) return;
   // Vector order = the CPU's order of checks: side, then head, then token.
   const uint32_t v = (uint32_t(side) * uint32_t(c.kv_heads) + uint32_t(head)) * p.tokens + t;
-  const int16_t* channels =
-      c.channels + ((size_t(c.layer) * c.kv_heads + head) * 2 + side) * size_t(d);
+  const size_t index = (size_t(c.layer) * c.kv_heads + head) * 2 + size_t(side);
+  const int16_t* channels = c.channels + index * size_t(d);
+  const float* offsets = codec.center ? c.offsets + index * size_t(d) : nullptr;
   const size_t row = (size_t(t) * c.kv_heads + head) * size_t(d);
   const uint64_t pos = p.first_token + t;
   const uint32_t* pages = c.page_tables + size_t(p.slot) * c.page_table_stride;
@@ -318,7 +325,7 @@ __global__ void __launch_bounds__(kWarps * 32) append_kernel(const AppendParams 
       auto run = [&](auto e) {
         return encode_group_in_registers<decltype(e)::value>(g, boundaries + 255 * gi,
                                                              codec.norm_f16, src, p.type, row, ch,
-                                                             block, slot, lane);
+                                                             offsets, block, slot, lane);
       };
       switch (g.dim / 32) {  // Hadamard sizes are powers of two
         case 1: ok &= run(std::integral_constant<int, 1>{}); break;
@@ -329,8 +336,11 @@ __global__ void __launch_bounds__(kWarps * 32) append_kernel(const AppendParams 
       first += g.dim;
       continue;
     }
-    for (int j = lane; j < g.dim; j += 32)
-      x[j] = load_element(side ? p.v : p.k, p.type, row + size_t(channels[first + j]));
+    for (int j = lane; j < g.dim; j += 32) {
+      const int ch = channels[first + j];
+      x[j] = load_element(side ? p.v : p.k, p.type, row + size_t(ch));
+      if (offsets != nullptr) x[j] = __fsub_rn(x[j], offsets[ch]);
+    }
     __syncwarp();
     ok &= encode_group(g, boundaries + 255 * gi, codec.norm_f16, x, y, idx, block, slot, lane);
     first += g.dim;

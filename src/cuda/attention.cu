@@ -949,7 +949,10 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const AttentionPar
   __syncthreads();
   const int qhead = geo.h * p.group + (geo.tile * kTileRows + rho) % p.group;
   float* out = p.out + (size_t(p.first_row[geo.b] + uint32_t(i)) * p.q_heads + qhead) * d;
-  const int16_t* channels = c.channels + ((size_t(c.layer) * c.kv_heads + geo.h) * 2 + 1) * d;
+  const size_t index = (size_t(c.layer) * c.kv_heads + geo.h) * 2 + 1;
+  const int16_t* channels = c.channels + index * d;
+  // Centered values: the output is μ_V + Σ p (v − μ_V), as the weights sum to 1.
+  const float* offsets = c.value.center ? c.offsets + index * d : nullptr;
   int at = 0, first_channel = 0;
   for (int gi = 0; gi < c.value.groups; ++gi) {
     const GroupTables& g = c.value.g[gi];
@@ -975,13 +978,16 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const AttentionPar
         }
         __syncthreads();
       }
-      for (int j = threadIdx.x; j < g.dim; j += blockDim.x)
-        out[channels[first_channel + j]] = y[j] * g.gain * g.signs[j];
+      for (int j = threadIdx.x; j < g.dim; j += blockDim.x) {
+        const int ch = channels[first_channel + j];
+        out[ch] = y[j] * g.gain * g.signs[j] + (offsets ? offsets[ch] : 0.0f);
+      }
     } else {
       for (int col = threadIdx.x; col < g.dim; col += blockDim.x) {
         float s = 0.0f;
         for (int r = 0; r < g.dim; ++r) s += g.rotation[size_t(r) * g.dim + col] * y[r];
-        out[channels[first_channel + col]] = s;
+        const int ch = channels[first_channel + col];
+        out[ch] = s + (offsets ? offsets[ch] : 0.0f);
       }
     }
     __syncthreads();

@@ -54,6 +54,7 @@ struct TermTables {
 struct CodecTables {
   int groups = 0;
   int norm_f16 = 1;
+  int center = 0;  // encodes x − offset (CacheView::offsets)
   uint32_t block_bytes = 0;
   /// Coordinates over the terms (per group: codes if any, then QJL signs): a rotated query row
   /// on the key side, a row's rotated-space accumulator on the value side.
@@ -116,6 +117,9 @@ struct CacheView {
   /// For each (layer, head, side) the source channel of each concatenated group channel
   /// (outlier group first): [layers][kv_heads][2][head_dim].
   const int16_t* channels = nullptr;
+  /// For each (layer, head, side) the centering offset of each source channel (0 where the
+  /// side does not center): [layers][kv_heads][2][head_dim].
+  const float* offsets = nullptr;
   CodecTables key, value;
 };
 
