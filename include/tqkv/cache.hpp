@@ -20,8 +20,10 @@
 //
 // Codecs. One key codec and one value codec per (layer, KV head). With integer bits they are all
 // the same codec (same seed: one rotation, one codebook). With fractional bits and no outlier
-// channels given, each (layer, head) chooses its own channels from the first tokens appended to
-// it; the choice is saved with the cache.
+// channels given, or with centering codecs (CodecSpec::center) and no offset given, each
+// (layer, head) chooses its own channels and offset from the first tokens appended to it (append
+// a prefill in one call: a first append of one token gives a poor offset); the choice is saved
+// with the cache.
 //
 // GPU caches. With config.device = Device::cuda(i) the pages live in plain device allocations and
 // append takes device pointers; keys and values are quantized on the GPU (src/cuda/append.cu)
@@ -158,7 +160,7 @@ class KVCache {
                     uint8_t* records) const;
 
   // --- files -----------------------------------------------------------------------------------
-  /// Saves configuration, codecs (with seeds and outlier channels), sequences and their pages to
+  /// Saves configuration, codecs (with seeds, outlier channels, offsets), sequences and pages to
   /// a .tqkv file (kind 2), checksummed. Sequence ids are kept.
   void save(const std::filesystem::path& path) const;
   std::vector<uint8_t> serialize() const;

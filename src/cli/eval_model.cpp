@@ -123,20 +123,26 @@ void add_comparison(const std::vector<float>& full, const std::vector<float>& go
   t.positions += positions;
 }
 
-// Mean KL (log) and top-1 agreement against bits per coordinate: TurboQuant configurations and
-// the block baselines as two series (the full cache, at 0 KL, is not drawn).
+// Mean KL (log) and top-1 agreement against bits per coordinate: TurboQuant configurations, the
+// centering ones and the block baselines as three series (the full cache, at 0 KL, is not drawn).
 void plot_rows(const nlohmann::json& rows, const std::vector<CacheChoice>& choices,
                const EvalModelArgs& args, const LlamaConfig& mc, const std::string& path) {
   PlotPanel kl{"mean KL(full || config), next-token distributions", true,
-               {{"TurboQuant", {}}, {"block absmax (q4_0, q8_0)", {}}}};
+               {{"TurboQuant", {}}, {"block absmax (q4_0, q8_0)", {}},
+                {"TurboQuant, centered", {}}}};
   PlotPanel top1{"top-1 agreement with the full cache", false, kl.series};
   for (size_t c = 0; c < choices.size(); ++c) {
     if (!choices[c].compressed && choices[c].block == BlockFormat::none) continue;
-    const size_t s = choices[c].compressed ? 0 : 1;
+    const size_t s = !choices[c].compressed ? 1 : choices[c].key.center ? 2 : 0;
     const double bits = rows[c]["bits_per_coordinate"].get<double>();
     kl.series[s].points.push_back({bits, rows[c]["kl_mean"].get<double>(), choices[c].name});
     top1.series[s].points.push_back({bits, rows[c]["top1_agree"].get<double>(), choices[c].name});
   }
+  for (size_t s = kl.series.size(); s-- > 0;)  // a series with no configuration is not drawn
+    if (kl.series[s].points.empty()) {
+      kl.series.erase(kl.series.begin() + long(s));
+      top1.series.erase(top1.series.begin() + long(s));
+    }
   write_plot(path,
              "KV cache configurations on " + std::to_string(mc.layers) + "-layer Llama, " +
                  std::to_string(args.sequences) + " x " + std::to_string(args.tokens) +

@@ -143,8 +143,9 @@ void draw_panel(cairo_t* cr, const PlotPanel& panel, double x0, Range xr,
   text(cr, x_label, (left + right) / 2, kHeight - 24, 14, 0.5, 0);
   text(cr, panel.y_label, x0 + 18, (top + bottom) / 2, 14, 0.5, 0.5, true);
 
-  // Points, then each label at the first of four places beside its point that overlaps no
-  // marker and no label placed before it (else the first place).
+  // Points, then each label at the first of eight places around its point that lies inside the
+  // plot area and overlaps no marker and no label placed before it (else the first place inside,
+  // else the first place).
   cairo_save(cr);
   cairo_rectangle(cr, left, top, right - left, bottom - top);
   cairo_clip(cr);
@@ -171,10 +172,22 @@ void draw_panel(cairo_t* cr, const PlotPanel& panel, double x0, Range xr,
       const Box places[] = {{x + 8, y - 4 - h, x + 8 + w, y - 4},
                             {x + 8, y + 4, x + 8 + w, y + 4 + h},
                             {x - 8 - w, y - 4 - h, x - 8, y - 4},
-                            {x - 8 - w, y + 4, x - 8, y + 4 + h}};
+                            {x - 8 - w, y + 4, x - 8, y + 4 + h},
+                            {x + 10, y - h / 2, x + 10 + w, y + h / 2},
+                            {x - 10 - w, y - h / 2, x - 10, y + h / 2},
+                            {x - w / 2, y - 9 - h, x + w / 2, y - 9},
+                            {x - w / 2, y + 9, x + w / 2, y + 9 + h}};
+      auto inside = [&](const Box& b) {
+        return b.x0 >= left + 2 && b.x1 <= right - 2 && b.y0 >= top + 2 && b.y1 <= bottom - 2;
+      };
+      auto free = [&](const Box& b) {
+        return std::none_of(taken.begin(), taken.end(), [&](const Box& t) { return t.overlaps(b); });
+      };
       const Box* at = &places[0];
+      const auto first_inside = std::find_if(std::begin(places), std::end(places), inside);
+      if (first_inside != std::end(places)) at = first_inside;
       for (const Box& b : places)
-        if (std::none_of(taken.begin(), taken.end(), [&](const Box& t) { return t.overlaps(b); })) {
+        if (inside(b) && free(b)) {
           at = &b;
           break;
         }
