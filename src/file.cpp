@@ -219,9 +219,10 @@ CodecSpec spec_from_value(const json& j, std::string_view name) {
     TQKV_CHECK(spec.center || off.empty(), name, ": ", what, ": 'offset' given but 'center' is ",
                "false");
     for (size_t i = 0; i < off.size(); ++i) {
-      TQKV_CHECK(off[i].is_number() && std::isfinite(off[i].get<double>()), name, ": ", what,
-                 ": offset[", i, "] must be a finite number");
-      spec.offset.push_back(float(off[i].get<double>()));
+      const float x = off[i].is_number() ? float(off[i].get<double>()) : NAN;
+      TQKV_CHECK(std::isfinite(x), name, ": ", what, ": offset[", i,
+                 "] must be a finite number in float32's range");
+      spec.offset.push_back(x);
     }
   }
   return spec;

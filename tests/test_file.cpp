@@ -273,6 +273,8 @@ TEST(File, SpecFromJsonIsStrict) {
   expect_err("[]}", "[],\"center\":true,\"offset\":[1,2]}", "'offset' must be an array of 8");
   expect_err("[]}", "[],\"center\":true,\"offset\":[1,2,3,4,5,6,7,\"x\"]}",
              "offset[7] must be a finite number");
+  expect_err("[]}", "[],\"center\":true,\"offset\":[1,2,3,4,5,6,7,1e300]}",
+             "offset[7] must be a finite number in float32's range");
   expect_err("[]}", "[],\"centre\":true}", "unknown key 'centre'");
   expect_err("{\"dim\"", "[{\"dim\"", "not valid JSON");
   EXPECT_NE(error_of([] { spec_from_json("[1]", "s.json"); }).find("must be a JSON object"),
