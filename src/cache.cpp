@@ -473,8 +473,8 @@ void KVCache::append(SequenceId seq, int layer, const void* k, const void* v, si
       gpu::download(c.device, hv.data(), v, hv.size(), im.gpu->stream);
       calibrated = calibrate(im, seq, layer, hk.data(), hv.data(), tokens, type);
     }
-    // Kernels read channel lists from the device; a failed append leaves only lists of codecs
-    // that hold no tokens, which nothing reads.
+    // Kernels read channel lists and offsets from the device. A failed append puts the codecs
+    // back as they were (not ready) and their lists with them.
     std::vector<Codec> previous;
     for (const Calibrated& cal : calibrated) {
       auto& slot = (cal.side == 0 ? im.key_codecs : im.value_codecs)[im.codec_index(layer, int(cal.head))];
@@ -482,6 +482,13 @@ void KVCache::append(SequenceId seq, int layer, const void* k, const void* v, si
       slot = cal.codec;
       im.upload_channels(layer, int(cal.head), cal.side);
     }
+    auto restore = [&] {
+      for (size_t i = 0; i < calibrated.size(); ++i) {
+        (calibrated[i].side == 0 ? im.key_codecs : im.value_codecs)
+            [im.codec_index(layer, int(calibrated[i].head))] = previous[i];
+        im.upload_channels(layer, int(calibrated[i].head), calibrated[i].side);
+      }
+    };
     const size_t first_new = s.pages.size();
     for (size_t i = 0; i < extra; ++i) {
       s.pages.push_back(im.free_pages.back());
@@ -504,30 +511,30 @@ void KVCache::append(SequenceId seq, int layer, const void* k, const void* v, si
       gpu::launch_append(c.device, p, im.gpu->stream);
       gpu::download(c.device, &first_invalid, p.first_invalid, 4, im.gpu->stream);
     } catch (...) {
-      first_invalid = 0;  // a CUDA error: undo below, then rethrow
+      first_invalid = 0;  // a CUDA error: undo, then rethrow
       for (size_t i = first_new; i < s.pages.size(); ++i) im.free_pages.push_back(s.pages[i]);
       s.pages.resize(first_new);
+      restore();
       throw;
     }
     if (first_invalid != 0xffffffffu) {
       for (size_t i = s.pages.size(); i > first_new; --i) im.free_pages.push_back(s.pages[i - 1]);
       s.pages.resize(first_new);
-      for (size_t i = 0; i < calibrated.size(); ++i)
-        (calibrated[i].side == 0 ? im.key_codecs : im.value_codecs)
-            [im.codec_index(layer, int(calibrated[i].head))] = previous[i];
-      // Say exactly what is wrong with the vector, from a host copy of it.
+      // Say exactly what is wrong with the vector, from a host copy of it, encoded by the codec
+      // the kernel used (ready: encoding one row must not calibrate anything from it).
       const size_t t = first_invalid % tokens, h = (first_invalid / tokens) % H;
       const int side = int(first_invalid / (tokens * H));
+      const Codec used = (side == 0 ? im.key_codecs : im.value_codecs)[im.codec_index(layer, int(h))];
+      restore();
       std::vector<uint8_t> raw(d * elem);
       gpu::download(c.device, raw.data(),
                     static_cast<const uint8_t*>(side == 0 ? k : v) + (t * H + h) * d * elem,
                     raw.size(), im.gpu->stream);
       std::vector<float> row(d);
       row_to_float(raw.data(), type, 0, int(d), row.data());
-      std::vector<uint8_t> record(im.key_codecs[0].record_bytes() + im.value_codecs[0].record_bytes());
+      std::vector<uint8_t> record(used.record_bytes());
       try {
-        (side == 0 ? im.key_codecs : im.value_codecs)[im.codec_index(layer, int(h))]
-            .encode(row.data(), 1, record.data());
+        if (used.ready()) used.encode(row.data(), 1, record.data());
       } catch (const Error& e) {
         std::string what = e.what();
         const std::string vector0 = "vector 0";

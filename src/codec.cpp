@@ -187,16 +187,18 @@ struct Codec::Impl {
   std::vector<ChannelGroup> groups;
   std::vector<GroupTables> tables;
   bool fractional = false;
+  bool needs_channels = false;  // fractional, and no outlier channels given (fixed at construction)
   std::atomic<bool> ready{false};
   std::mutex calibrate_mutex;
 
   void set_channels(std::vector<int> outliers);
-  void calibrate_from(const void* x, ScalarType t, size_t n);
+  // Takes the offset and outlier channels of `chosen` (calibrate_mutex held) and becomes ready.
+  void install(const CodecSpec& chosen);
   // The offset and outlier channels that batch x would give (as calibrated_spec describes).
   CodecSpec calibrated(const void* x, ScalarType t, size_t n) const;
   void require_ready(const char* what) const {
     if (ready.load(std::memory_order_acquire)) return;
-    const bool channels = fractional && spec.outlier_channels.empty();
+    const bool channels = needs_channels;
     throw Error(detail::concat(what, ": this codec has not chosen its ",
                                channels ? "outlier channels" : "offset",
                                " yet; encode a batch first or give CodecSpec::",
@@ -374,12 +376,9 @@ void Codec::Impl::set_channels(std::vector<int> outliers) {
   spec.outlier_channels = groups[0].channels;
 }
 
-void Codec::Impl::calibrate_from(const void* x, ScalarType t, size_t n) {
-  std::lock_guard lock(calibrate_mutex);
-  if (ready.load(std::memory_order_acquire)) return;
-  CodecSpec chosen = calibrated(x, t, n);
-  spec.offset = std::move(chosen.offset);
-  if (fractional) set_channels(std::move(chosen.outlier_channels));
+void Codec::Impl::install(const CodecSpec& chosen) {
+  spec.offset = chosen.offset;
+  if (fractional) set_channels(chosen.outlier_channels);
   ready.store(true, std::memory_order_release);
 }
 
@@ -478,7 +477,8 @@ Codec::Codec(const CodecSpec& spec_in) : impl_(std::make_shared<Impl>()) {
   for (size_t j = 0; j < spec.offset.size(); ++j)
     TQKV_CHECK(std::isfinite(spec.offset[j]), "codec: offset[", j, "] is not finite (",
                spec.offset[j], ")");
-  if (!im.fractional || !spec.outlier_channels.empty()) im.set_channels(spec.outlier_channels);
+  im.needs_channels = im.fractional && spec.outlier_channels.empty();
+  if (!im.needs_channels) im.set_channels(spec.outlier_channels);
   if ((!im.fractional || !spec.outlier_channels.empty()) && (!spec.center || !spec.offset.empty()))
     im.ready.store(true);
 }
@@ -542,8 +542,18 @@ void Codec::encode(const void* x, ScalarType type, size_t n, uint8_t* records) c
     }
   };
   if (!im.ready.load(std::memory_order_acquire)) {
+    // What this codec lacks comes from this batch, and is kept only if the batch is accepted:
+    // a codec made with the choice validates and encodes it (throwing before writing anything),
+    // then the choice is installed. Under the lock, so that a concurrent first batch waits and
+    // then uses this choice.
     first_invalid(true);
-    im.calibrate_from(x, type, n);
+    std::lock_guard lock(im.calibrate_mutex);
+    if (!im.ready.load(std::memory_order_acquire)) {
+      const Codec chosen(im.calibrated(x, type, n));
+      chosen.encode(x, type, n, records);
+      im.install(chosen.impl_->spec);
+      return;
+    }
   }
   first_invalid(false);
 

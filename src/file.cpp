@@ -122,13 +122,17 @@ json parse_json(std::string_view text, std::string_view name, std::string_view w
 }
 
 // Keys of `obj` must be exactly `expected`.
+// Every key of obj is one of `expected` (all required) or `optional`.
 void check_keys(const json& obj, std::initializer_list<const char*> expected,
-                std::string_view name, std::string_view what) {
+                std::string_view name, std::string_view what,
+                std::initializer_list<const char*> optional = {}) {
   std::string list;
   for (const char* k : expected) list += std::string(list.empty() ? "" : ", ") + k;
+  for (const char* k : optional) list += std::string(", optional ") + k;
   for (const auto& item : obj.items()) {
     bool known = false;
     for (const char* k : expected) known = known || item.key() == k;
+    for (const char* k : optional) known = known || item.key() == k;
     TQKV_CHECK(known, name, ": ", what, ": unknown key '", item.key(), "' (expected ", list, ")");
   }
   for (const char* k : expected)
@@ -167,12 +171,8 @@ CodecSpec spec_from_value(const json& j, std::string_view name) {
   constexpr std::string_view what = "codec spec";
   TQKV_CHECK(j.is_object(), name, ": ", what, " must be a JSON object, got ", j.type_name());
   // "center" and "offset" are optional (files written before centering existed lack them).
-  json required = j;
-  required.erase("center");
-  required.erase("offset");
-  check_keys(required,
-             {"dim", "bits", "kind", "rotation", "seed", "norm_format", "outlier_channels"}, name,
-             what);
+  check_keys(j, {"dim", "bits", "kind", "rotation", "seed", "norm_format", "outlier_channels"},
+             name, what, {"center", "offset"});
   CodecSpec spec;
   const uint64_t dim = get_unsigned(j, "dim", name, what);
   TQKV_CHECK(dim >= 2 && dim <= uint64_t(kMaxCodecDim), name, ": ", what, ": 'dim' is ", dim,
@@ -445,8 +445,12 @@ EncodedVectors parse_encoded(std::span<const uint8_t> bytes, std::string_view na
   } catch (const Error& e) {
     fail(name, ": ", e.what());
   }
-  TQKV_CHECK(codec->ready(), name, ": the codec has fractional bits (", ev.spec.bits,
-             ") but no outlier_channels; encoded data cannot be decoded without them");
+  if (!codec->ready()) {
+    if (ev.spec.bits != std::floor(ev.spec.bits) && ev.spec.outlier_channels.empty())
+      fail(name, ": the codec has fractional bits (", ev.spec.bits,
+           ") but no outlier_channels; encoded data cannot be decoded without them");
+    fail(name, ": the codec centers but has no offset; encoded data cannot be decoded without it");
+  }
   TQKV_CHECK(record_bytes == codec->record_bytes(), name, ": record_bytes is ", record_bytes,
              " but this codec (dim ", ev.spec.dim, ", ", to_string(ev.spec.kind), ", ",
              ev.spec.bits, " bits, norm ", to_string(ev.spec.norm_format), ") has ",

@@ -768,12 +768,26 @@ TEST(Codec, CenteringOffsetsAreChecked) {
     EXPECT_NE(std::string(e.what()).find("offset"), std::string::npos) << e.what();
   }
   EXPECT_THROW(waiting.calibrated_spec(out.data(), 0), Error);  // an empty batch
-  // A batch with a non-finite element chooses nothing and is refused.
+  // A batch with a non-finite element chooses nothing and is refused; so is one whose centered
+  // norm does not fit the float16 norm format (the choice is kept only for a batch it encodes).
   std::vector<float> bad(64 * 3, 1.0f);
   bad[70] = std::numeric_limits<float>::quiet_NaN();
   std::vector<uint8_t> recs(3 * waiting.record_bytes());
   EXPECT_THROW(waiting.encode(bad.data(), 3, recs.data()), Error);
   EXPECT_FALSE(waiting.ready());
+  bad[70] = 1e6f;  // row 1 ends up ~6.7e5 from the mean: above 65504
+  try {
+    waiting.encode(bad.data(), 3, recs.data());
+    FAIL() << "a norm above the float16 format must be refused";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("norm"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(waiting.ready());
+  std::vector<float> good(64 * 3);
+  for (size_t i = 0; i < good.size(); ++i) good[i] = float(i % 7);
+  waiting.encode(good.data(), 3, recs.data());
+  ASSERT_TRUE(waiting.ready());
+  EXPECT_EQ(waiting.offset()[0], float((0 + 1 + 2) / 3.0));  // rows 0..2 start at 0, 1, 2
 }
 
 TEST(Codec, OutlierChannelsAreHighestEnergy) {

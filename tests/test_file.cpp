@@ -421,6 +421,12 @@ TEST_F(FileTest, FractionalCodecWithoutChannelsIsRejected) {
   EXPECT_PARSE_ERROR(serialize_encoded(ev), "no outlier_channels");
   ev.spec.outlier_channels = {0, 1, 2};  // 8 needed
   EXPECT_PARSE_ERROR(serialize_encoded(ev), "needs 8 outlier channels");
+  // A centering codec without its offset says so.
+  CodecSpec centered{16, 3.0, CodecKind::mse, RotationChoice::automatic, rng_(), NormFormat::f16,
+                     {}, true};
+  EncodedVectors evc = encode(centered, 2);
+  evc.spec.offset.clear();
+  EXPECT_PARSE_ERROR(serialize_encoded(evc), "centers but has no offset");
 }
 
 TEST_F(FileTest, EmptyBatchRoundTrips) {

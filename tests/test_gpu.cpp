@@ -94,6 +94,7 @@ std::vector<GpuSetup> setups(uint64_t seed) {
   add(128, 4.0, CodecKind::mse, 4.0, CodecKind::mse, 32, NormFormat::f16, true);
   add(128, 3.5, CodecKind::mse, 2.5, CodecKind::mse, 16, NormFormat::f16, true);
   add(64, 3.0, CodecKind::prod, 2.0, CodecKind::mse, 8, NormFormat::f32, true);
+  add(96, 4.0, CodecKind::mse, 3.0, CodecKind::prod, 32, NormFormat::f16, true);  // dense, QJL
   return out;
 }
 
@@ -338,24 +339,70 @@ TEST(Gpu, CachesCopyBetweenDevicesExactly) {
   REQUIRE_GPU();
   const uint64_t seed = fresh_seed();
   std::mt19937_64 rng(seed);
-  GpuSetup s = setups(seed)[4];  // fractional bits: per-head outlier channels travel too
-  s.layers = 2;
-  KVCache cpu(config_of(s, Device::cpu()));
-  const SequenceId a = cpu.add_sequence();
-  for (int l = 0; l < 2; ++l) {
-    const size_t n = 50 * size_t(s.kv_heads) * size_t(s.head_dim);
-    const auto k = random_rows(rng, n, ScalarType::f32, true);
-    const auto v = random_rows(rng, n, ScalarType::f32, false);
-    cpu.append(a, l, k.data(), v.data(), 50, ScalarType::f32);
+  const std::vector<GpuSetup> all = setups(seed);
+  // Fractional bits (per-head outlier channels travel too), centering codecs (per-head offsets),
+  // and centering codecs with the offset given in the configuration.
+  GpuSetup given = all[15];
+  given.key.offset.resize(size_t(given.head_dim));
+  for (size_t j = 0; j < given.key.offset.size(); ++j) given.key.offset[j] = 0.25f * float(j % 5);
+  for (GpuSetup s : {all[4], all[15], given}) {
+    SCOPED_TRACE(s.name() + " seed " + std::to_string(seed));
+    s.layers = 2;
+    KVCache cpu(config_of(s, Device::cpu()));
+    const SequenceId a = cpu.add_sequence();
+    for (int l = 0; l < 2; ++l) {
+      const size_t n = 50 * size_t(s.kv_heads) * size_t(s.head_dim);
+      const auto k = random_rows(rng, n, ScalarType::f32, true, common_of(cpu.config()));
+      const auto v = random_rows(rng, n, ScalarType::f32, false, common_of(cpu.config()));
+      cpu.append(a, l, k.data(), v.data(), 50, ScalarType::f32);
+    }
+    KVCache gpu = cpu.to(Device::cuda(0));
+    EXPECT_EQ(gpu.device(), Device::cuda(0));
+    expect_same_codes(cpu, gpu, a, a, "copy to GPU");
+    EXPECT_EQ(gpu.to(Device::cpu()).serialize(), cpu.serialize());
+    // The copy keeps working: more tokens on both give the same codes again.
+    KVCache cpu2 = gpu.to(Device::cpu());
+    append_both(cpu2, gpu, a, a, 0, 9, ScalarType::f16, rng);
+    expect_same_codes(cpu2, gpu, a, a, "after the copy");
+    // A GPU cache made directly (offsets given or chosen on its first append) matches too.
+    KVCache direct(config_of(s, Device::cuda(0)));
+    KVCache host(config_of(s, Device::cpu()));
+    const SequenceId b = direct.add_sequence(), c = host.add_sequence();
+    append_both(host, direct, c, b, 1, 33, ScalarType::bf16, rng);
+    expect_same_codes(host, direct, c, b, "made on the GPU");
   }
-  KVCache gpu = cpu.to(Device::cuda(0));
-  EXPECT_EQ(gpu.device(), Device::cuda(0));
-  expect_same_codes(cpu, gpu, a, a, "copy to GPU");
-  EXPECT_EQ(gpu.to(Device::cpu()).serialize(), cpu.serialize());
-  // The copy keeps working: more tokens on both give the same codes again.
-  KVCache cpu2 = gpu.to(Device::cpu());
-  append_both(cpu2, gpu, a, a, 0, 9, ScalarType::f16, rng);
-  expect_same_codes(cpu2, gpu, a, a, "after the copy");
+}
+
+// A centering codec's first append on the GPU that holds a vector it cannot encode: refused with
+// the reason, nothing chosen from it, and the next (good) append gives the CPU's codes.
+TEST(Gpu, RefusedFirstAppendChoosesNoOffset) {
+  REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  std::mt19937_64 rng(seed);
+  const GpuSetup s = setups(seed)[15];  // 4-bit, centering, float16 norms
+  KVCache gpu(config_of(s, Device::cuda(0))), cpu(config_of(s, Device::cpu()));
+  const SequenceId a = gpu.add_sequence(), b = cpu.add_sequence();
+  const size_t n = 40 * size_t(s.kv_heads) * size_t(s.head_dim);
+  auto k = random_rows(rng, n, ScalarType::f32, true, common_of(gpu.config()));
+  const auto v = random_rows(rng, n, ScalarType::f32, false, common_of(gpu.config()));
+  const float huge = 1e6f;  // token 12 of head 1: its centered norm is far above 65504
+  std::memcpy(&k[((12 * size_t(s.kv_heads) + 1) * size_t(s.head_dim) + 3) * 4], &huge, 4);
+  const DeviceBuffer dk = on_gpu(k), dv = on_gpu(v);
+  try {
+    gpu.append(a, 0, dk.data(), dv.data(), 40, ScalarType::f32);
+    FAIL() << "a vector whose norm does not fit float16 must be refused";
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("norm"), std::string::npos) << m;
+    EXPECT_NE(m.find("KV head"), std::string::npos) << m;
+  }
+  EXPECT_EQ(gpu.length(a, 0), 0u);
+  for (int h = 0; h < s.kv_heads; ++h) {
+    EXPECT_FALSE(gpu.key_codec(0, h).ready()) << h;
+    EXPECT_FALSE(gpu.value_codec(0, h).ready()) << h;
+  }
+  append_both(cpu, gpu, b, a, 0, 40, ScalarType::f32, rng);
+  expect_same_codes(cpu, gpu, b, a, "after the refused append");
 }
 
 TEST(Gpu, BadInputIsRefusedAndChangesNothing) {
