@@ -534,7 +534,7 @@ void KVCache::append(SequenceId seq, int layer, const void* k, const void* v, si
       row_to_float(raw.data(), type, 0, int(d), row.data());
       std::vector<uint8_t> record(used.record_bytes());
       try {
-        if (used.ready()) used.encode(row.data(), 1, record.data());
+        used.encode(row.data(), 1, record.data());
       } catch (const Error& e) {
         std::string what = e.what();
         const std::string vector0 = "vector 0";

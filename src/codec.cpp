@@ -198,18 +198,18 @@ struct Codec::Impl {
   CodecSpec calibrated(const void* x, ScalarType t, size_t n) const;
   void require_ready(const char* what) const {
     if (ready.load(std::memory_order_acquire)) return;
-    const bool channels = needs_channels;
     throw Error(detail::concat(what, ": this codec has not chosen its ",
-                               channels ? "outlier channels" : "offset",
+                               needs_channels ? "outlier channels" : "offset",
                                " yet; encode a batch first or give CodecSpec::",
-                               channels ? "outlier_channels" : "offset"));
+                               needs_channels ? "outlier_channels" : "offset"));
   }
-  // Row x less the offset (into buf), or x itself when the codec does not center.
-  const float* centered(const float* x, float* buf) const {
-    if (spec.offset.empty()) return x;
-    for (int j = 0; j < spec.dim; ++j) buf[j] = x[j] - spec.offset[size_t(j)];
+  // Row x less `offset` (into buf), or x itself for an empty offset (a codec that does not center).
+  static const float* centered(const float* x, const std::vector<float>& offset, float* buf) {
+    if (offset.empty()) return x;
+    for (size_t j = 0; j < offset.size(); ++j) buf[j] = x[j] - offset[j];
     return buf;
   }
+  const float* centered(const float* x, float* buf) const { return centered(x, spec.offset, buf); }
   // Group g's channels of row x: x itself for a single group, else gathered into buf.
   const float* gather(const ChannelGroup& g, const float* x, float* buf) const {
     if (groups.size() == 1) return x;
@@ -336,11 +336,7 @@ CodecSpec Codec::Impl::calibrated(const void* x, ScalarType t, size_t n) const {
     std::vector<double> energy(static_cast<size_t>(d), 0.0);
     for (size_t i = 0; i < n; ++i) {
       row_to_float(x, t, i, d, row.data());
-      const float* xc = row.data();
-      if (!out.offset.empty()) {
-        for (int j = 0; j < d; ++j) buf[size_t(j)] = row[size_t(j)] - out.offset[size_t(j)];
-        xc = buf.data();
-      }
+      const float* xc = centered(row.data(), out.offset, buf.data());
       for (int j = 0; j < d; ++j) energy[size_t(j)] += double(xc[j]) * xc[j];
     }
     std::vector<int> order(static_cast<size_t>(d));
@@ -479,8 +475,7 @@ Codec::Codec(const CodecSpec& spec_in) : impl_(std::make_shared<Impl>()) {
                spec.offset[j], ")");
   im.needs_channels = im.fractional && spec.outlier_channels.empty();
   if (!im.needs_channels) im.set_channels(spec.outlier_channels);
-  if ((!im.fractional || !spec.outlier_channels.empty()) && (!spec.center || !spec.offset.empty()))
-    im.ready.store(true);
+  if (!im.needs_channels && (!spec.center || !spec.offset.empty())) im.ready.store(true);
 }
 
 CodecSpec Codec::spec() const {

@@ -121,7 +121,6 @@ json parse_json(std::string_view text, std::string_view name, std::string_view w
   }
 }
 
-// Keys of `obj` must be exactly `expected`.
 // Every key of obj is one of `expected` (all required) or `optional`.
 void check_keys(const json& obj, std::initializer_list<const char*> expected,
                 std::string_view name, std::string_view what,

@@ -182,10 +182,6 @@ __device__ bool encode_group(const GroupTables& g, const float* boundaries, int 
   return ok;
 }
 
-// The common case in registers: a Hadamard-rotated MSE group (no QJL) of d = 32·E channels,
-// read straight from the input. Lane l holds channels l + 32k, which is also the canonical
-// order's lane assignment, so the norm's partial sums need no reordering. Same arithmetic, in the
-// same order, as encode_group.
 // x[k] = channel channels[lane + 32k] of the row: the channel numbers, then the elements, each
 // group of loads in flight at once (the element type is the launch's, so it is switched on
 // outside the loops, which keeps them free of branches).
@@ -216,6 +212,10 @@ __device__ __forceinline__ void load_channels(const void* src, int type, size_t 
     for (int k = 0; k < E; ++k) x[k] = __fsub_rn(x[k], offsets[ch[k]]);
 }
 
+// The common case in registers: a Hadamard-rotated MSE group (no QJL) of d = 32·E channels,
+// read straight from the input. Lane l holds channels l + 32k, which is also the canonical
+// order's lane assignment, so the norm's partial sums need no reordering. Same arithmetic, in the
+// same order, as encode_group.
 template <int E>
 __device__ bool encode_group_in_registers(const GroupTables& g, const float* boundaries,
                                           int norm_f16, const void* src, int type, size_t row,
