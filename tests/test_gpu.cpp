@@ -266,9 +266,10 @@ TEST(Gpu, AttentionMatchesTheReference) {
                                std::to_string(seed);
       const std::vector<size_t> decode(seqs.size(), 1);
       check_attention(gpu, seqs, decode, q_heads, {}, rng, what + " decode");
-      // An odd number of splits, and more splits than most sequences have tiles (empty splits,
-      // whose states the merge must select away).
-      for (int splits : {3, 24}) {
+      // An odd number of splits; one block's warps a unit (12: the block merges its warps'
+      // states first, as with 24); more splits than most sequences have tiles (empty splits,
+      // whose states the merges must select away).
+      for (int splits : {3, 12, 24}) {
         AttentionOptions split;
         split.splits = splits;
         check_attention(gpu, seqs, decode, q_heads, split, rng,

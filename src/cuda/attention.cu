@@ -470,6 +470,45 @@ __global__ void __launch_bounds__(32 * kTileRows) prepare_kernel(const Attention
   }
 }
 
+// The block's merge of its warps' partial states (rows 0–7, each warp's in its stage ring,
+// `ring_bytes` apart) into one state in the workspace, at the block's index: the splits of one
+// unit, taken by the block's warps, become one split for the merge kernel. Per (row, float4 of
+// the accumulator) a thread: M = max m_w, weights 2^(m_w − M), L = Σ weight · l_w, and the
+// weighted sum (a warp that saw no token of a row has weight 0 and an accumulator never written:
+// selected away, not multiplied).
+__device__ void premerge_block(const AttentionParams& p, const uint8_t* rings,
+                               uint32_t ring_bytes) {
+  const int acc_dim = p.cache.value.term_dim, stride = 4 + acc_dim;
+  const int chunks = acc_dim / 4, warps = int(blockDim.x / 32);
+  float* merged = p.partial + size_t(blockIdx.x) * kTileRows * size_t(stride);
+  for (int task = int(threadIdx.x); task < 8 * chunks; task += int(blockDim.x)) {
+    const int rho = task / chunks, chunk = task % chunks;
+    auto row_of = [&](int w) {
+      return reinterpret_cast<const float*>(rings + size_t(w) * ring_bytes) + rho * stride;
+    };
+    float M = kNegInf;
+    for (int w = 0; w < warps; ++w) M = fmaxf(M, row_of(w)[0]);
+    float L = 0.0f;
+    float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int w = 0; w < warps; ++w) {
+      const float* row = row_of(w);
+      const float e = row[0] == kNegInf ? 0.0f : exp2f(row[0] - M);
+      L += e * row[1];
+      const float4 v = *reinterpret_cast<const float4*>(row + 4 + 4 * chunk);
+      sum.x += e != 0.0f ? e * v.x : 0.0f;
+      sum.y += e != 0.0f ? e * v.y : 0.0f;
+      sum.z += e != 0.0f ? e * v.z : 0.0f;
+      sum.w += e != 0.0f ? e * v.w : 0.0f;
+    }
+    float* out = merged + size_t(rho) * stride;
+    if (chunk == 0) {
+      out[0] = M;
+      out[1] = L;
+    }
+    *reinterpret_cast<float4*>(out + 4 + 4 * chunk) = sum;
+  }
+}
+
 template <int kTerms, int kWordsK, int kWordsV, bool kRows16, int kDim, int kKeyWidths,
           int kValueWidths>
 __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
@@ -815,8 +854,12 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
   let_next_start();
 
   // --- this item's partial state ------------------------------------------------------------------
+  // Into the warp's own (now idle) stage ring where the block merges its warps' states first
+  // (decode tiles: rows 0–7 only; the launch checks that they fit), else into the workspace.
   const int acc_dim = c.value.term_dim;
-  float* state = p.partial + size_t(item) * kTileRows * size_t(4 + acc_dim);
+  const bool premerge = kDim > 0 && p.premerge > 0;
+  float* state = premerge ? reinterpret_cast<float*>(stages)
+                          : p.partial + size_t(item) * kTileRows * size_t(4 + acc_dim);
 #pragma unroll
   for (int r = 0; r < kRowRegs; ++r) {
     float lt = l[r];
@@ -865,6 +908,12 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
           }
         }
       }
+    }
+  }
+  if constexpr (kDim > 0) {
+    if (premerge) {
+      __syncthreads();
+      premerge_block(p, shared + kTableBytes, kStages * stage_bytes);
     }
   }
 }
@@ -1018,8 +1067,7 @@ void launch_early(void (*kernel)(AttentionParams), const AttentionParams& p, uin
 }
 
 // Launches the kernel; with p.splits == 0 first chooses the splits so that the items fill one
-// wave of the GPU at this kernel's occupancy (a partial second wave would idle most SMs), with
-// splits of at least kStages tiles.
+// wave of the GPU at this kernel's occupancy (a partial second wave would idle most SMs).
 template <int kTerms, int kWordsK, int kWordsV, bool kRows16, int kDim = 0, int kKeyWidths = 0,
           int kValueWidths = 0>
 void launch(Device device, AttentionParams& p, size_t warp_stage_bytes, CudaStream stream) {
@@ -1041,12 +1089,29 @@ void launch(Device device, AttentionParams& p, size_t warp_stage_bytes, CudaStre
                                                                   warps * 32, smem));
     const uint32_t wave = uint32_t(multiprocessors(device)) * uint32_t(std::max(1, blocks_per_sm)) *
                           uint32_t(warps);
-    // At least kStages tiles a split: a warp's whole ring is in flight at once, and fewer
-    // partial states leave less for the merge (short contexts).
     const uint32_t tiles = std::max(1u, (p.max_tokens + 15) / 16);
-    p.splits = int(std::max(1u, std::min(wave / p.units, tiles / kStages)));
+    if constexpr (kDim > 0) {
+      // Blocks merge their warps' states (premerge), so splits cost the merge kernel little:
+      // splits of at least 2 tiles, as many as share the tiles evenly, rounded to whole blocks
+      // a unit (up, idle warps included, while the items still fit in one wave).
+      const uint32_t want = std::max(1u, std::min(wave / p.units, tiles / 2));
+      const uint32_t per_split = (tiles + want - 1) / want;
+      const uint32_t even = (tiles + per_split - 1) / per_split;
+      const uint32_t w = uint32_t(warps);
+      uint32_t blocks = (even + w - 1) / w;
+      if (blocks * w * p.units > wave) blocks = even / w;
+      p.splits = int(blocks > 0 ? blocks * w : even);
+    } else {
+      // At least kStages tiles a split: a warp's whole ring is in flight at once, and fewer
+      // partial states leave less for the merge (short contexts).
+      p.splits = int(std::max(1u, std::min(wave / p.units, tiles / kStages)));
+    }
   }
   p.splits = int(std::max(1u, std::min(uint32_t(p.splits), p.max_items / p.units)));
+  // Blocks of one unit (decode tiles of the fixed kernels) merge their warps' states, where a
+  // state fits in a warp's stage ring.
+  const size_t state_bytes = size_t(kTileRows / 2) * size_t(4 + p.cache.value.term_dim) * 4;
+  p.premerge = kDim > 0 && p.splits % warps == 0 && state_bytes <= warp_stage_bytes ? warps : 0;
   const uint32_t items = p.units * uint32_t(p.splits);
   launch_early(kernel, p, (items + warps - 1) / warps, warps * 32, smem, stream);
 }
@@ -1112,6 +1177,8 @@ void launch_attention(Device device, const AttentionParams& params, CudaStream s
                                " coordinates with ", terms, " terms are not supported (at most "
                                "256 coordinates for integer-bit mse codecs, 128 otherwise)"));
   }
+  // The merge sees one split a block where the blocks merged their warps' states.
+  if (p.premerge) p.splits /= p.premerge;
   const int merge_block = merge_threads(p.splits, c.value.term_dim);
   const int phases = std::max(1, merge_block / (c.value.term_dim / 4));
   const size_t merge_smem = (size_t(phases) * c.value.term_dim + c.head_dim + p.splits) * 4;

@@ -149,6 +149,10 @@ struct AttentionParams {
   uint64_t window = 0;
   int batch = 0;
   int splits = 1;      // token splits per unit; 0: fill one wave of the GPU (launch chooses)
+  /// Set by the launch: warps per attention block when each block's warps take splits of one
+  /// unit and merge them in shared memory before writing one state (the merge kernel then sees
+  /// splits / premerge splits a unit); 0 when every warp writes its own state.
+  int premerge = 0;
   uint32_t max_items = 0;   // workspace capacity (units · splits)
   uint32_t max_tokens = 0;  // longest sequence of the launch (splits beyond its tiles are idle)
   uint32_t units = 0;  // Σ_b kv_heads · tiles_b
