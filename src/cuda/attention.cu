@@ -1045,6 +1045,100 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const AttentionPar
   }
 }
 
+// The merge of one (unit, row) by one warp, for value codecs whose Hadamard MSE groups fill 128
+// coordinates (one group of 128 or two of 64) and at most kWarpMergeSplits splits, as where the
+// blocks merged their warps' states first: the splits' states are all loaded at once (lane s
+// holds split s's m and l; every lane 4 coordinates of each accumulator) and the inverse
+// rotation runs in registers, by shuffles (the butterflies' operations as in merge_kernel), so
+// no block barrier and no dependent load sit in the chain a short context waits for.
+constexpr int kWarpMergeSplits = 32;
+__global__ void __launch_bounds__(32) merge_warp_kernel(const AttentionParams p) {
+  wait_for_previous();
+  const CacheView& c = p.cache;
+  const uint32_t unit = blockIdx.x / kTileRows;
+  const int rho = int(blockIdx.x % kTileRows);
+  const ItemGeometry geo = item_geometry(p, unit);
+  const int i = row_token(p, geo, rho);
+  if (i < 0) return;
+  const int lane = int(threadIdx.x);
+  constexpr int kAcc = 128;
+  const size_t stride = size_t(kTileRows) * (4 + kAcc);
+  const float* first = p.partial + size_t(unit) * p.splits * stride + size_t(rho) * (4 + kAcc);
+  const int splits = p.splits;
+  float ms = kNegInf, ls = 0.0f;
+  if (lane < splits) {
+    ms = first[lane * stride];
+    ls = first[lane * stride + 1];
+  }
+  float4 v[8];  // the first 8 accumulators' coordinates 4·lane .. 4·lane + 3, loaded with m, l
+#pragma unroll
+  for (int s = 0; s < 8; ++s)
+    v[s] = s < splits ? *reinterpret_cast<const float4*>(first + s * stride + 4 + 4 * lane)
+                      : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  float M = ms;
+  for (int w = 16; w >= 1; w /= 2) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, w));
+  const float e = ms == kNegInf ? 0.0f : exp2f(ms - M);
+  float L = e * ls;
+  for (int w = 16; w >= 1; w /= 2) L += __shfl_xor_sync(0xffffffffu, L, w);
+  float y[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  // A split that saw no token has weight 0 and an accumulator never written: selected away.
+  auto add = [&](float w, const float4& a) {
+    y[0] += w != 0.0f ? w * a.x : 0.0f;
+    y[1] += w != 0.0f ? w * a.y : 0.0f;
+    y[2] += w != 0.0f ? w * a.z : 0.0f;
+    y[3] += w != 0.0f ? w * a.w : 0.0f;
+  };
+#pragma unroll
+  for (int s = 0; s < 8; ++s) add(__shfl_sync(0xffffffffu, e, s), v[s]);
+  for (int s0 = 8; s0 < splits; s0 += 8) {
+#pragma unroll
+    for (int s = 0; s < 8; ++s)
+      v[s] = s0 + s < splits
+                 ? *reinterpret_cast<const float4*>(first + (s0 + s) * stride + 4 + 4 * lane)
+                 : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+    for (int s = 0; s < 8; ++s) add(__shfl_sync(0xffffffffu, e, (s0 + s) % 32), v[s]);
+  }
+  const float invL = 1.0f / L;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) y[k] *= invL;
+  // The lane's group (lanes 0–15 and 16–31 for two of 64) and its coordinates there.
+  const int gi = c.value.groups == 2 ? lane / 16 : 0;
+  const GroupTables& g = c.value.g[gi];
+  const int j0 = 4 * (gi ? lane - 16 : lane);
+  for (int hs = 1; hs < g.dim; hs *= 2) {
+    float z[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int j = j0 + k;
+      const float other = hs < 4 ? y[k ^ hs] : __shfl_xor_sync(0xffffffffu, y[k], hs / 4);
+      z[k] = (j & hs) ? other - y[k] : y[k] + other;  // lower: u + v, upper: u − v
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) y[k] = z[k];
+  }
+  const int qhead = geo.h * p.group + (geo.tile * kTileRows + rho) % p.group;
+  float* out = p.out + (size_t(p.first_row[geo.b] + uint32_t(i)) * p.q_heads + qhead) * c.head_dim;
+  const size_t index = (size_t(c.layer) * c.kv_heads + geo.h) * 2 + 1;
+  const int16_t* channels = c.channels + index * c.head_dim + (gi ? c.value.g[0].dim : 0);
+  const float* offsets = c.value.center ? c.offsets + index * c.head_dim : nullptr;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const int ch = channels[j0 + k];
+    out[ch] = y[k] * g.gain * g.signs[j0 + k] + (offsets ? offsets[ch] : 0.0f);
+  }
+}
+
+// Whether merge_warp_kernel takes this launch's merge.
+bool warp_merges(const AttentionParams& p) {
+  const CodecTables& t = p.cache.value;
+  if (p.splits > kWarpMergeSplits || t.term_dim != 128 || p.cache.head_dim != 128) return false;
+  if (t.groups != 1 && !(t.groups == 2 && t.g[0].dim == 64)) return false;
+  for (int gi = 0; gi < t.groups; ++gi)
+    if (t.g[gi].dense || t.g[gi].qjl || t.g[gi].mse_bits == 0) return false;
+  return true;
+}
+
 // Launches kernel(p) on `stream`, allowed to start before the kernel ahead of it ends (it waits
 // in wait_for_previous) where the code running supports that (compute capability 9.0 and later).
 void launch_early(void (*kernel)(AttentionParams), const AttentionParams& p, uint32_t blocks,
@@ -1179,6 +1273,10 @@ void launch_attention(Device device, const AttentionParams& params, CudaStream s
   }
   // The merge sees one split a block where the blocks merged their warps' states.
   if (p.premerge) p.splits /= p.premerge;
+  if (warp_merges(p)) {
+    launch_early(merge_warp_kernel, p, p.units * kTileRows, 32, 0, stream);
+    return;
+  }
   const int merge_block = merge_threads(p.splits, c.value.term_dim);
   const int phases = std::max(1, merge_block / (c.value.term_dim / 4));
   const size_t merge_smem = (size_t(phases) * c.value.term_dim + c.head_dim + p.splits) * 4;
