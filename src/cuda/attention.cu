@@ -930,15 +930,42 @@ int merge_threads(int splits, int acc_dim) {
   return std::clamp((wanted + 31) / 32 * 32, 128, kMergeThreads);
 }
 
-__global__ void __launch_bounds__(kMergeThreads) merge_kernel(const AttentionParams p) {
-  extern __shared__ __align__(16) float buf[];
-  wait_for_previous();
+// The row a merge block takes (block = unit · 16 + ρ): its splits' states, where its output
+// goes, and its value channels and offsets; live is false for a row the tile does not have.
+struct MergeRow {
+  bool live = false;
+  const float* states = nullptr;  // split s at states + s · 16 · (4 + term_dim)
+  float* out = nullptr;
+  const int16_t* channels = nullptr;  // [head_dim]: source channel of each group channel
+  const float* offsets = nullptr;     // centering offsets of the source channels, or null
+};
+
+__device__ MergeRow merge_row(const AttentionParams& p) {
   const CacheView& c = p.cache;
   const uint32_t unit = blockIdx.x / kTileRows;
   const int rho = int(blockIdx.x % kTileRows);
   const ItemGeometry geo = item_geometry(p, unit);
   const int i = row_token(p, geo, rho);
-  if (i < 0) return;
+  MergeRow r;
+  if (i < 0) return r;
+  r.live = true;
+  const int acc_dim = c.value.term_dim, d = c.head_dim;
+  r.states = p.partial + (size_t(unit) * p.splits * kTileRows + size_t(rho)) * (4 + acc_dim);
+  const int qhead = geo.h * p.group + (geo.tile * kTileRows + rho) % p.group;
+  r.out = p.out + (size_t(p.first_row[geo.b] + uint32_t(i)) * p.q_heads + qhead) * d;
+  const size_t index = (size_t(c.layer) * c.kv_heads + geo.h) * 2 + 1;
+  r.channels = c.channels + index * d;
+  // Centered values: the output is μ_V + Σ p (v − μ_V), as the weights sum to 1.
+  r.offsets = c.value.center ? c.offsets + index * d : nullptr;
+  return r;
+}
+
+__global__ void __launch_bounds__(kMergeThreads) merge_kernel(const AttentionParams p) {
+  extern __shared__ __align__(16) float buf[];
+  wait_for_previous();
+  const CacheView& c = p.cache;
+  const MergeRow row = merge_row(p);
+  if (!row.live) return;
   const int acc_dim = c.value.term_dim, d = c.head_dim;
   const int chunks = acc_dim / 4;  // float4s of a row's accumulator
   const int phases = max(1, int(blockDim.x) / chunks);  // threads that share a float4, over splits
@@ -947,7 +974,7 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const AttentionPar
   float* weight = y + d;                       // [splits]
   __shared__ float reduce[32];
   const size_t stride = size_t(kTileRows) * size_t(4 + acc_dim);
-  const float* first = p.partial + size_t(unit) * p.splits * stride + size_t(rho) * (4 + acc_dim);
+  const float* first = row.states;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   // The splits' maxima, then weights 2^(m_s − M): parallel over splits (independent loads).
   float M = kNegInf;
@@ -996,12 +1023,9 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const AttentionPar
     a[j] = v * invL;
   }
   __syncthreads();
-  const int qhead = geo.h * p.group + (geo.tile * kTileRows + rho) % p.group;
-  float* out = p.out + (size_t(p.first_row[geo.b] + uint32_t(i)) * p.q_heads + qhead) * d;
-  const size_t index = (size_t(c.layer) * c.kv_heads + geo.h) * 2 + 1;
-  const int16_t* channels = c.channels + index * d;
-  // Centered values: the output is μ_V + Σ p (v − μ_V), as the weights sum to 1.
-  const float* offsets = c.value.center ? c.offsets + index * d : nullptr;
+  float* out = row.out;
+  const int16_t* channels = row.channels;
+  const float* offsets = row.offsets;
   int at = 0, first_channel = 0;
   for (int gi = 0; gi < c.value.groups; ++gi) {
     const GroupTables& g = c.value.g[gi];
@@ -1055,15 +1079,12 @@ constexpr int kWarpMergeSplits = 32;
 __global__ void __launch_bounds__(32) merge_warp_kernel(const AttentionParams p) {
   wait_for_previous();
   const CacheView& c = p.cache;
-  const uint32_t unit = blockIdx.x / kTileRows;
-  const int rho = int(blockIdx.x % kTileRows);
-  const ItemGeometry geo = item_geometry(p, unit);
-  const int i = row_token(p, geo, rho);
-  if (i < 0) return;
+  const MergeRow row = merge_row(p);
+  if (!row.live) return;
   const int lane = int(threadIdx.x);
   constexpr int kAcc = 128;
   const size_t stride = size_t(kTileRows) * (4 + kAcc);
-  const float* first = p.partial + size_t(unit) * p.splits * stride + size_t(rho) * (4 + kAcc);
+  const float* first = row.states;
   const int splits = p.splits;
   float ms = kNegInf, ls = 0.0f;
   if (lane < splits) {
@@ -1117,15 +1138,11 @@ __global__ void __launch_bounds__(32) merge_warp_kernel(const AttentionParams p)
 #pragma unroll
     for (int k = 0; k < 4; ++k) y[k] = z[k];
   }
-  const int qhead = geo.h * p.group + (geo.tile * kTileRows + rho) % p.group;
-  float* out = p.out + (size_t(p.first_row[geo.b] + uint32_t(i)) * p.q_heads + qhead) * c.head_dim;
-  const size_t index = (size_t(c.layer) * c.kv_heads + geo.h) * 2 + 1;
-  const int16_t* channels = c.channels + index * c.head_dim + (gi ? c.value.g[0].dim : 0);
-  const float* offsets = c.value.center ? c.offsets + index * c.head_dim : nullptr;
+  const int16_t* channels = row.channels + (gi ? c.value.g[0].dim : 0);
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     const int ch = channels[j0 + k];
-    out[ch] = y[k] * g.gain * g.signs[j0 + k] + (offsets ? offsets[ch] : 0.0f);
+    row.out[ch] = y[k] * g.gain * g.signs[j0 + k] + (row.offsets ? row.offsets[ch] : 0.0f);
   }
 }
 
