@@ -23,6 +23,7 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kSqrtHalfPi = 1.2533141373155003f;
+constexpr float kLog2e = 1.4426950408889634f;
 constexpr size_t kTileTokens = 16;   // query tokens per prefill tile
 constexpr size_t kMinSplitTokens = 256;  // a split shorter than this costs more than it gains
 // Above this many query rows a block's codes are expanded to a float tile once and the float
@@ -320,8 +321,11 @@ class DenseSource {
 
 // --- the engine ----------------------------------------------------------------------------------
 
+// Outputs go to `out` ([rows][H_q][d]), or with `states` set to partial states there instead
+// ([rows][H_q][4 + d], attend_partial's layout).
 template <class Source>
-void run_engine(const Problem& p, const Source& src, const float* q, float* out, int splits) {
+void run_engine(const Problem& p, const Source& src, const float* q, float* out, int splits,
+                float* states = nullptr) {
   const size_t R = size_t(p.group), d = size_t(p.dim), P = size_t(src.block_tokens());
   // Units and their token splits.
   std::vector<Unit> units;
@@ -475,9 +479,18 @@ void run_engine(const Problem& p, const Source& src, const float* q, float* out,
         const SoftmaxState total = row_state(u.first_item, r);
         for (int k = 1; k < u.items; ++k) merge(total, row_state(u.first_item + k, r));
         const size_t i = u.i0 + r / R, head = size_t(u.h) * R + r % R;
-        float* o = out + ((s.first_query_row + i) * size_t(p.q_heads) + head) * d;
+        const size_t row = (s.first_query_row + i) * size_t(p.q_heads) + head;
         TQKV_ASSERT(*total.l > 0);  // every query sees at least its own token
-        src.finalize(u.h, total.acc, 1.0f / *total.l, o, scratch);
+        if (states) {
+          float* st = states + row * (4 + d);
+          st[0] = *total.m * kLog2e;
+          st[1] = *total.l;
+          st[2] = st[3] = 0.0f;
+          src.finalize(u.h, total.acc, 1.0f / *total.l, st + 4, scratch);
+          for (size_t j = 0; j < d; ++j) st[4 + j] *= *total.l;
+        } else {
+          src.finalize(u.h, total.acc, 1.0f / *total.l, out + row * d, scratch);
+        }
       }
     }
   }
@@ -549,6 +562,92 @@ void attend_decode(const KVCache& cache, int layer, std::span<const SequenceId> 
                    const float* q, int q_heads, float* out, const AttentionOptions& options) {
   const std::vector<size_t> ones(seqs.size(), 1);
   attend(cache, layer, seqs, ones, q, q_heads, out, options);
+}
+
+namespace detail {
+
+std::vector<SequenceRun> sequence_runs(const KVCache& cache, int layer,
+                                       std::span<const SequenceId> seqs,
+                                       const AttentionOptions& options) {
+  TQKV_CHECK(options.window == 0, "attend_partial: window attention needs the tokens' positions "
+             "in the whole sequence, which a share does not know (use head placement)");
+  TQKV_CHECK(layer >= 0 && layer < cache.config().layers, "attend_partial: layer ", layer,
+             " is outside 0..", cache.config().layers - 1);
+  std::vector<SequenceRun> runs;
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    TQKV_CHECK(cache.contains(seqs[b]), "attend_partial: sequence ", seqs[b], " does not exist");
+    const bool held = cache.length(seqs[b], layer) > 0;
+    if (runs.empty() || runs.back().held != held) runs.push_back({b, 0, held});
+    ++runs.back().count;
+  }
+  return runs;
+}
+
+}  // namespace detail
+
+void attend_partial(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
+                    const float* q, int q_heads, float* states, const AttentionOptions& options) {
+  TQKV_CHECK(!cache.device().is_cuda(), "attend_partial: this cache lives on ",
+             to_string(cache.device()), "; GPU attention takes a GpuWorkspace and a stream");
+  const std::vector<detail::SequenceRun> runs = detail::sequence_runs(cache, layer, seqs, options);
+  const size_t d = size_t(cache.config().head_dim);
+  const size_t row = size_t(q_heads) * d;  // floats of one query token in q
+  // Validate every run before writing any state.
+  std::vector<Problem> problems;
+  for (const detail::SequenceRun& r : runs) {
+    if (!r.held) continue;
+    const std::vector<size_t> ones(r.count, 1);
+    problems.push_back(make_problem(cache, layer, seqs.subspan(r.first, r.count), ones, q_heads,
+                                    options));
+    check_problem(problems.back(), q == nullptr ? nullptr : q + r.first * row, r.count,
+                  states);
+  }
+  detail::check_shape(detail::make_problem(cache, layer, {}, {}, q_heads, options));
+  if (seqs.empty()) return;
+  TQKV_CHECK(q != nullptr && states != nullptr, "attend_partial: null query or states pointer");
+  TQKV_CHECK(options.splits >= 0, "attend: splits must be >= 0, got ", options.splits);
+  size_t next = 0;
+  for (const detail::SequenceRun& r : runs) {
+    float* st = states + r.first * size_t(q_heads) * (4 + d);
+    if (!r.held) {
+      std::fill_n(st, r.count * size_t(q_heads) * (4 + d), 0.0f);
+      continue;
+    }
+    run_engine(problems[next++], CompressedSource(cache, layer, seqs.subspan(r.first, r.count)),
+               q + r.first * row, nullptr, options.splits, st);
+  }
+}
+
+void merge_partial_states(std::span<const float* const> states, size_t rows, int head_dim,
+                          float* out) {
+  TQKV_CHECK(head_dim >= 1, "merge_partial_states: head_dim must be positive, got ", head_dim);
+  TQKV_CHECK(!states.empty(), "merge_partial_states: no states to merge");
+  const size_t d = size_t(head_dim), stride = 4 + d;
+  for (const float* s : states)
+    TQKV_CHECK(s != nullptr || rows == 0, "merge_partial_states: null states pointer");
+  TQKV_CHECK(out != nullptr || rows == 0, "merge_partial_states: null output pointer");
+  // Each row checked before any output is written.
+  for (size_t r = 0; r < rows; ++r) {
+    bool any = false;
+    for (const float* s : states) any |= s[r * stride + 1] > 0.0f;
+    TQKV_CHECK(any, "merge_partial_states: row ", r, " has no non-empty state (no shard holds a "
+               "token of its sequence)");
+  }
+  std::vector<float> total(2 + d), next(2 + d);
+  for (size_t r = 0; r < rows; ++r) {
+    const SoftmaxState into{&total[0], &total[1], &total[2], head_dim};
+    into.reset();
+    for (const float* s : states) {
+      const float* row = s + r * stride;
+      if (!(row[1] > 0.0f)) continue;  // empty
+      // The states' m is in log2 units, softmax_state.hpp's merge in natural ones.
+      next[0] = row[0] / kLog2e;
+      next[1] = row[1];
+      std::copy_n(row + 4, d, next.begin() + 2);
+      merge(into, SoftmaxState{&next[0], &next[1], &next[2], head_dim});
+    }
+    for (size_t j = 0; j < d; ++j) out[r * d + j] = total[2 + j] / total[1];
+  }
 }
 
 void attend_reference(const KVCache& cache, int layer, std::span<const SequenceId> seqs,

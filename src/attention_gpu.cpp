@@ -37,9 +37,12 @@ GpuWorkspace::GpuWorkspace(const KVCache& cache)
   TQKV_CHECK(cache.device().is_cuda(), "GpuWorkspace: the cache lives on the CPU");
 }
 
-void attend(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
-            std::span<const size_t> query_tokens, const float* q, int q_heads, float* out,
-            GpuWorkspace& workspace, CudaStream stream, const AttentionOptions& options) {
+namespace {
+
+// What attend checks before it launches anything (the problem it returns).
+detail::AttentionProblem check(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
+                               std::span<const size_t> query_tokens, int q_heads,
+                               const GpuWorkspace& workspace, const AttentionOptions& options) {
   const auto& im = cache.internals();
   const CacheConfig& c = cache.config();
   TQKV_CHECK(im.on_gpu(), "attend: this cache lives on the CPU; call attend without a workspace");
@@ -53,14 +56,22 @@ void attend(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
     for (const ChannelGroup& g : codec->groups())
       TQKV_CHECK(g.mse_bits <= 4, "attend: GPU attention reads codes of up to 4 bits; this ",
                  "cache stores ", g.mse_bits, "-bit codes (use the CPU)");
-  if (detail::total_rows(problem) == 0) return;
-  TQKV_CHECK(q != nullptr && out != nullptr, "attend: null query or output pointer");
-  if (stream == nullptr) stream = cache.stream();
+  return problem;
+}
 
+// The launches of a checked problem: outputs to `out`, or partial states to `states`.
+void launch(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
+            const detail::AttentionProblem& problem, const float* q, int q_heads, float* out,
+            float* states, GpuWorkspace& workspace, CudaStream stream,
+            const AttentionOptions& options) {
+  const auto& im = cache.internals();
+  const CacheConfig& c = cache.config();
+  if (stream == nullptr) stream = cache.stream();
   gpu::AttentionParams p{};
   p.cache = im.view(layer);
   p.q = q;
   p.out = out;
+  p.states = states;
   p.q_heads = q_heads;
   p.group = problem.group;
   p.scale_log2 = problem.scale * 1.4426950408889634f;
@@ -106,11 +117,65 @@ void attend(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
   flush();
 }
 
+}  // namespace
+
+void attend(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
+            std::span<const size_t> query_tokens, const float* q, int q_heads, float* out,
+            GpuWorkspace& workspace, CudaStream stream, const AttentionOptions& options) {
+  const detail::AttentionProblem problem =
+      check(cache, layer, seqs, query_tokens, q_heads, workspace, options);
+  if (detail::total_rows(problem) == 0) return;
+  TQKV_CHECK(q != nullptr && out != nullptr, "attend: null query or output pointer");
+  launch(cache, layer, seqs, problem, q, q_heads, out, nullptr, workspace, stream, options);
+}
+
 void attend_decode(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
                    const float* q, int q_heads, float* out, GpuWorkspace& workspace,
                    CudaStream stream, const AttentionOptions& options) {
   const std::vector<size_t> ones(seqs.size(), 1);
   attend(cache, layer, seqs, ones, q, q_heads, out, workspace, stream, options);
+}
+
+void attend_partial(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
+                    const float* q, int q_heads, float* states, GpuWorkspace& workspace,
+                    CudaStream stream, const AttentionOptions& options) {
+  TQKV_CHECK(cache.internals().on_gpu(), "attend_partial: this cache lives on the CPU; call "
+             "attend_partial without a workspace");
+  const std::vector<detail::SequenceRun> runs = detail::sequence_runs(cache, layer, seqs, options);
+  // Every run checked before anything is queued.
+  std::vector<detail::AttentionProblem> problems;
+  for (const detail::SequenceRun& r : runs) {
+    if (!r.held) continue;
+    const std::vector<size_t> ones(r.count, 1);
+    problems.push_back(check(cache, layer, seqs.subspan(r.first, r.count), ones, q_heads,
+                             workspace, options));
+  }
+  detail::check_shape(detail::make_problem(cache, layer, {}, {}, q_heads, options));
+  if (seqs.empty()) return;
+  TQKV_CHECK(q != nullptr && states != nullptr, "attend_partial: null query or states pointer");
+  if (stream == nullptr) stream = cache.stream();
+  const size_t d = size_t(cache.config().head_dim), heads = size_t(q_heads);
+  size_t next = 0;
+  for (const detail::SequenceRun& r : runs) {
+    float* st = states + r.first * heads * (4 + d);
+    if (!r.held) {  // the empty state: all zeros (l = 0)
+      gpu::fill(cache.device(), st, 0, r.count * heads * (4 + d) * 4, stream);
+      continue;
+    }
+    launch(cache, layer, seqs.subspan(r.first, r.count), problems[next++],
+           q + r.first * heads * d, q_heads, nullptr, st, workspace, stream, options);
+  }
+}
+
+void merge_partial_states(Device device, const float* states, int count, size_t rows,
+                          int head_dim, float* out, CudaStream stream) {
+  TQKV_CHECK(device.is_cuda(), "merge_partial_states: ", to_string(device), " is not a GPU");
+  TQKV_CHECK(count >= 1, "merge_partial_states: no states to merge");
+  TQKV_CHECK(head_dim >= 1 && head_dim <= 1024, "merge_partial_states: head_dim must be in "
+             "1..1024, got ", head_dim);
+  if (rows == 0) return;
+  TQKV_CHECK(states != nullptr && out != nullptr, "merge_partial_states: null pointer");
+  gpu::launch_merge_states(device, states, count, rows, head_dim, out, stream);
 }
 
 }  // namespace tqkv

@@ -615,6 +615,18 @@ void KVCache::truncate(SequenceId seq, size_t tokens) {
   if (im.on_gpu()) im.upload_lengths(s);
 }
 
+void KVCache::truncate_layer(SequenceId seq, int layer, size_t tokens) {
+  auto& im = *impl_;
+  im.check_layer(layer, "truncate_layer");
+  Impl::Sequence& s = im.find(seq, "truncate_layer");
+  size_t& n = s.lengths[size_t(layer)];
+  TQKV_CHECK(tokens <= n, "truncate_layer: cannot remove ", tokens, " tokens from layer ", layer,
+             " of sequence ", seq, ", which holds ", n);
+  n -= tokens;
+  im.release_pages_beyond(s);
+  if (im.on_gpu()) im.upload_lengths(s);
+}
+
 void KVCache::free_sequence(SequenceId seq) {
   auto& im = *impl_;
   Impl::Sequence& s = im.find(seq, "free_sequence");

@@ -15,25 +15,16 @@
 
 #include "cpu/kernels.hpp"
 #include "tqkv/bitpack.hpp"
+#include "test_support.hpp"
 #include "tqkv/error.hpp"
 
 namespace tqkv {
 namespace {
 
+using namespace testing;  // NOLINT: the shared test helpers
+
 // The fused path computes in float32; the reference in float64 from the same codes.
 constexpr double kFusedTolerance = 1e-5;
-
-uint64_t fresh_seed() {
-  std::random_device rd;
-  return (uint64_t(rd()) << 32) ^ rd();
-}
-
-std::vector<float> gaussian(std::mt19937_64& rng, size_t n, float sigma = 1.0f) {
-  std::normal_distribution<float> g(0.0f, sigma);
-  std::vector<float> out(n);
-  for (auto& x : out) x = g(rng);
-  return out;
-}
 
 // Keys with a few heavy channels (like real models), values plain Gaussian.
 std::vector<float> keys_like(std::mt19937_64& rng, size_t tokens, int heads, int d) {
@@ -41,20 +32,6 @@ std::vector<float> keys_like(std::mt19937_64& rng, size_t tokens, int heads, int
   for (size_t i = 0; i < k.size(); ++i)
     if ((i % size_t(d)) % 17 == 3) k[i] *= 4.0f;
   return k;
-}
-
-double relative_error(const std::vector<float>& a, const std::vector<float>& ref) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num += (double(a[i]) - ref[i]) * (double(a[i]) - ref[i]);
-    den += double(ref[i]) * ref[i];
-  }
-  return std::sqrt(num / den);
-}
-
-// Poison: NaN everywhere, so an element the kernel never writes fails every comparison.
-std::vector<float> poisoned(size_t n) {
-  return std::vector<float>(n, std::numeric_limits<float>::quiet_NaN());
 }
 
 struct Case {

@@ -43,6 +43,29 @@ void attend(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
 void attend_decode(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
                    const float* q, int q_heads, float* out, const AttentionOptions& options = {});
 
+// --- Partial states: attention over a share of each sequence's tokens ------------------------------
+// For a cache that holds one share of each sequence (a shard of a ShardedCache, sharded.hpp),
+// decode gives per query row a mergeable softmax state instead of an output:
+//     row (b, head) of `states` = [m, l, 0, 0, l · o_1 .. l · o_d]      (4 + d floats)
+// where, over the cache's tokens t of sequence b, s_t = scale · log2(e) · ⟨q, k_t⟩ (log2 units),
+// m = max_t s_t, l = Σ_t 2^(s_t − m) and o is the attention output over those tokens (original
+// space, centering offsets included). A sequence the cache holds no token of gets the empty state
+// [0, 0, 0, 0, 0 ..]: l = 0 marks it (m is then ignored). States of disjoint token sets of the
+// same queries merge exactly (merge_partial_states), whatever codecs each cache chose.
+
+/// Decode partial states (every sequence has one query token; q is [B, H_q, d], states
+/// [B, H_q, 4 + d]). Sequences may hold no tokens. options.window is refused: a share does not
+/// know its tokens' positions in the sequence. Throws tqkv::Error; `states` is untouched then.
+void attend_partial(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
+                    const float* q, int q_heads, float* states,
+                    const AttentionOptions& options = {});
+
+/// out[r] = the attention output of row r merged over the S state arrays (each [rows, 4 + d],
+/// host memory): o = Σ_s 2^(m_s − M) l_s o_s / Σ_s 2^(m_s − M) l_s over the non-empty states,
+/// M their largest m (the split-KV merge of softmax_state.hpp). Every row needs a non-empty state.
+void merge_partial_states(std::span<const float* const> states, size_t rows, int head_dim,
+                          float* out);
+
 /// The reference: every key and value dequantized (Codec::decode) and attention in float64.
 /// Same arguments and semantics as attend().
 void attend_reference(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
@@ -105,5 +128,15 @@ void attend(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
 void attend_decode(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
                    const float* q, int q_heads, float* out, GpuWorkspace& workspace,
                    CudaStream stream, const AttentionOptions& options = {});
+
+/// attend_partial for a cache on a GPU: q and states in its device memory, queued on `stream`.
+void attend_partial(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
+                    const float* q, int q_heads, float* states, GpuWorkspace& workspace,
+                    CudaStream stream, const AttentionOptions& options = {});
+
+/// merge_partial_states on a GPU: `states` is [S][rows][4 + d] in device memory (the ranks'
+/// states one after another, as an all-gather leaves them), out [rows][d]; queued on `stream`.
+void merge_partial_states(Device device, const float* states, int count, size_t rows,
+                          int head_dim, float* out, CudaStream stream);
 
 }  // namespace tqkv

@@ -119,6 +119,8 @@ class KVCache {
   }
   /// Removes the last `tokens` tokens of every layer of `seq` (rollback); frees emptied pages.
   void truncate(SequenceId seq, size_t tokens);
+  /// The same for one layer (undoes that layer's last append of `tokens` tokens).
+  void truncate_layer(SequenceId seq, int layer, size_t tokens);
   /// Removes the sequence and returns its pages to the pool.
   void free_sequence(SequenceId seq);
   bool contains(SequenceId seq) const;

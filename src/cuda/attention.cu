@@ -936,9 +936,18 @@ struct MergeRow {
   bool live = false;
   const float* states = nullptr;  // split s at states + s · 16 · (4 + term_dim)
   float* out = nullptr;
+  float* state = nullptr;  // with AttentionParams::states: the row's state (out = state + 4)
   const int16_t* channels = nullptr;  // [head_dim]: source channel of each group channel
   const float* offsets = nullptr;     // centering offsets of the source channels, or null
 };
+
+// A partial state's m and l (by one thread), and what its outputs are multiplied by: L for a
+// state (it holds l · o), else 1.
+__device__ __forceinline__ float finish_state(const MergeRow& r, float M, float L, bool writer) {
+  if (!r.state) return 1.0f;
+  if (writer) *reinterpret_cast<float4*>(r.state) = make_float4(M, L, 0.0f, 0.0f);
+  return L;
+}
 
 __device__ MergeRow merge_row(const AttentionParams& p) {
   const CacheView& c = p.cache;
@@ -952,7 +961,13 @@ __device__ MergeRow merge_row(const AttentionParams& p) {
   const int acc_dim = c.value.term_dim, d = c.head_dim;
   r.states = p.partial + (size_t(unit) * p.splits * kTileRows + size_t(rho)) * (4 + acc_dim);
   const int qhead = geo.h * p.group + (geo.tile * kTileRows + rho) % p.group;
-  r.out = p.out + (size_t(p.first_row[geo.b] + uint32_t(i)) * p.q_heads + qhead) * d;
+  const size_t out_row = size_t(p.first_row[geo.b] + uint32_t(i)) * p.q_heads + qhead;
+  if (p.states) {
+    r.state = p.states + out_row * (4 + d);
+    r.out = r.state + 4;
+  } else {
+    r.out = p.out + out_row * d;
+  }
   const size_t index = (size_t(c.layer) * c.kv_heads + geo.h) * 2 + 1;
   r.channels = c.channels + index * d;
   // Centered values: the output is μ_V + Σ p (v − μ_V), as the weights sum to 1.
@@ -1017,6 +1032,7 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const AttentionPar
   }
   __syncthreads();
   const float invL = 1.0f / L;
+  const float out_scale = finish_state(row, M, L, threadIdx.x == 0);
   for (int j = threadIdx.x; j < acc_dim; j += blockDim.x) {
     float v = 0.0f;
     for (int ph = 0; ph < phases; ++ph) v += a[size_t(ph) * acc_dim + j];
@@ -1053,14 +1069,14 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const AttentionPar
       }
       for (int j = threadIdx.x; j < g.dim; j += blockDim.x) {
         const int ch = channels[first_channel + j];
-        out[ch] = y[j] * g.gain * g.signs[j] + (offsets ? offsets[ch] : 0.0f);
+        out[ch] = (y[j] * g.gain * g.signs[j] + (offsets ? offsets[ch] : 0.0f)) * out_scale;
       }
     } else {
       for (int col = threadIdx.x; col < g.dim; col += blockDim.x) {
         float s = 0.0f;
         for (int r = 0; r < g.dim; ++r) s += g.rotation[size_t(r) * g.dim + col] * y[r];
         const int ch = channels[first_channel + col];
-        out[ch] = s + (offsets ? offsets[ch] : 0.0f);
+        out[ch] = (s + (offsets ? offsets[ch] : 0.0f)) * out_scale;
       }
     }
     __syncthreads();
@@ -1121,6 +1137,7 @@ __global__ void __launch_bounds__(32) merge_warp_kernel(const AttentionParams p)
     for (int s = 0; s < 8; ++s) add(__shfl_sync(0xffffffffu, e, (s0 + s) % 32), v[s]);
   }
   const float invL = 1.0f / L;
+  const float out_scale = finish_state(row, M, L, lane == 0);
 #pragma unroll
   for (int k = 0; k < 4; ++k) y[k] *= invL;
   // The lane's group (lanes 0–15 and 16–31 for two of 64) and its coordinates there.
@@ -1142,7 +1159,8 @@ __global__ void __launch_bounds__(32) merge_warp_kernel(const AttentionParams p)
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     const int ch = channels[j0 + k];
-    row.out[ch] = y[k] * g.gain * g.signs[j0 + k] + (row.offsets ? row.offsets[ch] : 0.0f);
+    row.out[ch] = (y[k] * g.gain * g.signs[j0 + k] + (row.offsets ? row.offsets[ch] : 0.0f)) *
+                  out_scale;
   }
 }
 
@@ -1301,6 +1319,44 @@ void launch_attention(Device device, const AttentionParams& params, CudaStream s
     TQKV_CUDA_CHECK(cudaFuncSetAttribute(merge_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(merge_smem)));
   launch_early(merge_kernel, p, p.units * kTileRows, merge_block, merge_smem, stream);
+}
+
+// The merge of `count` partial states a row (attend_partial's layout, [count][rows][4 + d]) by
+// one warp a row: M over the non-empty states (l > 0), weights 2^(m_s − M), out = Σ w_s acc_s /
+// Σ w_s l_s (the split merge's arithmetic, for states already in the output space).
+__global__ void __launch_bounds__(128) merge_states_kernel(const float* states, int count,
+                                                            size_t rows, int d, float* out) {
+  const size_t r = size_t(blockIdx.x) * 4 + threadIdx.x / 32;
+  const int lane = int(threadIdx.x % 32);
+  if (r >= rows) return;
+  const size_t stride = size_t(4 + d);
+  float M = kNegInf;
+  for (int s = 0; s < count; ++s) {
+    const float* st = states + (size_t(s) * rows + r) * stride;
+    if (st[1] > 0.0f) M = fmaxf(M, st[0]);
+  }
+  float L = 0.0f;
+  for (int s = 0; s < count; ++s) {
+    const float* st = states + (size_t(s) * rows + r) * stride;
+    if (st[1] > 0.0f) L += exp2f(st[0] - M) * st[1];
+  }
+  const float invL = 1.0f / L;  // no non-empty state: inf · 0 = NaN, as the row has no answer
+  for (int j = lane; j < d; j += 32) {
+    float a = 0.0f;
+    for (int s = 0; s < count; ++s) {
+      const float* st = states + (size_t(s) * rows + r) * stride;
+      if (st[1] > 0.0f) a += exp2f(st[0] - M) * st[4 + j];
+    }
+    out[r * size_t(d) + j] = a * invL;
+  }
+}
+
+void launch_merge_states(Device device, const float* states, int count, size_t rows, int head_dim,
+                         float* out, CudaStream stream) {
+  DeviceGuard guard(device);
+  merge_states_kernel<<<unsigned((rows + 3) / 4), 128, 0, stream>>>(states, count, rows, head_dim,
+                                                                    out);
+  TQKV_CUDA_CHECK_LAUNCH("merge_states_kernel");
 }
 
 }  // namespace tqkv::gpu

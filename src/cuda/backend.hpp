@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <memory>
 
 #include "cuda/params.hpp"
 #include "tqkv/device.hpp"
@@ -27,7 +28,28 @@ int multiprocessors(Device device);
 double time_graph_us(Device device, const std::function<void(CudaStream)>& work, int repeats,
                      int inner);
 
+/// Copies `height` rows of `width` bytes from src (rows `src_pitch` apart) to dst (rows
+/// `dst_pitch` apart), device to device.
+void copy_2d(Device device, void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
+             size_t width, size_t height, CudaStream stream);
+
+/// The collective of one process driving several GPUs, one rank per device (arrays of one entry
+/// per rank: the CUDA files are C++17, without std::span).
+class Collective {
+ public:
+  virtual ~Collective() = default;
+  /// recv[r] = send[0] ‖ send[1] ‖ … ‖ send[world − 1] (`count` floats each) on every rank r,
+  /// queued on streams[r].
+  virtual void all_gather(const float* const* send, float* const* recv, size_t count,
+                          const CudaStream* streams) = 0;
+};
+/// NCCL communicators for the `world` distinct GPUs `devices`, created from one unique id.
+std::unique_ptr<Collective> make_nccl_collective(const Device* devices, int world);
+
 void launch_append(Device device, const AppendParams& params, CudaStream stream);
 void launch_attention(Device device, const AttentionParams& params, CudaStream stream);
+/// out[r] = the merge of states[s][r] over s = 0..count−1 (attend_partial's layout).
+void launch_merge_states(Device device, const float* states, int count, size_t rows, int head_dim,
+                         float* out, CudaStream stream);
 
 }  // namespace tqkv::gpu

@@ -84,6 +84,14 @@ void copy(Device device, void* dst, const void* src, size_t bytes, CudaStream st
   TQKV_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream));
 }
 
+void copy_2d(Device device, void* dst, size_t dst_pitch, const void* src, size_t src_pitch,
+             size_t width, size_t height, CudaStream stream) {
+  if (width == 0 || height == 0) return;
+  DeviceGuard guard(device);
+  TQKV_CUDA_CHECK(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, height,
+                                    cudaMemcpyDeviceToDevice, stream));
+}
+
 void fill(Device device, void* p, uint8_t value, size_t bytes, CudaStream stream) {
   if (bytes == 0) return;
   DeviceGuard guard(device);

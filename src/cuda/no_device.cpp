@@ -30,8 +30,15 @@ void copy(Device, void*, const void*, size_t, CudaStream) { no_backend(); }
 void fill(Device, void*, uint8_t, size_t, CudaStream) { no_backend(); }
 int multiprocessors(Device) { no_backend(); }
 double time_graph_us(Device, const std::function<void(CudaStream)>&, int, int) { no_backend(); }
+void copy_2d(Device, void*, size_t, const void*, size_t, size_t, size_t, CudaStream) {
+  no_backend();
+}
+std::unique_ptr<Collective> make_nccl_collective(const Device*, int) { no_backend(); }
 void launch_append(Device, const AppendParams&, CudaStream) { no_backend(); }
 void launch_attention(Device, const AttentionParams&, CudaStream) { no_backend(); }
+void launch_merge_states(Device, const float*, int, size_t, int, float*, CudaStream) {
+  no_backend();
+}
 }  // namespace gpu
 
 }  // namespace tqkv

@@ -144,6 +144,8 @@ struct AttentionParams {
   CacheView cache;
   const float* q = nullptr;  // [rows][q_heads][head_dim]
   float* out = nullptr;
+  /// Instead of out: partial states [rows][q_heads][4 + head_dim] (attend_partial's layout).
+  float* states = nullptr;
   int q_heads = 0, group = 0;
   float scale_log2 = 0;  // softmax scale · log2(e)
   uint64_t window = 0;
