@@ -413,6 +413,51 @@ TEST_F(CliTest, BenchDecodeErrors) {
   EXPECT_EQ(run({"bench"}).status, 2);  // a subcommand is required
 }
 
+// bench sharded on simulated ranks (CPU shards): a row per world size, both placements; errors.
+TEST_F(CliTest, BenchShardedOnSimulatedRanks) {
+  for (const char* placement : {"sequence", "heads"}) {
+    const auto r = run({"bench", "sharded", "--devices", "cpu,cpu,cpu", "--worlds", "1,3",
+                        "--placement", placement, "--context", "300", "--batch", "2", "--bits",
+                        "4", "--q-heads", "6", "--kv-heads", "3", "--dim", "64", "--repeats",
+                        "1", "--json"});
+    ASSERT_EQ(r.status, 0) << r.err;
+    const auto rows = nlohmann::json::parse(r.out);
+    ASSERT_EQ(rows.size(), 2u);
+    for (const auto& row : rows) {
+      for (const char* field : {"shards", "placement", "batch", "context", "bits", "step_us",
+                                "speedup", "efficiency"})
+        EXPECT_TRUE(row.contains(field)) << field << " in " << row.dump();
+      EXPECT_EQ(row["placement"], placement);
+      EXPECT_EQ(row["context"], 300);
+      EXPECT_GT(row["step_us"].get<double>(), 0);
+    }
+    EXPECT_EQ(rows[0]["shards"], 1);
+    EXPECT_EQ(rows[1]["shards"], 3);
+    EXPECT_EQ(rows[0]["speedup"].get<double>(), 1.0);
+  }
+  const auto t = run({"bench", "sharded", "--devices", "cpu,cpu", "--context", "100",
+                      "--q-heads", "2", "--kv-heads", "2", "--dim", "32", "--repeats", "1"});
+  ASSERT_EQ(t.status, 0) << t.err;
+  EXPECT_NE(t.out.find("simulated ranks"), std::string::npos) << t.out;
+  struct Expect {
+    std::vector<std::string> args;
+    const char* needle;
+  };
+  for (const auto& [extra, needle] :
+       {Expect{{"--devices", "cpu", "--worlds", "2"}, "--worlds: 2 shards"},
+        Expect{{"--devices", "cpu,tpu"}, "--devices"},
+        Expect{{"--placement", "rows"}, "--placement"},
+        Expect{{"--devices", "cpu,cpu,cpu", "--placement", "heads", "--kv-heads", "2",
+                "--q-heads", "2"}, "at least as many KV heads"}}) {
+    std::vector<std::string> args = {"bench", "sharded", "--context", "64", "--dim", "32",
+                                     "--repeats", "1"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    const auto r = run(args);
+    EXPECT_EQ(r.status, 1) << needle;
+    EXPECT_NE(r.err.find(needle), std::string::npos) << r.err;
+  }
+}
+
 TEST_F(CliTest, InfoOnKVCacheFile) {
   tqkv::CacheConfig config;
   config.layers = 2;

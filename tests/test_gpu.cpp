@@ -14,6 +14,7 @@
 #include "tqkv/attention.hpp"
 #include "tqkv/error.hpp"
 #include "tqkv/half.hpp"
+#include "tqkv/sharded.hpp"
 
 namespace tqkv {
 namespace {
@@ -334,6 +335,88 @@ TEST(Gpu, DecodeReplaysInACudaGraph) {
                                  std::to_string(seed) + ", after 9 replays");
     }
   }
+}
+
+// GPU shards (every GPU of the machine: 1..n, NCCL communicators even for one) against the
+// float64 reference of one GPU cache holding the same codes, both placements, with sequences that
+// leave shards without tokens; states, all-gather and merge all run on the GPUs.
+TEST(Gpu, ShardedDecodeMatchesOneCache) {
+  REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  std::mt19937_64 rng(seed);
+  const int gpus = int(list_gpus().size());
+  const std::vector<GpuSetup> all = setups(seed);
+  // Codecs that do not calibrate (the same on every shard): fixed-shape, prod, dense.
+  for (const GpuSetup& s : {all[0], all[4], all[9], all[13]})
+    for (Placement placement : {Placement::sequence, Placement::heads})
+      for (int world = 1; world <= gpus; ++world) {
+        const CacheConfig c = config_of(s, Device::cuda(0));
+        if (placement == Placement::heads && world > c.kv_heads) continue;
+        ShardedConfig sc;
+        sc.cache = c;
+        sc.placement = placement;
+        for (int g = 0; g < world; ++g) sc.devices.push_back(Device::cuda(g));
+        if (placement == Placement::sequence) sc.share_tokens = 4 * size_t(c.page_tokens);
+        ShardedCache sharded(sc);
+        KVCache single(c);
+        std::vector<SequenceId> sseqs, seqs;
+        const size_t H = size_t(c.kv_heads), d = size_t(c.head_dim);
+        for (size_t T : {size_t(1000), size_t(5), size_t(300)}) {
+          sseqs.push_back(sharded.add_sequence());
+          seqs.push_back(single.add_sequence());
+          const std::vector<uint8_t> k = random_rows(rng, T * H * d, ScalarType::f32, true, 0.0f);
+          const std::vector<uint8_t> v = random_rows(rng, T * H * d, ScalarType::f32, false, 0.0f);
+          std::vector<DeviceBuffer> dk, dv;
+          std::vector<const void*> ks, vs;
+          for (int g = 0; g < world; ++g) {
+            dk.emplace_back(Device::cuda(g), k.size());
+            dv.emplace_back(Device::cuda(g), v.size());
+            dk.back().upload(k.data(), k.size());
+            dv.back().upload(v.data(), v.size());
+            ks.push_back(dk.back().data());
+            vs.push_back(dv.back().data());
+          }
+          sharded.append(sseqs.back(), 0, ks, vs, T, ScalarType::f32);
+          single.append(seqs.back(), 0, dk[0].data(), dv[0].data(), T, ScalarType::f32);
+        }
+        const int R = 4, q_heads = R * c.kv_heads;
+        const size_t B = seqs.size();
+        const std::vector<size_t> decode(B, 1);
+        const std::vector<float> q = random_queries(decode, q_heads, c.head_dim, rng);
+        std::vector<float> ref(q.size());
+        attend_reference(single, 0, seqs, decode, q.data(), q_heads, ref.data());
+        std::vector<DeviceBuffer> dq, dout;
+        std::vector<const float*> qp;
+        std::vector<float*> op;
+        std::vector<std::vector<float>> mine(static_cast<size_t>(world));
+        for (int g = 0; g < world; ++g) {
+          const auto heads = sharded.heads_of(g);
+          const size_t hq = size_t(R) * heads.count;
+          std::vector<float> qg, refg;
+          for (size_t b = 0; b < B; ++b) {
+            const size_t at = (b * size_t(q_heads) + size_t(R) * heads.first) * d;
+            qg.insert(qg.end(), q.begin() + long(at), q.begin() + long(at + hq * d));
+            refg.insert(refg.end(), ref.begin() + long(at), ref.begin() + long(at + hq * d));
+          }
+          mine[size_t(g)] = refg;
+          dq.emplace_back(Device::cuda(g), qg.size() * 4);
+          dq.back().upload(qg.data(), qg.size() * 4);
+          dout.emplace_back(Device::cuda(g), qg.size() * 4);
+          dout.back().fill(0xff);  // NaN: an element never written fails
+          qp.push_back(dq.back().as<float>());
+          op.push_back(dout.back().as<float>());
+        }
+        sharded.attend_decode(0, sseqs, qp, q_heads, op);
+        for (int g = 0; g < world; ++g) {
+          synchronize(Device::cuda(g));
+          std::vector<float> out(mine[size_t(g)].size());
+          dout[size_t(g)].download(out.data(), out.size() * 4);
+          expect_close(out, mine[size_t(g)],
+                       s.name() + (placement == Placement::heads ? ", heads" : ", sequence") +
+                           ", world " + std::to_string(world) + ", shard " + std::to_string(g) +
+                           ", seed " + std::to_string(seed));
+        }
+      }
 }
 
 TEST(Gpu, CachesCopyBetweenDevicesExactly) {

@@ -1,5 +1,6 @@
 // tqkv bench decode, and the demo's attention section: decode attention timed on the codes
-// (fused), through dequantize-then-attend (fallback) and on dense float32 K/V.
+// (fused), through dequantize-then-attend (fallback) and on dense float32 K/V; tqkv bench
+// sharded: the decode step of a cache spread over several devices.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -14,6 +15,7 @@
 #include "tqkv/attention.hpp"
 #include "tqkv/device.hpp"
 #include "tqkv/error.hpp"
+#include "tqkv/sharded.hpp"
 
 namespace tqkv::cli {
 namespace {
@@ -255,6 +257,26 @@ std::vector<BenchRow> bench_decode_cuda(const BenchDecodeArgs& a, Device device,
   return rows;
 }
 
+// The bench commands' shared options, checked before anything is built: the bit widths (parsed),
+// the head shape and the repeat count.
+std::vector<double> check_shape_options(const std::string& bits_list, int q_heads, int kv_heads,
+                                        int dim, int repeats, CodecKind kind) {
+  const auto bits_text = split_list(bits_list, "--bits");
+  std::vector<double> bits;
+  for (const auto& b : bits_text) bits.push_back(parse_bits(b, "--bits"));
+  TQKV_CHECK(repeats >= 1, "--repeats: must be at least 1, got ", repeats);
+  TQKV_CHECK(kv_heads >= 1 && kv_heads <= 4096, "--kv-heads: must be in 1..4096, got ",
+             kv_heads);
+  TQKV_CHECK(q_heads >= 1 && q_heads % kv_heads == 0, "--q-heads: ", q_heads,
+             " is not a positive multiple of --kv-heads ", kv_heads);
+  TQKV_CHECK(dim >= 8 && dim <= 4096 && dim % 8 == 0,
+             "--dim: must be a multiple of 8 in 8..4096, got ", dim);
+  for (size_t i = 0; i < bits.size(); ++i)
+    check_cache_codec(cache_config(1, dim, bits[i], kind).key, false, dim,
+                      "--bits " + bits_text[i]);
+  return bits;
+}
+
 }  // namespace
 
 int bench_decode(const BenchDecodeArgs& a, std::ostream& out) {
@@ -267,21 +289,10 @@ int bench_decode(const BenchDecodeArgs& a, std::ostream& out) {
   }
   const auto batches = parse_positive_list(a.batch, "--batch");
   const auto contexts = parse_positive_list(a.context, "--context");
-  const auto bits_text = split_list(a.bits, "--bits");
-  std::vector<double> bits;
-  for (const auto& b : bits_text) bits.push_back(parse_bits(b, "--bits"));
   const CodecKind kind = parse_codec_kind(a.codec);
   TQKV_CHECK(a.threads >= 0, "--threads: must be >= 0 (0: all), got ", a.threads);
-  TQKV_CHECK(a.repeats >= 1, "--repeats: must be at least 1, got ", a.repeats);
-  TQKV_CHECK(a.kv_heads >= 1 && a.kv_heads <= 4096, "--kv-heads: must be in 1..4096, got ",
-             a.kv_heads);
-  TQKV_CHECK(a.q_heads >= 1 && a.q_heads % a.kv_heads == 0, "--q-heads: ", a.q_heads,
-             " is not a positive multiple of --kv-heads ", a.kv_heads);
-  TQKV_CHECK(a.dim >= 8 && a.dim <= 4096 && a.dim % 8 == 0,
-             "--dim: must be a multiple of 8 in 8..4096, got ", a.dim);
-  for (size_t i = 0; i < bits.size(); ++i)
-    check_cache_codec(cache_config(1, a.dim, bits[i], kind).key, false, a.dim,
-                      "--bits " + bits_text[i]);
+  const std::vector<double> bits =
+      check_shape_options(a.bits, a.q_heads, a.kv_heads, a.dim, a.repeats, kind);
 
   if (device.is_cuda()) {
     const auto rows = bench_decode_cuda(a, device, batches, contexts, bits, kind, out);
@@ -374,6 +385,147 @@ int bench_decode(const BenchDecodeArgs& a, std::ostream& out) {
            "attend;\ndense: float32 K/V (" << H * d * 2 * sizeof(float)
         << " bytes per token). GB/s: compressed bytes read per second by the fused path.\n";
   }
+  return 0;
+}
+
+int bench_sharded(const BenchShardedArgs& a, std::ostream& out) {
+  std::vector<Device> devices;
+  for (const std::string& name : split_list(a.devices, "--devices")) {
+    try {
+      devices.push_back(parse_device(name));
+      check_device(devices.back());
+    } catch (const Error& e) {
+      throw Error(std::string("--devices: ") + e.what());
+    }
+  }
+  std::vector<size_t> worlds = a.worlds.empty() ? std::vector<size_t>{1, devices.size()}
+                                                : parse_positive_list(a.worlds, "--worlds");
+  worlds.erase(std::unique(worlds.begin(), worlds.end()), worlds.end());
+  for (size_t w : worlds)
+    TQKV_CHECK(w <= devices.size(), "--worlds: ", w, " shards, but --devices lists ",
+               devices.size());
+  TQKV_CHECK(a.placement == "sequence" || a.placement == "heads",
+             "--placement: sequence or heads, got '", a.placement, "'");
+  const Placement placement = a.placement == "heads" ? Placement::heads : Placement::sequence;
+  const auto batches = parse_positive_list(a.batch, "--batch");
+  const auto contexts = parse_positive_list(a.context, "--context");
+  const std::vector<double> bits =
+      check_shape_options(a.bits, a.q_heads, a.kv_heads, a.dim, a.repeats, CodecKind::mse);
+  const size_t H = size_t(a.kv_heads), d = size_t(a.dim), Hq = size_t(a.q_heads);
+  const bool gpu = devices[0].is_cuda();
+  Normals normals(12345);
+  const size_t max_context = *std::max_element(contexts.begin(), contexts.end());
+  const size_t block_tokens = std::min<size_t>(gpu ? 65536 : 1024, max_context);
+  // The same float16 K/V block on every device (each shard reads its own device's copy).
+  std::vector<uint16_t> host_k(block_tokens * H * d), host_v(host_k.size());
+  for (auto* h : {&host_k, &host_v}) {
+    const std::vector<float> x = normals.make(h->size());
+    for (size_t i = 0; i < x.size(); ++i) (*h)[i] = float_to_half(x[i]);
+  }
+  std::vector<DeviceBuffer> dev_k, dev_v;
+  std::vector<const void*> ks, vs;
+  for (const Device& device : devices) {
+    if (gpu) {
+      dev_k.emplace_back(device, host_k.size() * 2);
+      dev_v.emplace_back(device, host_v.size() * 2);
+      dev_k.back().upload(host_k.data(), host_k.size() * 2);
+      dev_v.back().upload(host_v.data(), host_v.size() * 2);
+    }
+    ks.push_back(gpu ? dev_k.back().data() : host_k.data());
+    vs.push_back(gpu ? dev_v.back().data() : host_v.data());
+  }
+  nlohmann::json rows = nlohmann::json::array();
+  if (!a.json)
+    out << "tqkv bench sharded: " << a.placement << " placement over " << a.devices << ", H_q "
+        << Hq << ", H_kv " << H << ", d " << d << ", mse; wall time of a decode step (all "
+        << "shards, collective and merge included), median of " << a.repeats << "\n"
+        << "shards  batch  context  bits  step us  speedup  efficiency\n";
+  for (const size_t B : batches)
+    for (const size_t T : contexts)
+      for (const double b : bits) {
+        double one = 0;  // the step time on one shard
+        for (const size_t w : worlds) {
+          ShardedConfig sc;
+          sc.cache = cache_config(a.kv_heads, a.dim, b, CodecKind::mse);
+          sc.cache.page_tokens = 64;
+          sc.devices.assign(devices.begin(), devices.begin() + long(w));
+          sc.placement = placement;
+          const size_t P = size_t(sc.cache.page_tokens);
+          // Sequence placement: every shard T / w tokens of each sequence (the last the rest).
+          const size_t share = ((T + w - 1) / w + P - 1) / P * P;
+          if (placement == Placement::sequence) sc.share_tokens = share;
+          const size_t per_shard = placement == Placement::sequence ? std::min(share, T) + P : T;
+          sc.cache.max_pages = B * ((per_shard + P - 1) / P + 1);
+          sc.cache.max_sequences = std::max<size_t>(64, B);
+          ShardedCache cache(sc);
+          std::vector<SequenceId> seqs;
+          const std::vector<const void*> kw(ks.begin(), ks.begin() + long(w));
+          const std::vector<const void*> vw(vs.begin(), vs.begin() + long(w));
+          for (size_t s = 0; s < B; ++s) {
+            seqs.push_back(cache.add_sequence());
+            for (size_t t = 0; t < T; t += block_tokens)
+              cache.append(seqs.back(), 0, kw, vw, std::min(block_tokens, T - t), ScalarType::f16);
+          }
+          std::vector<std::vector<float>> host_q(w), host_out(w);
+          std::vector<DeviceBuffer> dq, dout;
+          std::vector<const float*> qp;
+          std::vector<float*> op;
+          const std::vector<float> q = normals.make(B * Hq * d);
+          for (size_t r = 0; r < w; ++r) {
+            // Head placement: the shard's query heads only.
+            const auto heads = cache.heads_of(int(r));
+            const size_t rows_r = B * (Hq / H) * heads.count;
+            host_q[r].resize(rows_r * d);
+            for (size_t bi = 0; bi < B; ++bi)
+              std::copy_n(q.begin() + long((bi * Hq + heads.first * (Hq / H)) * d),
+                          (Hq / H) * heads.count * d,
+                          host_q[r].begin() + long(bi * (Hq / H) * heads.count * d));
+            host_out[r].resize(rows_r * d);
+            if (gpu) {
+              dq.emplace_back(devices[r], rows_r * d * 4);
+              dout.emplace_back(devices[r], rows_r * d * 4);
+              dq.back().upload(host_q[r].data(), rows_r * d * 4);
+            }
+            qp.push_back(gpu ? dq.back().as<float>() : host_q[r].data());
+            op.push_back(gpu ? dout.back().as<float>() : host_out[r].data());
+          }
+          auto step = [&] {
+            cache.attend_decode(0, seqs, qp, a.q_heads, op);
+            if (gpu)
+              for (size_t r = 0; r < w; ++r) synchronize(devices[r], cache.shard(int(r)).stream());
+          };
+          step();  // warm-up (sizes the states' buffers)
+          std::vector<double> times;
+          for (int i = 0; i < a.repeats; ++i) {
+            const auto t0 = std::chrono::steady_clock::now();
+            step();
+            times.push_back(
+                std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0)
+                    .count());
+          }
+          std::sort(times.begin(), times.end());
+          const double us = times[times.size() / 2];
+          if (w == worlds[0]) one = us * double(worlds[0]);
+          const double speedup = one / us, efficiency = speedup / double(w);
+          rows.push_back({{"shards", w}, {"placement", a.placement}, {"batch", B},
+                          {"context", T}, {"bits", b}, {"q_heads", a.q_heads},
+                          {"kv_heads", a.kv_heads}, {"dim", a.dim}, {"step_us", us},
+                          {"speedup", speedup}, {"efficiency", efficiency}});
+          if (!a.json) {
+            char line[160];
+            std::snprintf(line, sizeof line, "%6zu  %5zu  %7zu  %4.3g  %7.1f  %6.2fx  %10.2f\n", w,
+                          B, T, b, us, speedup, efficiency);
+            out << line << std::flush;
+          }
+        }
+      }
+  if (a.json) out << rows.dump(2) << "\n";
+  else
+    out << "speedup: against the first shard count's step time scaled to one shard; "
+           "efficiency: speedup / shards."
+        << (gpu ? "\n"
+                : "\nCPU shards are simulated ranks: they run one after another in this process "
+                  "(a check of the sharded path, not of its scaling).\n");
   return 0;
 }
 

@@ -464,6 +464,26 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
       ->capture_default_str();
   bdec->add_flag("--json", bd.json, "print a JSON array");
 
+  BenchShardedArgs bs;
+  auto* bsh = bench->add_subcommand(
+      "sharded", "decode on a cache spread over several devices (sequence or head placement)");
+  bsh->add_option("--devices", bs.devices, "comma-separated devices, one shard each (cpu: "
+                  "simulated ranks; cuda:N: distinct GPUs, NCCL)")->capture_default_str();
+  bsh->add_option("--worlds", bs.worlds, "comma-separated shard counts (the first devices); "
+                  "default: 1 and all")->capture_default_str();
+  bsh->add_option("--placement", bs.placement, "sequence or heads")->capture_default_str();
+  bsh->add_option("--batch", bs.batch, "comma-separated batch sizes")->capture_default_str();
+  bsh->add_option("--context", bs.context, "comma-separated context lengths (tokens)")
+      ->capture_default_str();
+  bsh->add_option("--bits", bs.bits, "comma-separated bit widths (keys and values)")
+      ->capture_default_str();
+  bsh->add_option("--q-heads", bs.q_heads, "query heads")->capture_default_str();
+  bsh->add_option("--kv-heads", bs.kv_heads, "KV heads")->capture_default_str();
+  bsh->add_option("--dim", bs.dim, "head dimension")->capture_default_str();
+  bsh->add_option("--repeats", bs.repeats, "timed steps (the median is kept)")
+      ->capture_default_str();
+  bsh->add_flag("--json", bs.json, "print a JSON array");
+
   std::vector<std::string> argv_rev(args.rbegin(), args.rend());
   try {
     app.parse(argv_rev);
@@ -492,6 +512,7 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
     if (dm->parsed()) return demo(demo_samples, demo_context, out);
     if (att->parsed()) return attend(at, out);
     if (bdec->parsed()) return bench_decode(bd, out);
+    if (bsh->parsed()) return bench_sharded(bs, out);
   } catch (const Error& e) {
     err << "tqkv: error: " << e.what() << "\n";
     return 1;

@@ -83,6 +83,18 @@ struct BenchRow {
 /// for every (batch, context, bits) row.
 int bench_decode(const BenchDecodeArgs& args, std::ostream& out);
 
+struct BenchShardedArgs {
+  std::string devices = "cpu,cpu";  ///< the shards' devices; world w uses the first w
+  std::string worlds = "";          ///< comma-separated world sizes; empty: 1 and all devices
+  std::string placement = "sequence";
+  std::string batch = "1", context = "131072", bits = "4";
+  int q_heads = 32, kv_heads = 8, dim = 128;
+  int repeats = 5;
+  bool json = false;
+};
+/// tqkv bench sharded: decode step time on a ShardedCache per world size (sharded.hpp).
+int bench_sharded(const BenchShardedArgs& args, std::ostream& out);
+
 // ---- tqkv eval model (eval_model.cpp) ----------------------------------------------------------
 
 struct EvalModelArgs {

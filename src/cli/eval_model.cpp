@@ -219,6 +219,8 @@ int eval_model(const EvalModelArgs& args, std::ostream& out, std::ostream& err) 
   TQKV_CHECK(!args.model.empty(), "--model: an ONNX file is needed (tools/fetch-model.sh)");
   TQKV_CHECK(args.tokens >= 2, "--tokens must be at least 2, got ", args.tokens);
   TQKV_CHECK(args.sequences >= 1, "--sequences must be at least 1");
+  TQKV_CHECK(!args.kv_stats || args.plot.empty(), "--plot draws the configurations, which "
+             "--kv-stats does not run");
   if (!args.plot.empty()) check_plot_path(args.plot);
   const onnx::Model file = onnx::read(args.model);
   LlamaOptions options;
@@ -227,8 +229,6 @@ int eval_model(const EvalModelArgs& args, std::ostream& out, std::ostream& err) 
   const LlamaConfig& mc = model.config();
   TQKV_CHECK(args.kv_bits >= 1 && args.kv_bits <= 8, "--kv-bits must be in 1..8, got ",
              args.kv_bits);
-  TQKV_CHECK(!args.kv_stats || args.plot.empty(), "--plot draws the configurations, which "
-             "--kv-stats does not run");
   std::vector<CacheChoice> choices;
   for (const std::string& name : split_list(args.configs, "--configs"))
     choices.push_back(parse_choice(name, mc.head_dim));
