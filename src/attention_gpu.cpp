@@ -153,18 +153,21 @@ void attend_partial(const KVCache& cache, int layer, std::span<const SequenceId>
   detail::check_shape(detail::make_problem(cache, layer, {}, {}, q_heads, options));
   if (seqs.empty()) return;
   TQKV_CHECK(q != nullptr && states != nullptr, "attend_partial: null query or states pointer");
+  TQKV_CHECK(reinterpret_cast<uintptr_t>(states) % 16 == 0, "attend_partial: GPU states must be "
+             "16-byte aligned (each row is written as float4s)");
   if (stream == nullptr) stream = cache.stream();
   const size_t d = size_t(cache.config().head_dim), heads = size_t(q_heads);
   size_t next = 0;
-  for (const detail::SequenceRun& r : runs) {
-    float* st = states + r.first * heads * (4 + d);
-    if (!r.held) {  // the empty state: all zeros (l = 0)
-      gpu::fill(cache.device(), st, 0, r.count * heads * (4 + d) * 4, stream);
-      continue;
-    }
-    launch(cache, layer, seqs.subspan(r.first, r.count), problems[next++],
-           q + r.first * heads * d, q_heads, nullptr, st, workspace, stream, options);
-  }
+  for (const detail::SequenceRun& r : runs)
+    if (r.held)
+      launch(cache, layer, seqs.subspan(r.first, r.count), problems[next++],
+             q + r.first * heads * d, q_heads, nullptr, states + r.first * heads * (4 + d),
+             workspace, stream, options);
+  // The empty state, all zeros (l = 0), once every launch was accepted.
+  for (const detail::SequenceRun& r : runs)
+    if (!r.held)
+      gpu::fill(cache.device(), states + r.first * heads * (4 + d), 0,
+                r.count * heads * (4 + d) * 4, stream);
 }
 
 void merge_partial_states(Device device, const float* states, int count, size_t rows,

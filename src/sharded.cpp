@@ -87,6 +87,8 @@ ShardedCache::ShardedCache(ShardedConfig config) : impl_(std::make_unique<Impl>(
     TQKV_CHECK(c.page_tokens > 0 && config.share_tokens % size_t(c.page_tokens) == 0,
                "ShardedCache: share_tokens (", config.share_tokens, ") must be a multiple of ",
                "page_tokens (", c.page_tokens, ")");
+    TQKV_CHECK(config.share_tokens <= (size_t(1) << 40), "ShardedCache: share_tokens (",
+               config.share_tokens, ") is beyond any sequence (at most 2^40)");
   }
   for (int r = 0; r < world; ++r) {
     Range h{0, size_t(c.kv_heads)};
@@ -267,6 +269,9 @@ void ShardedCache::attend_decode(int layer, std::span<const SequenceId> seqs,
   const CacheConfig& c = im.config.cache;
   TQKV_CHECK(q_heads >= 1 && q_heads % c.kv_heads == 0, "attend_decode: q_heads (", q_heads,
              ") must be a positive multiple of kv_heads (", c.kv_heads, ")");
+  for (size_t r = 0; r < W && !seqs.empty(); ++r)
+    TQKV_CHECK(q[r] != nullptr && out[r] != nullptr, "attend_decode: null query or output "
+               "pointer for shard ", r);
   const int R = q_heads / c.kv_heads;
   // Per shard, its own ids of the sequences.
   std::vector<std::vector<SequenceId>> ids(W);

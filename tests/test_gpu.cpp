@@ -419,6 +419,82 @@ TEST(Gpu, ShardedDecodeMatchesOneCache) {
       }
 }
 
+// attend_partial and merge_partial_states on the GPU against their CPU versions: a batch that
+// mixes sequences the cache holds tokens of with sequences it holds none of (empty states), and
+// merges of several state arrays with empty states among them (as several shards' would be).
+TEST(Gpu, PartialStatesMatchTheCpu) {
+  REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  std::mt19937_64 rng(seed);
+  const std::vector<GpuSetup> all = setups(seed);
+  for (const GpuSetup& s : {all[0], all[6], all[9], all[13], all[14]}) {
+    KVCache cpu(config_of(s, Device::cpu())), gpu(config_of(s, Device::cuda(0)));
+    std::vector<SequenceId> sc, sg;
+    for (size_t T : {size_t(0), size_t(300), size_t(0), size_t(0), size_t(77), size_t(0)}) {
+      sc.push_back(cpu.add_sequence());
+      sg.push_back(gpu.add_sequence());
+      if (T > 0) append_both(cpu, gpu, sc.back(), sg.back(), 0, T, ScalarType::f32, rng);
+    }
+    const int q_heads = 2 * s.kv_heads;
+    const size_t d = size_t(s.head_dim), rows = sc.size() * size_t(q_heads);
+    const std::vector<float> q = random_queries(std::vector<size_t>(sc.size(), 1), q_heads,
+                                                s.head_dim, rng);
+    std::vector<float> ref(rows * (4 + d)), got(rows * (4 + d));
+    attend_partial(cpu, 0, sc, q.data(), q_heads, ref.data());
+    DeviceBuffer dq(Device::cuda(0), q.size() * 4), dst(Device::cuda(0), got.size() * 4);
+    dq.upload(q.data(), q.size() * 4);
+    dst.fill(0xff);  // NaN: a row never written fails
+    GpuWorkspace ws(gpu);
+    attend_partial(gpu, 0, sg, dq.as<float>(), q_heads, dst.as<float>(), ws, nullptr);
+    synchronize(Device::cuda(0));
+    dst.download(got.data(), got.size() * 4);
+    std::vector<float> out_ref, out_got;
+    for (size_t r = 0; r < rows; ++r) {
+      const float* a = &ref[r * (4 + d)];
+      const float* b = &got[r * (4 + d)];
+      if (a[1] == 0.0f) {  // empty: all zeros
+        for (size_t j = 0; j < 4 + d; ++j) EXPECT_EQ(b[j], 0.0f) << s.name() << " row " << r;
+        continue;
+      }
+      ASSERT_GT(b[1], 0.0f) << s.name() << " row " << r;
+      EXPECT_NEAR(b[0], a[0], 1e-2 * (1.0 + std::abs(a[0]))) << s.name() << " m, row " << r;
+      for (size_t j = 0; j < d; ++j) {  // the outputs o = acc / l
+        out_ref.push_back(a[4 + j] / a[1]);
+        out_got.push_back(b[4 + j] / b[1]);
+      }
+    }
+    expect_close(out_got, out_ref, s.name() + " partial states, seed " + std::to_string(seed));
+  }
+  // The merge of 5 state arrays (random states, empty ones among them).
+  const int d = 96;
+  const size_t rows = 37, count = 5, stride = 4 + d;
+  std::uniform_real_distribution<float> m(-30.0f, 30.0f), l(0.5f, 200.0f), x(-3.0f, 3.0f);
+  std::vector<float> states(count * rows * stride);
+  std::vector<const float*> arrays;
+  for (size_t s = 0; s < count; ++s) {
+    arrays.push_back(&states[s * rows * stride]);
+    for (size_t r = 0; r < rows; ++r) {
+      float* st = &states[(s * rows + r) * stride];
+      const bool empty = (s + r) % 3 == 0 && s != r % count;  // never every state of a row
+      st[0] = empty ? 0.0f : m(rng);
+      st[1] = empty ? 0.0f : l(rng);
+      for (int j = 0; j < d; ++j) st[4 + j] = empty ? 0.0f : st[1] * x(rng);
+    }
+  }
+  std::vector<float> ref(rows * size_t(d)), got(rows * size_t(d));
+  merge_partial_states(arrays, rows, d, ref.data());
+  DeviceBuffer dstates(Device::cuda(0), states.size() * 4), dout(Device::cuda(0), got.size() * 4);
+  dstates.upload(states.data(), states.size() * 4);
+  dout.fill(0xff);
+  merge_partial_states(Device::cuda(0), dstates.as<float>(), int(count), rows, d,
+                       dout.as<float>(), nullptr);
+  synchronize(Device::cuda(0));
+  dout.download(got.data(), got.size() * 4);
+  for (size_t i = 0; i < got.size(); ++i)
+    EXPECT_NEAR(got[i], ref[i], 1e-5 * (1.0 + std::abs(ref[i]))) << "merge, element " << i
+                                                                 << ", seed " << seed;
+}
+
 TEST(Gpu, CachesCopyBetweenDevicesExactly) {
   REQUIRE_GPU();
   const uint64_t seed = fresh_seed();

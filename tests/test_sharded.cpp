@@ -223,9 +223,12 @@ TEST(Sharded, HeadPlacementCalibratesAsOneCache) {
   c.key.center = c.value.center = true;
   Pair p{ShardedCache(sharded(c, 3, Placement::heads)), KVCache(c), {}, {}};
   fill(p, rng, {{120, 1}, {33}});
-  for (int r = 0; r < 3; ++r)
+  for (int r = 0; r < 3; ++r) {
     EXPECT_EQ(p.sharded.shard(r).key_codec(1, 0).spec(), p.single.key_codec(1, r).spec())
         << "seed " << seed;
+    EXPECT_EQ(p.sharded.shard(r).value_codec(1, 0).spec(), p.single.value_codec(1, r).spec())
+        << "seed " << seed;
+  }
   const int q_heads = 3;
   const std::vector<float> q = gaussian(rng, 2 * 3 * 64);
   std::vector<float> ref(q.size());
@@ -310,6 +313,9 @@ TEST(Sharded, BadInputIsRefusedAndChangesNothing) {
             std::string::npos);
   EXPECT_NE(message([&] { ShardedCache(sharded(c, 2, Placement::sequence, 40)); }).find("multiple of page_tokens"),
             std::string::npos);
+  EXPECT_NE(message([&] { ShardedCache(sharded(c, 5, Placement::sequence, size_t(1) << 62)); })
+                .find("beyond any sequence"),
+            std::string::npos);
   ShardedConfig dup = sharded(c, 2, Placement::sequence);
   dup.devices = {Device::cuda(0), Device::cuda(0)};
   EXPECT_NE(message([&] { ShardedCache{dup}; }).find("given twice"), std::string::npos);
@@ -320,20 +326,24 @@ TEST(Sharded, BadInputIsRefusedAndChangesNothing) {
   CacheConfig small = c;
   small.max_pages = 4;
   Pair p{ShardedCache(sharded(small, 2, Placement::sequence, 32)), KVCache(small), {}, {}};
-  fill(p, rng, {{20}});
+  fill(p, rng, {{10}});  // one page on shard 0: its part of the next appends needs a second
   const SequenceId id = p.sseqs[0];
   const size_t row = 2 * 64;
   std::vector<float> k = gaussian(rng, 200 * row), v = gaussian(rng, 200 * row);
   const std::vector<const void*> ks = {k.data(), k.data()}, vs = {v.data(), v.data()};
+  const size_t free0 = p.sharded.shard(0).pages_free(), free1 = p.sharded.shard(1).pages_free();
   // Out of pages on the last shard: nothing stored on either.
   EXPECT_NE(message([&] { p.sharded.append(id, 0, ks, vs, 200); }).find("out of pages on shard 1"),
             std::string::npos);
-  // A non-finite element in the last shard's part: the first shard drops its part again.
+  // A non-finite element in the last shard's part: the first shard drops its part (22 tokens,
+  // into a second page) again, and that page.
   k[30 * row + 5] = std::numeric_limits<float>::infinity();
   EXPECT_NE(message([&] { p.sharded.append(id, 0, ks, vs, 40); }), "no error");
-  for (int layer = 0; layer < 2; ++layer) EXPECT_EQ(p.sharded.length(id, layer), 20u);
+  for (int layer = 0; layer < 2; ++layer) EXPECT_EQ(p.sharded.length(id, layer), 10u);
   EXPECT_EQ(p.sharded.tokens_of(1, id, 0).count, 0u);
-  EXPECT_EQ(p.sharded.shard(0).page_table(p.sharded.shard(0).sequences()[0]).size(), 2u);
+  EXPECT_EQ(p.sharded.shard(0).page_table(p.sharded.shard(0).sequences()[0]).size(), 1u);
+  EXPECT_EQ(p.sharded.shard(0).pages_free(), free0);
+  EXPECT_EQ(p.sharded.shard(1).pages_free(), free1);
   EXPECT_NE(message([&] { p.sharded.append(id, 0, std::vector<const void*>{ks[0]}, vs, 4); }).find("one of each per shard"),
             std::string::npos);
   EXPECT_NE(message([&] { p.sharded.append(99, 0, ks, vs, 4); }).find("does not exist"),

@@ -129,7 +129,8 @@ void attend_decode(const KVCache& cache, int layer, std::span<const SequenceId> 
                    const float* q, int q_heads, float* out, GpuWorkspace& workspace,
                    CudaStream stream, const AttentionOptions& options = {});
 
-/// attend_partial for a cache on a GPU: q and states in its device memory, queued on `stream`.
+/// attend_partial for a cache on a GPU: q and states in its device memory (states 16-byte
+/// aligned), queued on `stream`.
 void attend_partial(const KVCache& cache, int layer, std::span<const SequenceId> seqs,
                     const float* q, int q_heads, float* states, GpuWorkspace& workspace,
                     CudaStream stream, const AttentionOptions& options = {});

@@ -3,7 +3,8 @@
 // Sequence placement: shard r holds tokens [r·S, (r+1)·S) of every sequence, the last shard also
 // every token past (world − 1)·S. S is config.share_tokens, or, where that is 0, is chosen per
 // sequence at its first append: that append is shared out evenly in whole pages, and later tokens
-// (decode) go to the last shard. A decode step computes on every shard the partial softmax state
+// (decode) fill the shares in order, so they go to the last shard once the first append filled
+// the others. A decode step computes on every shard the partial softmax state
 // of its tokens (attend_partial), gathers all shards' states on every shard with one collective
 // per layer and step (an NCCL all-gather for GPU shards, a copy for CPU shards), and merges them
 // (merge_partial_states). Contexts and batches then reach the sum of the shards' memory.

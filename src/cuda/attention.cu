@@ -410,8 +410,12 @@ __global__ void __launch_bounds__(32 * kTileRows) prepare_kernel(const Attention
   const int nk = c.key.n_terms;
   const TermTables* kt = c.key.terms;
   const int qk_floats = c.key.term_dim;
-  float* qbuf = prep_shared + size_t(warp) * size_t(qk_floats + d);
+  float* qbuf = prep_shared + size_t(warp) * size_t(qk_floats + 3 * d);
   float* qtmp = qbuf + qk_floats;
+  // The row as given and the channel list, loaded side by side (the gather q[channel] would
+  // make one load wait for the other).
+  float* qraw = qtmp + d;
+  int* craw = reinterpret_cast<int*>(qraw + d);
   const uint32_t unit = blockIdx.x;
   const ItemGeometry geo = item_geometry(p, unit);
   const int R = p.group;
@@ -432,12 +436,17 @@ __global__ void __launch_bounds__(32 * kTileRows) prepare_kernel(const Attention
     const int qhead = geo.h * R + (geo.tile * kTileRows + rho) % R;
     const float* q = p.q + (size_t(p.first_row[geo.b] + uint32_t(i)) * p.q_heads + qhead) * d;
     const int16_t* channels = c.channels + ((size_t(c.layer) * c.kv_heads + geo.h) * 2) * d;
+    for (int j = lane; j < d; j += 32) {
+      qraw[j] = q[j];
+      craw[j] = channels[j];
+    }
+    __syncwarp();
     // Per key group, in the terms' order: q' = Π_g(scale · log2 e · q_g) in its codes slot (if
     // it has codes), then S q' in its signs slot (prod).
     int first = 0, at = 0;  // the group's first channel; its first slot in qbuf
     for (int gi = 0; gi < c.key.groups; ++gi) {
       const GroupTables& g = c.key.g[gi];
-      for (int j = lane; j < g.dim; j += 32) qtmp[j] = q[channels[first + j]] * p.scale_log2;
+      for (int j = lane; j < g.dim; j += 32) qtmp[j] = qraw[craw[first + j]] * p.scale_log2;
       __syncwarp();
       float* rotated = qbuf + at;
       rotate_forward(g, qtmp, rotated, lane);
@@ -1260,7 +1269,7 @@ void launch_attention(Device device, const AttentionParams& params, CudaStream s
   // Shared memory: the code-pair tables, then each warp's stage buffers (launch adds up).
   const size_t smem = size_t(kStages) * c.value.stage_end;
   // One warp per row: the rows' dependent loads (channel list, then the query) overlap.
-  const size_t prep_smem = size_t(kTileRows) * size_t(qk_floats + c.head_dim) * 4;
+  const size_t prep_smem = size_t(kTileRows) * size_t(qk_floats + 3 * c.head_dim) * 4;
   if (prep_smem > 48 * 1024)
     TQKV_CUDA_CHECK(cudaFuncSetAttribute(prepare_kernel,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize,

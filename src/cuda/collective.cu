@@ -20,6 +20,23 @@ void check(ncclResult_t r, const char* what) {
   TQKV_CHECK(r == ncclSuccess, "NCCL: ", what, " failed: ", ncclGetErrorString(r));
 }
 
+// An NCCL group that is always closed, also when a call inside it throws (an open group would
+// leave every later NCCL call of the thread queued and never launched).
+class Group {
+ public:
+  Group() { check(ncclGroupStart(), "ncclGroupStart"); }
+  ~Group() {
+    if (!ended_) ncclGroupEnd();  // unwinding: the first error is the one reported
+  }
+  void end(const char* what) {
+    ended_ = true;
+    check(ncclGroupEnd(), what);
+  }
+
+ private:
+  bool ended_ = false;
+};
+
 class NcclCollective final : public Collective {
  public:
   NcclCollective(const Device* devices, int world) {
@@ -29,12 +46,18 @@ class NcclCollective final : public Collective {
     ncclUniqueId id;
     check(ncclGetUniqueId(&id), "ncclGetUniqueId");
     comms_.assign(size_t(world), nullptr);
-    check(ncclGroupStart(), "ncclGroupStart");
-    for (int r = 0; r < world; ++r) {
-      DeviceGuard guard(devices[r]);
-      check(ncclCommInitRank(&comms_[size_t(r)], world, id, r), "ncclCommInitRank");
+    try {
+      Group group;
+      for (int r = 0; r < world; ++r) {
+        DeviceGuard guard(devices[r]);
+        check(ncclCommInitRank(&comms_[size_t(r)], world, id, r), "ncclCommInitRank");
+      }
+      group.end("creating the communicators (ncclGroupEnd)");
+    } catch (...) {
+      for (ncclComm_t c : comms_)
+        if (c) ncclCommAbort(c);
+      throw;
     }
-    check(ncclGroupEnd(), "creating the communicators (ncclGroupEnd)");
   }
   ~NcclCollective() override {
     for (ncclComm_t c : comms_)
@@ -42,12 +65,12 @@ class NcclCollective final : public Collective {
   }
   void all_gather(const float* const* send, float* const* recv, size_t count,
                   const CudaStream* streams) override {
-    check(ncclGroupStart(), "ncclGroupStart");
+    Group group;
     for (size_t r = 0; r < comms_.size(); ++r)
       check(ncclAllGather(send[r], recv[r], count, ncclFloat, comms_[r],
                           reinterpret_cast<cudaStream_t>(streams[r])),
             "ncclAllGather");
-    check(ncclGroupEnd(), "all_gather (ncclGroupEnd)");
+    group.end("all_gather (ncclGroupEnd)");
   }
 
  private:
