@@ -567,12 +567,13 @@ void attend_decode(const KVCache& cache, int layer, std::span<const SequenceId> 
 namespace detail {
 
 std::vector<SequenceRun> sequence_runs(const KVCache& cache, int layer,
-                                       std::span<const SequenceId> seqs,
+                                       std::span<const SequenceId> seqs, int q_heads,
                                        const AttentionOptions& options) {
   TQKV_CHECK(options.window == 0, "attend_partial: window attention needs the tokens' positions "
              "in the whole sequence, which a share does not know (use head placement)");
-  TQKV_CHECK(layer >= 0 && layer < cache.config().layers, "attend_partial: layer ", layer,
-             " is outside 0..", cache.config().layers - 1);
+  TQKV_CHECK(options.splits >= 0, "attend: splits must be >= 0, got ", options.splits);
+  // The layer, the query heads and the scale, also where no sequence has tokens to attend.
+  check_shape(make_problem(cache, layer, {}, {}, q_heads, options));
   std::vector<SequenceRun> runs;
   for (size_t b = 0; b < seqs.size(); ++b) {
     TQKV_CHECK(cache.contains(seqs[b]), "attend_partial: sequence ", seqs[b], " does not exist");
@@ -589,7 +590,8 @@ void attend_partial(const KVCache& cache, int layer, std::span<const SequenceId>
                     const float* q, int q_heads, float* states, const AttentionOptions& options) {
   TQKV_CHECK(!cache.device().is_cuda(), "attend_partial: this cache lives on ",
              to_string(cache.device()), "; GPU attention takes a GpuWorkspace and a stream");
-  const std::vector<detail::SequenceRun> runs = detail::sequence_runs(cache, layer, seqs, options);
+  const std::vector<detail::SequenceRun> runs =
+      detail::sequence_runs(cache, layer, seqs, q_heads, options);
   const size_t d = size_t(cache.config().head_dim);
   const size_t row = size_t(q_heads) * d;  // floats of one query token in q
   // Validate every run before writing any state.
@@ -602,10 +604,8 @@ void attend_partial(const KVCache& cache, int layer, std::span<const SequenceId>
     check_problem(problems.back(), q == nullptr ? nullptr : q + r.first * row, r.count,
                   states);
   }
-  detail::check_shape(detail::make_problem(cache, layer, {}, {}, q_heads, options));
   if (seqs.empty()) return;
   TQKV_CHECK(q != nullptr && states != nullptr, "attend_partial: null query or states pointer");
-  TQKV_CHECK(options.splits >= 0, "attend: splits must be >= 0, got ", options.splits);
   size_t next = 0;
   for (const detail::SequenceRun& r : runs) {
     float* st = states + r.first * size_t(q_heads) * (4 + d);

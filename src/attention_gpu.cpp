@@ -141,7 +141,8 @@ void attend_partial(const KVCache& cache, int layer, std::span<const SequenceId>
                     CudaStream stream, const AttentionOptions& options) {
   TQKV_CHECK(cache.internals().on_gpu(), "attend_partial: this cache lives on the CPU; call "
              "attend_partial without a workspace");
-  const std::vector<detail::SequenceRun> runs = detail::sequence_runs(cache, layer, seqs, options);
+  const std::vector<detail::SequenceRun> runs =
+      detail::sequence_runs(cache, layer, seqs, q_heads, options);
   // Every run checked before anything is queued.
   std::vector<detail::AttentionProblem> problems;
   for (const detail::SequenceRun& r : runs) {
@@ -150,7 +151,6 @@ void attend_partial(const KVCache& cache, int layer, std::span<const SequenceId>
     problems.push_back(check(cache, layer, seqs.subspan(r.first, r.count), ones, q_heads,
                              workspace, options));
   }
-  detail::check_shape(detail::make_problem(cache, layer, {}, {}, q_heads, options));
   if (seqs.empty()) return;
   TQKV_CHECK(q != nullptr && states != nullptr, "attend_partial: null query or states pointer");
   TQKV_CHECK(reinterpret_cast<uintptr_t>(states) % 16 == 0, "attend_partial: GPU states must be "

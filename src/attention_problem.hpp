@@ -32,13 +32,13 @@ void check_shape(const AttentionProblem& p);
 size_t total_rows(const AttentionProblem& p);
 
 /// attend_partial's batch as runs of consecutive sequences that the cache holds tokens of (held)
-/// or not; checks the layer, the sequences and that no window is asked for.
+/// or not; checks the layer, the sequences, the query heads and that no window is asked for.
 struct SequenceRun {
   size_t first = 0, count = 0;
   bool held = false;
 };
 std::vector<SequenceRun> sequence_runs(const KVCache& cache, int layer,
-                                       std::span<const SequenceId> seqs,
+                                       std::span<const SequenceId> seqs, int q_heads,
                                        const AttentionOptions& options);
 
 }  // namespace tqkv::detail

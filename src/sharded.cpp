@@ -15,14 +15,6 @@ namespace {
 
 size_t element_bytes(ScalarType type) { return type == ScalarType::f32 ? 4 : 2; }
 
-// CPU shards' collective: every rank's states copied after one another into each rank's buffer.
-void host_all_gather(std::span<const float* const> send, std::span<float* const> recv,
-                     size_t count) {
-  for (float* to : recv)
-    for (size_t r = 0; r < send.size(); ++r)
-      if (to + r * count != send[r]) std::memcpy(to + r * count, send[r], count * 4);
-}
-
 }  // namespace
 
 struct ShardedCache::Impl {
@@ -36,13 +28,12 @@ struct ShardedCache::Impl {
   };
   std::map<SequenceId, Sequence> sequences;
   SequenceId next_id = 0;
-  // Decode resources, grown on demand: per shard a workspace, its states and the gathered states
-  // (host vectors for CPU shards).
+  // Decode resources, grown on demand: per GPU shard a workspace, its states and the gathered
+  // states (CPU shards: host vectors of their states, which the merge reads in place).
   std::unique_ptr<gpu::Collective> collective;
   std::vector<std::unique_ptr<GpuWorkspace>> workspaces;
   std::vector<DeviceBuffer> states, gathered, staging;
   std::vector<std::vector<float>> host_states;
-  std::vector<float> host_gathered;
 
   Sequence& find(SequenceId id, const char* what) {
     auto it = sequences.find(id);
@@ -279,12 +270,11 @@ void ShardedCache::attend_decode(int layer, std::span<const SequenceId> seqs,
     const Impl::Sequence& s = im.find(id, "attend_decode");
     for (size_t r = 0; r < W; ++r) ids[r].push_back(s.ids[r]);
   }
-  if (im.config.placement == Placement::heads) {
-    // Validate every shard's call before any is made, then decode each shard's heads.
-    for (size_t r = 0; r < W; ++r)
-      for (size_t b = 0; b < seqs.size(); ++b)
-        TQKV_CHECK(im.shards[r].length(ids[r][b], layer) > 0, "attend_decode: sequence ",
-                   seqs[b], " holds no tokens at layer ", layer);
+  // Every query row needs a token of its sequence (on some shard) to attend to.
+  for (size_t b = 0; b < seqs.size(); ++b)
+    TQKV_CHECK(length(seqs[b], layer) > 0, "attend_decode: sequence ", seqs[b],
+               " holds no tokens at layer ", layer);
+  if (im.config.placement == Placement::heads) {  // each shard its own heads, no communication
     for (size_t r = 0; r < W; ++r) {
       const int heads = R * int(im.heads[r].count);
       if (im.gpu)
@@ -295,10 +285,7 @@ void ShardedCache::attend_decode(int layer, std::span<const SequenceId> seqs,
     }
     return;
   }
-  // Sequence placement: every query row needs a shard holding a token of its sequence.
-  for (size_t b = 0; b < seqs.size(); ++b)
-    TQKV_CHECK(length(seqs[b], layer) > 0, "attend_decode: sequence ", seqs[b],
-               " holds no tokens at layer ", layer);
+  // Sequence placement: partial states per shard, gathered on every shard, merged.
   const size_t d = size_t(c.head_dim);
   const size_t rows = seqs.size() * size_t(q_heads), count = rows * (4 + d);
   if (rows == 0) return;
@@ -311,13 +298,8 @@ void ShardedCache::attend_decode(int layer, std::span<const SequenceId> seqs,
                      options);
       send[r] = im.host_states[r].data();
     }
-    // One gather serves every simulated rank (they share the host's memory).
-    im.host_gathered.resize(W * count);
-    float* gathered = im.host_gathered.data();
-    host_all_gather(send, {&gathered, 1}, count);
-    std::vector<const float*> all(W);
-    for (size_t r = 0; r < W; ++r) all[r] = im.host_gathered.data() + r * count;
-    merge_partial_states(all, rows, int(d), out[0]);
+    // Simulated ranks share the host's memory: the merge reads every shard's states in place.
+    merge_partial_states(send, rows, int(d), out[0]);
     for (size_t r = 1; r < W; ++r)
       if (out[r] != out[0]) std::memcpy(out[r], out[0], rows * d * 4);
     return;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cuda/backend.hpp"
+#include "test_support.hpp"
 #include "tqkv/attention.hpp"
 #include "tqkv/error.hpp"
 #include "tqkv/half.hpp"
@@ -389,16 +390,11 @@ TEST(Gpu, ShardedDecodeMatchesOneCache) {
         std::vector<const float*> qp;
         std::vector<float*> op;
         std::vector<std::vector<float>> mine(static_cast<size_t>(world));
-        for (int g = 0; g < world; ++g) {
+        for (int g = 0; g < world; ++g) {  // head placement: the shard's query heads' rows
           const auto heads = sharded.heads_of(g);
-          const size_t hq = size_t(R) * heads.count;
-          std::vector<float> qg, refg;
-          for (size_t b = 0; b < B; ++b) {
-            const size_t at = (b * size_t(q_heads) + size_t(R) * heads.first) * d;
-            qg.insert(qg.end(), q.begin() + long(at), q.begin() + long(at + hq * d));
-            refg.insert(refg.end(), ref.begin() + long(at), ref.begin() + long(at + hq * d));
-          }
-          mine[size_t(g)] = refg;
+          const size_t first = size_t(R) * heads.first, count = size_t(R) * heads.count;
+          const std::vector<float> qg = testing::head_rows(q, B, size_t(q_heads), first, count, d);
+          mine[size_t(g)] = testing::head_rows(ref, B, size_t(q_heads), first, count, d);
           dq.emplace_back(Device::cuda(g), qg.size() * 4);
           dq.back().upload(qg.data(), qg.size() * 4);
           dout.emplace_back(Device::cuda(g), qg.size() * 4);
@@ -468,19 +464,9 @@ TEST(Gpu, PartialStatesMatchTheCpu) {
   // The merge of 5 state arrays (random states, empty ones among them).
   const int d = 96;
   const size_t rows = 37, count = 5, stride = 4 + d;
-  std::uniform_real_distribution<float> m(-30.0f, 30.0f), l(0.5f, 200.0f), x(-3.0f, 3.0f);
-  std::vector<float> states(count * rows * stride);
+  const std::vector<float> states = testing::random_partial_states(rng, count, rows, size_t(d));
   std::vector<const float*> arrays;
-  for (size_t s = 0; s < count; ++s) {
-    arrays.push_back(&states[s * rows * stride]);
-    for (size_t r = 0; r < rows; ++r) {
-      float* st = &states[(s * rows + r) * stride];
-      const bool empty = (s + r) % 3 == 0 && s != r % count;  // never every state of a row
-      st[0] = empty ? 0.0f : m(rng);
-      st[1] = empty ? 0.0f : l(rng);
-      for (int j = 0; j < d; ++j) st[4 + j] = empty ? 0.0f : st[1] * x(rng);
-    }
-  }
+  for (size_t s = 0; s < count; ++s) arrays.push_back(&states[s * rows * stride]);
   std::vector<float> ref(rows * size_t(d)), got(rows * size_t(d));
   merge_partial_states(arrays, rows, d, ref.data());
   DeviceBuffer dstates(Device::cuda(0), states.size() * 4), dout(Device::cuda(0), got.size() * 4);

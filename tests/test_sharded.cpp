@@ -188,29 +188,22 @@ TEST(Sharded, DecodeMatchesTheReferenceOfOneCache) {
         std::vector<std::vector<float>> qs(static_cast<size_t>(world)), outs(static_cast<size_t>(world));
         std::vector<const float*> qp;
         std::vector<float*> op;
-        for (int r = 0; r < world; ++r) {
-          // Head placement: the shard's query heads only.
+        // Head placement: each shard takes and gives its query heads' rows only.
+        auto rows_of = [&](const std::vector<float>& x, int r) {
           const auto heads = p.sharded.heads_of(r);
-          const size_t hq = size_t(R) * heads.count;
-          for (size_t b = 0; b < B; ++b)
-            qs[size_t(r)].insert(qs[size_t(r)].end(),
-                                 q.begin() + long((b * size_t(q_heads) + R * heads.first) * d),
-                                 q.begin() + long((b * size_t(q_heads) + R * heads.first + hq) * d));
-          outs[size_t(r)] = poisoned(B * hq * size_t(d));
+          return head_rows(x, B, size_t(q_heads), size_t(R) * heads.first,
+                           size_t(R) * heads.count, size_t(d));
+        };
+        for (int r = 0; r < world; ++r) {
+          qs[size_t(r)] = rows_of(q, r);
+          outs[size_t(r)] = poisoned(qs[size_t(r)].size());
           qp.push_back(qs[size_t(r)].data());
           op.push_back(outs[size_t(r)].data());
         }
         p.sharded.attend_decode(1, p.sseqs, qp, q_heads, op);
-        for (int r = 0; r < world; ++r) {
-          const auto heads = p.sharded.heads_of(r);
-          const size_t hq = size_t(R) * heads.count;
-          std::vector<float> mine;
-          for (size_t b = 0; b < B; ++b)
-            mine.insert(mine.end(),
-                        ref.begin() + long((b * size_t(q_heads) + R * heads.first) * d),
-                        ref.begin() + long((b * size_t(q_heads) + R * heads.first + hq) * d));
-          EXPECT_LT(relative_error(outs[size_t(r)], mine), kTolerance) << what << " shard " << r;
-        }
+        for (int r = 0; r < world; ++r)
+          EXPECT_LT(relative_error(outs[size_t(r)], rows_of(ref, r)), kTolerance)
+              << what << " shard " << r;
       }
 }
 
@@ -234,22 +227,14 @@ TEST(Sharded, HeadPlacementCalibratesAsOneCache) {
   std::vector<float> ref(q.size());
   attend_reference(p.single, 1, p.seqs, std::vector<size_t>(2, 1), q.data(), q_heads, ref.data());
   std::vector<std::vector<float>> qs(3), outs(3, poisoned(2 * 64));
-  for (int r = 0; r < 3; ++r)
-    for (size_t b = 0; b < 2; ++b)
-      qs[size_t(r)].insert(qs[size_t(r)].end(), q.begin() + long((b * 3 + size_t(r)) * 64),
-                           q.begin() + long((b * 3 + size_t(r) + 1) * 64));
+  for (size_t r = 0; r < 3; ++r) qs[r] = head_rows(q, 2, 3, r, 1, 64);  // one query head a shard
   p.sharded.attend_decode(1, p.sseqs,
                           std::vector<const float*>{qs[0].data(), qs[1].data(), qs[2].data()},
                           q_heads,
                           std::vector<float*>{outs[0].data(), outs[1].data(), outs[2].data()});
-  for (int r = 0; r < 3; ++r) {
-    std::vector<float> mine;
-    for (size_t b = 0; b < 2; ++b)
-      mine.insert(mine.end(), ref.begin() + long((b * 3 + size_t(r)) * 64),
-                  ref.begin() + long((b * 3 + size_t(r) + 1) * 64));
-    EXPECT_LT(relative_error(outs[size_t(r)], mine), kTolerance) << "shard " << r << " seed "
-                                                                 << seed;
-  }
+  for (size_t r = 0; r < 3; ++r)
+    EXPECT_LT(relative_error(outs[r], head_rows(ref, 2, 3, r, 1, 64)), kTolerance)
+        << "shard " << r << " seed " << seed;
 }
 
 // merge_partial_states against a float64 merge of random states, empty ones among them.
@@ -258,29 +243,19 @@ TEST(Sharded, MergeOfPartialStatesMatchesFloat64) {
   std::mt19937_64 rng(seed);
   const int d = 40;
   const size_t rows = 7, world = 5, stride = 4 + d;
-  std::uniform_real_distribution<float> m(-30.0f, 30.0f), l(0.5f, 200.0f);
-  std::vector<std::vector<float>> states(world, std::vector<float>(rows * stride));
-  for (size_t s = 0; s < world; ++s)
-    for (size_t r = 0; r < rows; ++r) {
-      float* st = &states[s][r * stride];
-      const bool empty = (s + r) % 3 == 0 && s != r % world;  // never every state of a row
-      st[0] = empty ? 0.0f : m(rng);
-      st[1] = empty ? 0.0f : l(rng);
-      st[2] = st[3] = 0.0f;
-      const std::vector<float> o = gaussian(rng, size_t(d));
-      for (int j = 0; j < d; ++j) st[4 + j] = empty ? 0.0f : st[1] * o[size_t(j)];
-    }
+  std::vector<float> all = random_partial_states(rng, world, rows, size_t(d));
   std::vector<const float*> ptrs;
-  for (const auto& s : states) ptrs.push_back(s.data());
+  for (size_t s = 0; s < world; ++s) ptrs.push_back(&all[s * rows * stride]);
+  auto state = [&](size_t s, size_t r) { return &all[(s * rows + r) * stride]; };
   std::vector<float> out = poisoned(rows * size_t(d)), ref(rows * size_t(d));
   merge_partial_states(ptrs, rows, d, out.data());
   for (size_t r = 0; r < rows; ++r) {
     double M = -std::numeric_limits<double>::infinity(), L = 0;
     for (size_t s = 0; s < world; ++s)
-      if (states[s][r * stride + 1] > 0) M = std::max(M, double(states[s][r * stride]));
+      if (state(s, r)[1] > 0) M = std::max(M, double(state(s, r)[0]));
     std::vector<double> acc(size_t(d), 0.0);
     for (size_t s = 0; s < world; ++s) {
-      const float* st = &states[s][r * stride];
+      const float* st = state(s, r);
       if (!(st[1] > 0)) continue;
       const double w = std::exp2(double(st[0]) - M);
       L += w * st[1];
@@ -290,7 +265,7 @@ TEST(Sharded, MergeOfPartialStatesMatchesFloat64) {
   }
   EXPECT_LT(relative_error(out, ref), 1e-6) << "seed " << seed;
   // A row with only empty states has no answer.
-  for (auto& s : states) s[3 * stride + 1] = 0.0f;
+  for (size_t s = 0; s < world; ++s) state(s, 3)[1] = 0.0f;
   std::vector<float> untouched = poisoned(rows * size_t(d));
   EXPECT_THROW(merge_partial_states(ptrs, rows, d, untouched.data()), Error);
   for (float x : untouched) EXPECT_TRUE(std::isnan(x));

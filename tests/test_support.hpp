@@ -34,6 +34,37 @@ inline double relative_error(const std::vector<float>& a, const std::vector<floa
   return std::sqrt(num / den);
 }
 
+/// The rows of query heads [first, first + count) of each token of x ([tokens][heads][d]), as
+/// [tokens][count][d]: what a shard holding those heads takes and gives.
+inline std::vector<float> head_rows(const std::vector<float>& x, size_t tokens, size_t heads,
+                                    size_t first, size_t count, size_t d) {
+  std::vector<float> out;
+  for (size_t t = 0; t < tokens; ++t) {
+    const auto at = x.begin() + long((t * heads + first) * d);
+    out.insert(out.end(), at, at + long(count * d));
+  }
+  return out;
+}
+
+/// `count` arrays of random partial states (attend_partial's layout), one after another:
+/// [count][rows][4 + d], m in (−30, 30), l in (0.5, 200), l · o with o ~ N(0, 1); state s of row
+/// r is empty (all zeros) where (s + r) % 3 == 0, except that no row is empty in every array.
+inline std::vector<float> random_partial_states(std::mt19937_64& rng, size_t count, size_t rows,
+                                                size_t d) {
+  std::uniform_real_distribution<float> m(-30.0f, 30.0f), l(0.5f, 200.0f);
+  std::vector<float> states(count * rows * (4 + d), 0.0f);
+  for (size_t s = 0; s < count; ++s)
+    for (size_t r = 0; r < rows; ++r) {
+      if ((s + r) % 3 == 0 && s != r % count) continue;
+      float* st = &states[(s * rows + r) * (4 + d)];
+      st[0] = m(rng);
+      st[1] = l(rng);
+      const std::vector<float> o = gaussian(rng, d);
+      for (size_t j = 0; j < d; ++j) st[4 + j] = st[1] * o[j];
+    }
+  return states;
+}
+
 /// NaN everywhere, so an element a kernel never writes fails every comparison.
 inline std::vector<float> poisoned(size_t n) {
   return std::vector<float>(n, std::numeric_limits<float>::quiet_NaN());

@@ -6,8 +6,8 @@
 // (decode) fill the shares in order, so they go to the last shard once the first append filled
 // the others. A decode step computes on every shard the partial softmax state
 // of its tokens (attend_partial), gathers all shards' states on every shard with one collective
-// per layer and step (an NCCL all-gather for GPU shards, a copy for CPU shards), and merges them
-// (merge_partial_states). Contexts and batches then reach the sum of the shards' memory.
+// per layer and step (an NCCL all-gather for GPU shards; CPU shards share the host's memory, so
+// the merge reads their states in place), and merges them (merge_partial_states). Contexts and batches then reach the sum of the shards' memory.
 //
 // Head placement: shard r holds the KV heads heads_of(r) (contiguous, as even as they divide) of
 // every token, and decode needs no communication: shard r takes its query heads' rows.

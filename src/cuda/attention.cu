@@ -1268,7 +1268,7 @@ void launch_attention(Device device, const AttentionParams& params, CudaStream s
   const int qk_floats = c.key.term_dim;
   // Shared memory: the code-pair tables, then each warp's stage buffers (launch adds up).
   const size_t smem = size_t(kStages) * c.value.stage_end;
-  // One warp per row: the rows' dependent loads (channel list, then the query) overlap.
+  // One warp per row; a row's scratch: rotated terms, gathered row, the row, its channel list.
   const size_t prep_smem = size_t(kTileRows) * size_t(qk_floats + 3 * c.head_dim) * 4;
   if (prep_smem > 48 * 1024)
     TQKV_CUDA_CHECK(cudaFuncSetAttribute(prepare_kernel,
