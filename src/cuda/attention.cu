@@ -398,6 +398,37 @@ __device__ void rotate_forward(const GroupTables& g, const float* x, float* y, i
   __syncwarp();
 }
 
+// Whether a codec's groups are Hadamard MSE groups that fill 128 coordinates (one group of 128
+// or two of 64, no QJL): a warp then holds a vector in registers, 4 coordinates a lane (lanes
+// 16–31 the second group of two), and rotates it by shuffles (butterflies_in_lanes).
+__host__ __device__ inline bool rotates_in_lanes(const CodecTables& t, int head_dim) {
+  if (t.term_dim != 128 || head_dim != 128) return false;
+  if (t.groups != 1 && !(t.groups == 2 && t.g[0].dim == 64)) return false;
+  for (int gi = 0; gi < t.groups; ++gi)
+    if (t.g[gi].dense || t.g[gi].qjl || t.g[gi].mse_bits == 0) return false;
+  return true;
+}
+
+// The butterflies of an unnormalized Hadamard transform of a group of `dim` (64 or 128)
+// coordinates held 4 a lane, j0 the lane's first coordinate in its group: the additions of
+// rotate_forward's butterflies (lower u + v, upper u − v), so the results are bit-identical.
+__device__ __forceinline__ void butterflies_in_lanes(float (&y)[4], int j0, int dim) {
+#pragma unroll
+  for (int stage = 0; stage < 7; ++stage) {  // hs = 1 .. 64, a constant in each copy
+    const int hs = 1 << stage;
+    if (hs >= dim) break;
+    float z[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int j = j0 + k;
+      const float other = hs < 4 ? y[k ^ hs] : __shfl_xor_sync(0xffffffffu, y[k], hs / 4);
+      z[k] = (j & hs) ? other - y[k] : y[k] + other;
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) y[k] = z[k];
+  }
+}
+
 // Rotates the query rows of each unit once (not once per split): per key term, q' = Π_g(scale ·
 // log2 e · q_g) (and S q' for QJL terms), normalized by its largest magnitude, as float16 pairs
 // [unit][term][row][coordinate / 2] with the magnitudes beside. One warp per row.
@@ -421,6 +452,7 @@ __global__ void __launch_bounds__(32 * kTileRows) prepare_kernel(const Attention
   const int R = p.group;
   uint32_t* prepared = p.prepared + size_t(unit) * p.prepared_words;
   float* scales = p.row_scales + size_t(unit) * kMaxTerms * kTileRows;
+  const bool in_lanes = rotates_in_lanes(c.key, d);
   for (int rho = warp; rho < kTileRows; rho += blockDim.x / 32) {
     const int i = row_token(p, geo, rho);
     if (i < 0) {
@@ -441,6 +473,31 @@ __global__ void __launch_bounds__(32 * kTileRows) prepare_kernel(const Attention
       craw[j] = channels[j];
     }
     __syncwarp();
+    if (in_lanes) {
+      // In registers: the lane's 4 coordinates of its group, rotated by shuffles, then the
+      // term's largest magnitude over the group's lanes and the lane's two float16 pairs.
+      const int gi = c.key.groups == 2 ? lane / 16 : 0;
+      const GroupTables& g = c.key.g[gi];
+      const int j0 = 4 * (gi ? lane - 16 : lane), first = gi ? c.key.g[0].dim : 0;
+      float y[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) y[k] = qraw[craw[first + j0 + k]] * p.scale_log2 * g.signs[j0 + k];
+      butterflies_in_lanes(y, j0, g.dim);
+      float mx = 0.0f;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        y[k] *= g.gain;
+        mx = fmaxf(mx, fabsf(y[k]));
+      }
+      for (int w = g.dim / 8; w >= 1; w /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, w));
+      const float inv = mx > 0.0f ? 1.0f / mx : 0.0f;
+      if (j0 == 0) scales[gi * kTileRows + rho] = mx;
+      *reinterpret_cast<uint2*>(prepared + size_t(kTileRows) * (first / 2) +
+                                size_t(rho) * (g.dim / 2) + j0 / 2) =
+          make_uint2(pack_half2(y[0] * inv, y[1] * inv), pack_half2(y[2] * inv, y[3] * inv));
+      __syncwarp();  // qraw and craw are read before the next row overwrites them
+      continue;
+    }
     // Per key group, in the terms' order: q' = Π_g(scale · log2 e · q_g) in its codes slot (if
     // it has codes), then S q' in its signs slot (prod).
     int first = 0, at = 0;  // the group's first channel; its first slot in qbuf
@@ -1153,17 +1210,7 @@ __global__ void __launch_bounds__(32) merge_warp_kernel(const AttentionParams p)
   const int gi = c.value.groups == 2 ? lane / 16 : 0;
   const GroupTables& g = c.value.g[gi];
   const int j0 = 4 * (gi ? lane - 16 : lane);
-  for (int hs = 1; hs < g.dim; hs *= 2) {
-    float z[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int j = j0 + k;
-      const float other = hs < 4 ? y[k ^ hs] : __shfl_xor_sync(0xffffffffu, y[k], hs / 4);
-      z[k] = (j & hs) ? other - y[k] : y[k] + other;  // lower: u + v, upper: u − v
-    }
-#pragma unroll
-    for (int k = 0; k < 4; ++k) y[k] = z[k];
-  }
+  butterflies_in_lanes(y, j0, g.dim);
   const int16_t* channels = row.channels + (gi ? c.value.g[0].dim : 0);
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
@@ -1175,12 +1222,7 @@ __global__ void __launch_bounds__(32) merge_warp_kernel(const AttentionParams p)
 
 // Whether merge_warp_kernel takes this launch's merge.
 bool warp_merges(const AttentionParams& p) {
-  const CodecTables& t = p.cache.value;
-  if (p.splits > kWarpMergeSplits || t.term_dim != 128 || p.cache.head_dim != 128) return false;
-  if (t.groups != 1 && !(t.groups == 2 && t.g[0].dim == 64)) return false;
-  for (int gi = 0; gi < t.groups; ++gi)
-    if (t.g[gi].dense || t.g[gi].qjl || t.g[gi].mse_bits == 0) return false;
-  return true;
+  return p.splits <= kWarpMergeSplits && rotates_in_lanes(p.cache.value, p.cache.head_dim);
 }
 
 // Launches kernel(p) on `stream`, allowed to start before the kernel ahead of it ends (it waits
