@@ -200,6 +200,7 @@ void KVCache::Impl::init_gpu() {
   const size_t sign_pairs_at = put(blob, sign_pairs.data(), 1024);
   struct Offsets {
     size_t signs = 0, rotation = 0, boundaries = 0, centroids = 0, pairs = 0, qjl = 0;
+    size_t buckets = SIZE_MAX;
   };
   std::vector<Offsets> offsets[2];
   for (int side = 0; side < 2; ++side) {
@@ -239,6 +240,11 @@ void KVCache::Impl::init_gpu() {
           pairs[b] = half_pair(lo < c.size() ? c[lo] : 0.0f, hi < c.size() ? c[hi] : 0.0f);
         }
         o.pairs = put(blob, pairs.data(), 1024);
+        if (const auto b = gpu::code_buckets(bd.data(), bd.size())) {
+          o.buckets = put(blob, b->counts.data(), b->counts.size());
+          gt.bucket_scale = b->scale;
+          gt.bucket_offset = b->offset;
+        }
       }
       if (g.qjl) o.qjl = put(blob, codec.qjl_matrix(size_t(gi)).data(), size_t(g.dim) * g.dim * 4);
       gt.codes_at = uint32_t(lg.codes.block_offset);
@@ -267,6 +273,7 @@ void KVCache::Impl::init_gpu() {
         gt.boundaries = at(o.boundaries);
         gt.centroids = at(o.centroids);
         gt.code_pairs = reinterpret_cast<const uint32_t*>(base + o.pairs);
+        if (o.buckets != SIZE_MAX) gt.buckets = base + o.buckets;
       }
       if (gt.qjl) gt.qjl_matrix = at(o.qjl);
       gt.sign_pairs = reinterpret_cast<const uint32_t*>(base + sign_pairs_at);

@@ -13,6 +13,8 @@
 #include <thread>
 #include <vector>
 
+#include "cuda/params.hpp"
+#include "test_support.hpp"
 #include "tqkv/error.hpp"
 
 namespace tqkv {
@@ -239,6 +241,52 @@ TEST(Codebook, GetCachesAndIsThreadSafe) {
     threads.emplace_back([&got, i] { got[i] = Codebook::get(77, 6).get(); });
   for (auto& t : threads) t.join();
   for (const auto* p : got) EXPECT_EQ(p, got[0]);
+}
+
+// The GPU append's search shortcut (cuda/params.hpp, code_buckets): wherever it is built, a
+// value's bucket, computed as the kernel does (one fused multiply-add, rounded down, clamped),
+// and one comparison give exactly the count of boundaries below the value, for values spread
+// like rotated coordinates, every boundary and its float neighbours, every bucket edge and its
+// neighbours, and values far outside.
+TEST(Codebook, AppendBucketsCountTheBoundariesBelow) {
+  const uint64_t seed = testing::fresh_seed();
+  SCOPED_TRACE(seed);
+  std::mt19937_64 rng(seed);
+  int built = 0;
+  for (const int dim : {32, 64, 128, 256}) {
+    for (int bits = 1; bits <= 8; ++bits) {
+      const auto cb = Codebook::get(dim, bits);
+      const auto bd = cb->boundaries_f32();
+      const auto b = gpu::code_buckets(bd.data(), bd.size());
+      if (bits >= 2 && bits <= 4) EXPECT_TRUE(b.has_value()) << dim << " " << bits;
+      if (!b) continue;
+      ++built;
+      auto by_buckets = [&](float y) {
+        const double at = std::floor(double(std::fmaf(y, b->scale, b->offset)));
+        const int k = int(std::clamp(at, 0.0, double(gpu::kBuckets - 1)));
+        const uint32_t below = b->counts[size_t(k)];
+        return below + (bd[below] < y ? 1u : 0u);
+      };
+      auto exact = [&](float y) {
+        return uint32_t(std::count_if(bd.begin(), bd.end(), [&](float x) { return x < y; }));
+      };
+      auto with_neighbours = [](float v) {
+        return std::array<float, 3>{v, std::nextafter(v, -INFINITY), std::nextafter(v, INFINITY)};
+      };
+      std::vector<float> ys;
+      std::normal_distribution<float> coord(0.0f, 1.0f / std::sqrt(float(dim)));
+      for (int i = 0; i < 20000; ++i) ys.push_back(coord(rng) * (i % 4 == 0 ? 4.0f : 1.0f));
+      for (const float x : bd)
+        for (const float y : with_neighbours(x)) ys.push_back(y);
+      for (int k = 0; k <= gpu::kBuckets; ++k) {
+        const float edge = (float(k) - b->offset) / b->scale;
+        for (const float y : with_neighbours(edge)) ys.push_back(y);
+      }
+      for (const float y : {0.0f, -0.0f, 1.0f, -1.0f, 1e30f, -1e30f}) ys.push_back(y);
+      for (const float y : ys) ASSERT_EQ(by_buckets(y), exact(y)) << dim << " " << bits << " " << y;
+    }
+  }
+  EXPECT_GE(built, 12);
 }
 
 }  // namespace

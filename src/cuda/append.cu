@@ -1,7 +1,8 @@
 // Quantize + append: one launch encodes the keys and values of every KV head of `tokens` new
-// tokens of one layer and writes them into their page slots. One warp per vector; a block's
-// warps take consecutive tokens of one (side, KV head), so they share its codec's boundaries,
-// copied into shared memory once.
+// tokens of one layer and writes them into their page slots. A warp encodes one vector at a
+// time, for several tokens of one (side, KV head): what its lanes need of the codec (channel
+// numbers, signs, offsets) is loaded once for them, and a block's warps share the codec's
+// boundaries, copied into shared memory once.
 //
 // The codes must be bit-identical to Codec::encode on the CPU, so every step that decides a code
 // follows the CPU's arithmetic exactly (this file is compiled without fused multiply-add):
@@ -20,6 +21,7 @@ namespace tqkv::gpu {
 namespace {
 
 constexpr int kWarps = 4;
+constexpr int kTokens = 8;  // tokens a warp encodes
 
 __device__ float load_element(const void* x, int type, size_t i) {
   if (type == 0) return static_cast<const float*>(x)[i];
@@ -182,47 +184,65 @@ __device__ bool encode_group(const GroupTables& g, const float* boundaries, int 
   return ok;
 }
 
-// x[k] = channel channels[lane + 32k] of the row: the channel numbers, then the elements, each
-// group of loads in flight at once (the element type is the launch's, so it is switched on
-// outside the loops, which keeps them free of branches).
-// A centering codec then subtracts the channel's offset (`offsets`, or nullptr), as the CPU does.
+// What a lane needs of a Hadamard-rotated MSE group (no QJL) of d = 32·E channels for every
+// vector it encodes, loaded once for a warp's tokens: its channel numbers channels[lane + 32k],
+// their Hadamard signs and (centering codecs) their offsets.
+template <int E>
+struct GroupLanes {
+  int ch[E];
+  float sign[E];
+  float offset[E];
+};
+
+template <int E>
+__device__ __forceinline__ GroupLanes<E> group_lanes(const GroupTables& g, const int16_t* channels,
+                                                     const float* offsets, int lane) {
+  GroupLanes<E> r;
+#pragma unroll
+  for (int k = 0; k < E; ++k) {
+    r.ch[k] = channels[lane + 32 * k];
+    r.sign[k] = g.signs[lane + 32 * k];
+  }
+#pragma unroll
+  for (int k = 0; k < E; ++k) r.offset[k] = offsets != nullptr ? offsets[r.ch[k]] : 0.0f;
+  return r;
+}
+
+// x[k] = channel ch[k] of the row (all loads in flight at once; the element type is the
+// launch's, so it is switched on outside the loops, which keeps them free of branches). A
+// centering codec then subtracts the channel's offset, as the CPU does.
 template <int E>
 __device__ __forceinline__ void load_channels(const void* src, int type, size_t row,
-                                              const int16_t* channels, const float* offsets,
-                                              int lane, float (&x)[E]) {
-  int ch[E];
-#pragma unroll
-  for (int k = 0; k < E; ++k) ch[k] = channels[lane + 32 * k];
+                                              const GroupLanes<E>& lanes, bool center,
+                                              float (&x)[E]) {
   if (type == 0) {
     const float* s = static_cast<const float*>(src) + row;
 #pragma unroll
-    for (int k = 0; k < E; ++k) x[k] = s[ch[k]];
+    for (int k = 0; k < E; ++k) x[k] = s[lanes.ch[k]];
   } else {
     const uint16_t* s = static_cast<const uint16_t*>(src) + row;
     uint32_t bits[E];
 #pragma unroll
-    for (int k = 0; k < E; ++k) bits[k] = s[ch[k]];
+    for (int k = 0; k < E; ++k) bits[k] = s[lanes.ch[k]];
 #pragma unroll
     for (int k = 0; k < E; ++k)
       x[k] = type == 1 ? __half2float(__ushort_as_half(uint16_t(bits[k])))
                        : __uint_as_float(bits[k] << 16);
   }
-  if (offsets != nullptr)
+  if (center)
 #pragma unroll
-    for (int k = 0; k < E; ++k) x[k] = __fsub_rn(x[k], offsets[ch[k]]);
+    for (int k = 0; k < E; ++k) x[k] = __fsub_rn(x[k], lanes.offset[k]);
 }
 
 // The common case in registers: a Hadamard-rotated MSE group (no QJL) of d = 32·E channels,
-// read straight from the input. Lane l holds channels l + 32k, which is also the canonical
-// order's lane assignment, so the norm's partial sums need no reordering. Same arithmetic, in the
-// same order, as encode_group.
+// x loaded straight from the input (load_channels). Lane l holds channels l + 32k, which is
+// also the canonical order's lane assignment, so the norm's partial sums need no reordering.
+// Same arithmetic, in the same order, as encode_group.
 template <int E>
-__device__ bool encode_group_in_registers(const GroupTables& g, const float* boundaries,
-                                          int norm_f16, const void* src, int type, size_t row,
-                                          const int16_t* channels, const float* offsets,
-                                          uint8_t* block, uint32_t slot, int lane) {
-  float x[E];
-  load_channels<E>(src, type, row, channels, offsets, lane, x);
+__device__ bool encode_group_in_registers(const GroupTables& g, const GroupLanes<E>& lanes,
+                                          const float* boundaries, const uint8_t* buckets,
+                                          int norm_f16, float (&x)[E], uint8_t* block,
+                                          uint32_t slot, int lane) {
   bool ok = true;
 #pragma unroll
   for (int k = 0; k < E; ++k) ok &= finite(x[k]);
@@ -236,7 +256,7 @@ __device__ bool encode_group_in_registers(const GroupTables& g, const float* bou
   if (norm_f16) ok &= finite(__half2float(__float2half_rn(n)));
   // y = H diag(signs) x
 #pragma unroll
-  for (int k = 0; k < E; ++k) x[k] = __fmul_rn(x[k], g.signs[lane + 32 * k]);
+  for (int k = 0; k < E; ++k) x[k] = __fmul_rn(x[k], lanes.sign[k]);
   butterflies<E>(x, lane);
   const float inv = n > 0.0f ? __fdiv_rn(g.gain, n) : 0.0f;
   uint32_t code[E];
@@ -245,10 +265,20 @@ __device__ bool encode_group_in_registers(const GroupTables& g, const float* bou
     x[k] = __fmul_rn(x[k], inv);
     code[k] = 0;
   }
-  for (int step = 1 << (g.mse_bits - 1); step > 0; step >>= 1)
+  if (buckets != nullptr) {
+    // y's bucket gives the count of boundaries below it, or one fewer (code_buckets).
 #pragma unroll
-    for (int k = 0; k < E; ++k)
-      if (boundaries[code[k] + step - 1] < x[k]) code[k] += step;
+    for (int k = 0; k < E; ++k) {
+      const int b = __float2int_rd(__fmaf_rn(x[k], g.bucket_scale, g.bucket_offset));
+      const uint32_t below = buckets[min(max(b, 0), kBuckets - 1)];
+      code[k] = below + (boundaries[below] < x[k] ? 1u : 0u);
+    }
+  } else {
+    for (int step = 1 << (g.mse_bits - 1); step > 0; step >>= 1)
+#pragma unroll
+      for (int k = 0; k < E; ++k)
+        if (boundaries[code[k] + step - 1] < x[k]) code[k] += step;
+  }
   // Pack (bitpack.hpp): field of width w, widest first, holds code bits [shift, shift + w);
   // coordinates 8q..8q+7 fill its w bytes from q·w, coordinate 8q + i at bit i·w. Eight lanes
   // OR their bits together and one of them stores the w bytes.
@@ -284,7 +314,8 @@ __device__ bool encode_group_in_registers(const GroupTables& g, const float* bou
   return ok;
 }
 
-// Grid: (token blocks, KV head, side); warp w of block x encodes token x · kWarps + w.
+// Grid: (token blocks, KV head, side). Warp w of block x encodes tokens x · kWarps · kTokens +
+// i · kWarps + w (i < kTokens), so its lanes load what they need of a group once for all of them.
 __global__ void __launch_bounds__(kWarps * 32) append_kernel(const AppendParams p) {
   extern __shared__ float shared[];
   const CacheView& c = p.cache;
@@ -292,60 +323,86 @@ __global__ void __launch_bounds__(kWarps * 32) append_kernel(const AppendParams 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int head = int(blockIdx.y), side = int(blockIdx.z);
   const CodecTables& codec = side ? c.value : c.key;
-  // The groups' boundaries: [group][255] after the warps' buffers.
+  // The groups' boundaries, [group][255] after the warps' buffers, then their buckets
+  // [group][kBuckets].
   float* boundaries = shared + size_t(kWarps) * (2 * d + d / 4);
+  uint8_t* buckets = reinterpret_cast<uint8_t*>(boundaries + kMaxGroups * 255);
   for (int gi = 0; gi < codec.groups; ++gi) {
     const GroupTables& g = codec.g[gi];
     const int n = g.mse_bits > 0 ? (1 << g.mse_bits) - 1 : 0;
-    for (int i = int(threadIdx.x); i < n; i += kWarps * 32) boundaries[255 * gi + i] = g.boundaries[i];
+    for (int i = int(threadIdx.x); i < n; i += kWarps * 32)
+      boundaries[255 * gi + i] = g.boundaries[i];
+    if (g.buckets != nullptr && threadIdx.x < kBuckets)
+      buckets[kBuckets * gi + threadIdx.x] = g.buckets[threadIdx.x];
   }
   __syncthreads();
   float* x = shared + size_t(warp) * (2 * d + d / 4);
   float* y = x + d;
   uint8_t* idx = reinterpret_cast<uint8_t*>(y + d);
-  const uint32_t t = blockIdx.x * kWarps + uint32_t(warp);
-  if (t >= p.tokens) return;
-  // Vector order = the CPU's order of checks: side, then head, then token.
-  const uint32_t v = (uint32_t(side) * uint32_t(c.kv_heads) + uint32_t(head)) * p.tokens + t;
+  const uint32_t t0 = blockIdx.x * kWarps * kTokens + uint32_t(warp);
+  if (t0 >= p.tokens) return;
+  const int count = int(min(uint32_t(kTokens), (p.tokens - t0 + kWarps - 1) / kWarps));
   const size_t index = (size_t(c.layer) * c.kv_heads + head) * 2 + size_t(side);
   const int16_t* channels = c.channels + index * size_t(d);
   const float* offsets = codec.center ? c.offsets + index * size_t(d) : nullptr;
-  const size_t row = (size_t(t) * c.kv_heads + head) * size_t(d);
-  const uint64_t pos = p.first_token + t;
   const uint32_t* pages = c.page_tables + size_t(p.slot) * c.page_table_stride;
-  uint8_t* block = block_of(c, pages, pos, head, side);
-  const uint32_t slot = page_slot(c, pos);
-  bool ok = true;
+  const void* src = side ? p.v : p.k;
+  // Token i of the warp: its row of the input, its block and slot in the cache.
+  auto token = [&](int i) { return t0 + uint32_t(i) * kWarps; };
+  auto row_of = [&](int i) { return (size_t(token(i)) * c.kv_heads + head) * size_t(d); };
+  auto block_for = [&](int i) { return block_of(c, pages, p.first_token + token(i), head, side); };
+  auto slot_for = [&](int i) { return page_slot(c, p.first_token + token(i)); };
+  uint32_t failed = 0;  // bit i: token i cannot be encoded
   int first = 0;
   for (int gi = 0; gi < codec.groups; ++gi) {
     const GroupTables& g = codec.g[gi];
-    const void* src = side ? p.v : p.k;
     if (!g.dense && !g.qjl && g.mse_bits > 0 && g.dim % 32 == 0 && g.dim <= 256) {
-      const int16_t* ch = channels + first;
       auto run = [&](auto e) {
-        return encode_group_in_registers<decltype(e)::value>(g, boundaries + 255 * gi,
-                                                             codec.norm_f16, src, p.type, row, ch,
-                                                             offsets, block, slot, lane);
+        constexpr int E = decltype(e)::value;
+        const GroupLanes<E> lanes = group_lanes<E>(g, channels + first, offsets, lane);
+        const uint8_t* group_buckets = g.buckets != nullptr ? buckets + kBuckets * gi : nullptr;
+        // Token i + 1's elements are loaded while token i is encoded.
+        uint32_t refused = 0;
+        float next[E];
+        load_channels<E>(src, p.type, row_of(0), lanes, offsets != nullptr, next);
+#pragma unroll 1
+        for (int i = 0; i < count; ++i) {
+          float x[E];
+#pragma unroll
+          for (int k = 0; k < E; ++k) x[k] = next[k];
+          if (i + 1 < count)
+            load_channels<E>(src, p.type, row_of(i + 1), lanes, offsets != nullptr, next);
+          if (!encode_group_in_registers<E>(g, lanes, boundaries + 255 * gi, group_buckets,
+                                            codec.norm_f16, x, block_for(i), slot_for(i), lane))
+            refused |= 1u << i;
+        }
+        return refused;
       };
       switch (g.dim / 32) {  // Hadamard sizes are powers of two
-        case 1: ok &= run(std::integral_constant<int, 1>{}); break;
-        case 2: ok &= run(std::integral_constant<int, 2>{}); break;
-        case 4: ok &= run(std::integral_constant<int, 4>{}); break;
-        default: ok &= run(std::integral_constant<int, 8>{}); break;
+        case 1: failed |= run(std::integral_constant<int, 1>{}); break;
+        case 2: failed |= run(std::integral_constant<int, 2>{}); break;
+        case 4: failed |= run(std::integral_constant<int, 4>{}); break;
+        default: failed |= run(std::integral_constant<int, 8>{}); break;
       }
       first += g.dim;
       continue;
     }
-    for (int j = lane; j < g.dim; j += 32) {
-      const int ch = channels[first + j];
-      x[j] = load_element(side ? p.v : p.k, p.type, row + size_t(ch));
-      if (offsets != nullptr) x[j] = __fsub_rn(x[j], offsets[ch]);
+    for (int i = 0; i < count; ++i) {
+      for (int j = lane; j < g.dim; j += 32) {
+        const int ch = channels[first + j];
+        x[j] = load_element(src, p.type, row_of(i) + size_t(ch));
+        if (offsets != nullptr) x[j] = __fsub_rn(x[j], offsets[ch]);
+      }
+      __syncwarp();
+      if (!encode_group(g, boundaries + 255 * gi, codec.norm_f16, x, y, idx, block_for(i),
+                        slot_for(i), lane))
+        failed |= 1u << i;
     }
-    __syncwarp();
-    ok &= encode_group(g, boundaries + 255 * gi, codec.norm_f16, x, y, idx, block, slot, lane);
     first += g.dim;
   }
-  if (!ok && lane == 0) atomicMin(p.first_invalid, v);
+  // Vector order = the CPU's order of checks: side, then head, then token.
+  const uint32_t v0 = (uint32_t(side) * uint32_t(c.kv_heads) + uint32_t(head)) * p.tokens;
+  if (failed != 0 && lane == 0) atomicMin(p.first_invalid, v0 + token(__ffs(failed) - 1));
 }
 
 }  // namespace
@@ -353,13 +410,15 @@ __global__ void __launch_bounds__(kWarps * 32) append_kernel(const AppendParams 
 void launch_append(Device device, const AppendParams& p, CudaStream stream) {
   DeviceGuard guard(device);
   const int d = p.cache.head_dim;
-  const size_t smem = size_t(kWarps) * (size_t(2 * d) * 4 + size_t(d)) + kMaxGroups * 255 * 4;
+  const size_t smem = size_t(kWarps) * (size_t(2 * d) * 4 + size_t(d)) + kMaxGroups * 255 * 4 +
+                      kMaxGroups * kBuckets;
   if (smem > 48 * 1024)
     TQKV_CUDA_CHECK(cudaFuncSetAttribute(append_kernel,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   TQKV_CHECK(p.cache.kv_heads <= 65535, "GPU append: at most 65535 KV heads, got ",
              p.cache.kv_heads);
-  const dim3 grid((p.tokens + kWarps - 1) / kWarps, unsigned(p.cache.kv_heads), 2);
+  const dim3 grid((p.tokens + kWarps * kTokens - 1) / (kWarps * kTokens),
+                  unsigned(p.cache.kv_heads), 2);
   append_kernel<<<grid, kWarps * 32, smem, stream>>>(p);
   TQKV_CUDA_CHECK_LAUNCH("append_kernel");
 }

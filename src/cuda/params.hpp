@@ -2,8 +2,11 @@
 // on the host by the cache and the attention front end; shared by host code and kernels.
 #pragma once
 
+#include <array>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 
 namespace tqkv::gpu {
 
@@ -21,6 +24,12 @@ struct GroupTables {
   const float* signs = nullptr;       // Hadamard signs [dim]
   const float* rotation = nullptr;    // dense Q, row-major [dim][dim]
   const float* boundaries = nullptr;  // [2^mse_bits − 1]
+  /// A code's search shortcut (append): y's bucket b = floor(y · bucket_scale + bucket_offset),
+  /// clamped to [0, kBuckets), gives buckets[b] codes below y or one fewer, so one comparison
+  /// with a boundary finishes the count; null where the boundaries lie too close for that
+  /// (wide codes), which then take the binary search.
+  const uint8_t* buckets = nullptr;
+  float bucket_scale = 0.0f, bucket_offset = 0.0f;
   const float* centroids = nullptr;   // [2^mse_bits]
   const float* qjl_matrix = nullptr;  // S, row-major [dim][dim]
   /// Two 4-bit codes in a byte (low nibble first) → the float16 pair (c[low], c[high]).
@@ -33,6 +42,7 @@ struct GroupTables {
   uint32_t norm_at = 0, gamma_at = 0;
 };
 
+inline constexpr int kBuckets = 64;
 inline constexpr int kMaxTerms = 2 * kMaxGroups;  // per group: codes and QJL signs
 /// Lanes of a warp that share one code word (8 coordinates) of a token in the attention MMAs.
 inline constexpr int kKeyLanesPerWord = 4, kValueLanesPerWord = 8;
@@ -102,6 +112,37 @@ inline void make_terms(CodecTables& t, int lanes_per_word, uint32_t stage_begin)
     }
   }
   t.stage_end = stage;
+}
+
+/// GroupTables::buckets for ascending `boundaries`: kBuckets equal buckets from the first to the
+/// last, where bucket b holds the count of boundaries below bucket b − 1's start. A value whose
+/// bucket is computed one off either way still has at most one boundary between that count and
+/// its code as long as no three neighbouring buckets (the top two open upward) hold more than one
+/// boundary; nothing where some do (the binary search then runs).
+struct CodeBuckets {
+  std::array<uint8_t, kBuckets> counts{};
+  float scale = 0.0f, offset = 0.0f;
+};
+
+inline std::optional<CodeBuckets> code_buckets(const float* boundaries, size_t n) {
+  if (n < 2 || n > 255) return std::nullopt;
+  const double lo = boundaries[0], hi = boundaries[n - 1], width = (hi - lo) / kBuckets;
+  if (!(width > 0.0) || !std::isfinite(width)) return std::nullopt;
+  CodeBuckets r;
+  r.scale = float(1.0 / width);
+  r.offset = float(-lo / width);
+  for (int b = 0; b < kBuckets; ++b) {
+    const double from = lo + (b - 1) * width;
+    const double to = b + 2 < kBuckets ? lo + (b + 2) * width : INFINITY;
+    size_t below = 0, inside = 0;
+    for (size_t i = 0; i < n; ++i) {
+      below += boundaries[i] < from;
+      inside += boundaries[i] >= from && boundaries[i] < to;
+    }
+    if (inside > 1) return std::nullopt;
+    r.counts[size_t(b)] = uint8_t(below);
+  }
+  return r;
 }
 
 /// One layer of a GPU cache as the kernels see it.
