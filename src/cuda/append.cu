@@ -11,6 +11,7 @@
 //   order of rotation.hpp; y · (gain / n) with one division; idx = #{boundaries < y}.
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "cuda/backend.hpp"
@@ -316,6 +317,15 @@ __device__ bool encode_group_in_registers(const GroupTables& g, const GroupLanes
 
 // Grid: (token blocks, KV head, side). Warp w of block x encodes tokens x · kWarps · kTokens +
 // i · kWarps + w (i < kTokens), so its lanes load what they need of a group once for all of them.
+// A group's channels / 32 where it takes the register path (a Hadamard-rotated MSE group of
+// 32 · E channels, E = 1, 2, 4 or 8, no QJL), else 0.
+__host__ __device__ inline int register_width(const GroupTables& g) {
+  return !g.dense && !g.qjl && g.mse_bits > 0 && g.dim % 32 == 0 && g.dim <= 256 ? g.dim / 32 : 0;
+}
+
+// kMaxE: the widest register-path group's channels / 32 (1, 2, 4 or 8), so that a codec of
+// narrow groups gets a kernel with their registers only.
+template <int kMaxE>
 __global__ void __launch_bounds__(kWarps * 32) append_kernel(const AppendParams p) {
   extern __shared__ float shared[];
   const CacheView& c = p.cache;
@@ -356,7 +366,7 @@ __global__ void __launch_bounds__(kWarps * 32) append_kernel(const AppendParams 
   int first = 0;
   for (int gi = 0; gi < codec.groups; ++gi) {
     const GroupTables& g = codec.g[gi];
-    if (!g.dense && !g.qjl && g.mse_bits > 0 && g.dim % 32 == 0 && g.dim <= 256) {
+    if (register_width(g) > 0) {
       auto run = [&](auto e) {
         constexpr int E = decltype(e)::value;
         const GroupLanes<E> lanes = group_lanes<E>(g, channels + first, offsets, lane);
@@ -378,11 +388,11 @@ __global__ void __launch_bounds__(kWarps * 32) append_kernel(const AppendParams 
         }
         return refused;
       };
-      switch (g.dim / 32) {  // Hadamard sizes are powers of two
+      switch (g.dim / 32) {  // Hadamard sizes are powers of two, at most 32 · kMaxE
         case 1: failed |= run(std::integral_constant<int, 1>{}); break;
-        case 2: failed |= run(std::integral_constant<int, 2>{}); break;
-        case 4: failed |= run(std::integral_constant<int, 4>{}); break;
-        default: failed |= run(std::integral_constant<int, 8>{}); break;
+        case 2: failed |= run(std::integral_constant<int, kMaxE >= 2 ? 2 : 1>{}); break;
+        case 4: failed |= run(std::integral_constant<int, kMaxE >= 4 ? 4 : 1>{}); break;
+        default: failed |= run(std::integral_constant<int, kMaxE>{}); break;
       }
       first += g.dim;
       continue;
@@ -412,14 +422,21 @@ void launch_append(Device device, const AppendParams& p, CudaStream stream) {
   const int d = p.cache.head_dim;
   const size_t smem = size_t(kWarps) * (size_t(2 * d) * 4 + size_t(d)) + kMaxGroups * 255 * 4 +
                       kMaxGroups * kBuckets;
+  int widest = 1;
+  for (const CodecTables* t : {&p.cache.key, &p.cache.value})
+    for (int gi = 0; gi < t->groups; ++gi) widest = std::max(widest, register_width(t->g[gi]));
+  auto kernel = widest == 1   ? append_kernel<1>
+                : widest == 2 ? append_kernel<2>
+                : widest == 4 ? append_kernel<4>
+                              : append_kernel<8>;
   if (smem > 48 * 1024)
-    TQKV_CUDA_CHECK(cudaFuncSetAttribute(append_kernel,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    TQKV_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   TQKV_CHECK(p.cache.kv_heads <= 65535, "GPU append: at most 65535 KV heads, got ",
              p.cache.kv_heads);
   const dim3 grid((p.tokens + kWarps * kTokens - 1) / (kWarps * kTokens),
                   unsigned(p.cache.kv_heads), 2);
-  append_kernel<<<grid, kWarps * 32, smem, stream>>>(p);
+  kernel<<<grid, kWarps * 32, smem, stream>>>(p);
   TQKV_CUDA_CHECK_LAUNCH("append_kernel");
 }
 
