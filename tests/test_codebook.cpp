@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <random>
@@ -261,10 +262,12 @@ TEST(Codebook, AppendBucketsCountTheBoundariesBelow) {
       if (bits >= 2 && bits <= 4) EXPECT_TRUE(b.has_value()) << dim << " " << bits;
       if (!b) continue;
       ++built;
-      auto by_buckets = [&](float y) {
+      auto bucket = [&](float y) {
         const double at = std::floor(double(std::fmaf(y, b->scale, b->offset)));
-        const int k = int(std::clamp(at, 0.0, double(gpu::kBuckets - 1)));
-        const uint32_t below = b->counts[size_t(k)];
+        return int(std::clamp(at, 0.0, double(gpu::kBuckets - 1)));
+      };
+      auto by_buckets = [&](float y) {
+        const uint32_t below = b->counts[size_t(bucket(y))];
         return below + (bd[below] < y ? 1u : 0u);
       };
       auto exact = [&](float y) {
@@ -278,9 +281,28 @@ TEST(Codebook, AppendBucketsCountTheBoundariesBelow) {
       for (int i = 0; i < 20000; ++i) ys.push_back(coord(rng) * (i % 4 == 0 ? 4.0f : 1.0f));
       for (const float x : bd)
         for (const float y : with_neighbours(x)) ys.push_back(y);
-      for (int k = 0; k <= gpu::kBuckets; ++k) {
-        const float edge = (float(k) - b->offset) / b->scale;
-        for (const float y : with_neighbours(edge)) ys.push_back(y);
+      // The exact floats where the kernel's bucket steps up (the bucket does not decrease with
+      // y, so a bisection over the floats in order finds them), and their neighbours.
+      auto order = [](float f) {  // floats in order as integers
+        int32_t i;
+        std::memcpy(&i, &f, 4);
+        return i < 0 ? int64_t(INT32_MIN) - int64_t(i) : int64_t(i);
+      };
+      auto from_order = [](int64_t o) {
+        const int32_t i = o < 0 ? int32_t(int64_t(INT32_MIN) - o) : int32_t(o);
+        float f;
+        std::memcpy(&f, &i, 4);
+        return f;
+      };
+      const float span = bd.back() - bd.front();
+      for (int k = 1; k < gpu::kBuckets; ++k) {
+        int64_t lo = order(bd.front() - span), hi = order(bd.back() + span);  // bucket 0, last
+        while (hi - lo > 1) {
+          const int64_t mid = lo + (hi - lo) / 2;
+          (bucket(from_order(mid)) >= k ? hi : lo) = mid;
+        }
+        ASSERT_EQ(bucket(from_order(hi)), k);
+        for (const float y : with_neighbours(from_order(hi))) ys.push_back(y);
       }
       for (const float y : {0.0f, -0.0f, 1.0f, -1.0f, 1e30f, -1e30f}) ys.push_back(y);
       for (const float y : ys) ASSERT_EQ(by_buckets(y), exact(y)) << dim << " " << bits << " " << y;

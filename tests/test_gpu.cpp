@@ -579,14 +579,23 @@ TEST(Gpu, BadInputIsRefusedAndChangesNothing) {
   EXPECT_EQ(gpu.pages_free(), free_before);
   // A refused vector's slot stays past the end of the sequence but inside the tile that
   // attention reads whole (masked): after 3 good tokens, a NaN value at token 5 must not reach
-  // the output through its norm.
+  // the output through its norm. Tokens 5 and 9 are the second and third of one warp's tokens
+  // (the append kernel's warps take every 4th token): the error names the first.
   {
     KVCache c2(config_of(s, Device::cuda(0)));
     const SequenceId b = c2.add_sequence();
     auto v2 = v;
-    std::memcpy(&v2[((5 * size_t(s.kv_heads) + 1) * size_t(s.head_dim) + 7) * 4], &nan, 4);
+    for (const size_t t : {9, 5})
+      std::memcpy(&v2[((t * size_t(s.kv_heads) + 1) * size_t(s.head_dim) + 7) * 4], &nan, 4);
     const DeviceBuffer dv2 = on_gpu(v2), dk2 = on_gpu(random_rows(rng, n, ScalarType::f32, true));
-    EXPECT_THROW(c2.append(b, 0, dk2.data(), dv2.data(), 40, ScalarType::f32), Error);
+    try {
+      c2.append(b, 0, dk2.data(), dv2.data(), 40, ScalarType::f32);
+      FAIL() << "a NaN value must be refused";
+    } catch (const Error& e) {
+      const std::string m = e.what();
+      EXPECT_NE(m.find("values of KV head 1"), std::string::npos) << m;
+      EXPECT_NE(m.find("token 5"), std::string::npos) << m;
+    }
     c2.append(b, 0, dk2.data(), dv.data(), 3, ScalarType::f32);
     const SequenceId ids[] = {b};
     const size_t decode[] = {1};

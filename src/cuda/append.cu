@@ -315,14 +315,14 @@ __device__ bool encode_group_in_registers(const GroupTables& g, const GroupLanes
   return ok;
 }
 
-// Grid: (token blocks, KV head, side). Warp w of block x encodes tokens x · kWarps · kTokens +
-// i · kWarps + w (i < kTokens), so its lanes load what they need of a group once for all of them.
 // A group's channels / 32 where it takes the register path (a Hadamard-rotated MSE group of
 // 32 · E channels, E = 1, 2, 4 or 8, no QJL), else 0.
 __host__ __device__ inline int register_width(const GroupTables& g) {
   return !g.dense && !g.qjl && g.mse_bits > 0 && g.dim % 32 == 0 && g.dim <= 256 ? g.dim / 32 : 0;
 }
 
+// Grid: (token blocks, KV head, side). Warp w of block x encodes tokens x · kWarps · kTokens +
+// i · kWarps + w (i < kTokens), so its lanes load what they need of a group once for all of them.
 // kMaxE: the widest register-path group's channels / 32 (1, 2, 4 or 8), so that a codec of
 // narrow groups gets a kernel with their registers only.
 template <int kMaxE>
@@ -388,7 +388,10 @@ __global__ void __launch_bounds__(kWarps * 32) append_kernel(const AppendParams 
         }
         return refused;
       };
-      switch (g.dim / 32) {  // Hadamard sizes are powers of two, at most 32 · kMaxE
+      // Hadamard sizes are powers of two, at most 32 · kMaxE: launch_append picks kMaxE as the
+      // widest group of either side, so the cases a kernel maps down never run in it (mapping
+      // them to a trap instead costs the 128-channel kernel spills).
+      switch (g.dim / 32) {
         case 1: failed |= run(std::integral_constant<int, 1>{}); break;
         case 2: failed |= run(std::integral_constant<int, kMaxE >= 2 ? 2 : 1>{}); break;
         case 4: failed |= run(std::integral_constant<int, kMaxE >= 4 ? 4 : 1>{}); break;

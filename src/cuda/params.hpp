@@ -24,10 +24,11 @@ struct GroupTables {
   const float* signs = nullptr;       // Hadamard signs [dim]
   const float* rotation = nullptr;    // dense Q, row-major [dim][dim]
   const float* boundaries = nullptr;  // [2^mse_bits − 1]
-  /// A code's search shortcut (append): y's bucket b = floor(y · bucket_scale + bucket_offset),
-  /// clamped to [0, kBuckets), gives buckets[b] codes below y or one fewer, so one comparison
-  /// with a boundary finishes the count; null where the boundaries lie too close for that
-  /// (wide codes), which then take the binary search.
+  /// A code's search shortcut (append): for y's bucket b = floor(y · bucket_scale +
+  /// bucket_offset), clamped to [0, kBuckets), buckets[b] is the count of boundaries below y or
+  /// one less, so one comparison with a boundary finishes the count; null where the boundaries
+  /// lie too close for that (codes of 5 bits and more) or are fewer than 2 (1 bit), which then
+  /// take the binary search.
   const uint8_t* buckets = nullptr;
   float bucket_scale = 0.0f, bucket_offset = 0.0f;
   const float* centroids = nullptr;   // [2^mse_bits]
@@ -118,7 +119,9 @@ inline void make_terms(CodecTables& t, int lanes_per_word, uint32_t stage_begin)
 /// last, where bucket b holds the count of boundaries below bucket b − 1's start. A value whose
 /// bucket is computed one off either way still has at most one boundary between that count and
 /// its code as long as no three neighbouring buckets (the top two open upward) hold more than one
-/// boundary; nothing where some do (the binary search then runs).
+/// boundary; nothing where some do (the binary search then runs), and nothing for boundaries that
+/// are not finite and ascending, or whose range sits so far from 0 (|offset| > 2^16) that the
+/// float scale and offset could misplace a value by a bucket.
 struct CodeBuckets {
   std::array<uint8_t, kBuckets> counts{};
   float scale = 0.0f, offset = 0.0f;
@@ -126,8 +129,12 @@ struct CodeBuckets {
 
 inline std::optional<CodeBuckets> code_buckets(const float* boundaries, size_t n) {
   if (n < 2 || n > 255) return std::nullopt;
+  for (size_t i = 0; i < n; ++i)
+    if (!std::isfinite(boundaries[i]) || (i > 0 && !(boundaries[i - 1] < boundaries[i])))
+      return std::nullopt;
   const double lo = boundaries[0], hi = boundaries[n - 1], width = (hi - lo) / kBuckets;
-  if (!(width > 0.0) || !std::isfinite(width)) return std::nullopt;
+  if (!(width > 0.0) || !std::isfinite(width) || std::fabs(lo / width) > 65536.0)
+    return std::nullopt;
   CodeBuckets r;
   r.scale = float(1.0 / width);
   r.offset = float(-lo / width);
