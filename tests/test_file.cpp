@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "test_support.hpp"
 #include "tqkv/codec.hpp"
 #include "tqkv/error.hpp"
 
@@ -18,6 +19,7 @@ namespace tqkv::file {
 namespace {
 
 namespace fs = std::filesystem;
+using testing::error_of;
 
 void put_u32(std::vector<uint8_t>& b, size_t at, uint32_t v) {
   for (int i = 0; i < 4; ++i) b[at + size_t(i)] = uint8_t(v >> (8 * i));
@@ -34,18 +36,6 @@ uint64_t get_u64(const std::vector<uint8_t>& b, size_t at) {
 // Recomputes the preamble hash after a test has patched a preamble field, so that the parser
 // gets past the checksum and reports the field itself.
 void reseal(std::vector<uint8_t>& b) { put_u64(b, 48, XXH3_64bits(b.data(), 48)); }
-
-// The message of the tqkv::Error that `f` throws; fails the test if it throws nothing.
-template <class F>
-std::string error_of(F f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "no tqkv::Error thrown";
-  return "";
-}
 
 std::string parse_error(const std::vector<uint8_t>& bytes) {
   return error_of([&] { parse_encoded(bytes, "X.tqkv"); });

@@ -1,13 +1,30 @@
 // Helpers the correctness tests share: fresh seeds, errors against a reference, poisoned outputs.
 #pragma once
 
+#include <gtest/gtest.h>
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
+#include "tqkv/error.hpp"
+
 namespace tqkv::testing {
+
+/// The message of the tqkv::Error that `f` throws; fails the test if it throws nothing.
+template <class F>
+std::string error_of(F f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "no tqkv::Error thrown";
+  return "";
+}
 
 /// A seed never used before (tests print it, so a failure can be replayed).
 inline uint64_t fresh_seed() {
