@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -215,7 +216,20 @@ TEST(Llama, RealModelRunsOnBothStores) {
     return kl(std::vector<float>(all.end() - c.vocab, all.end()), last_step);
   };
   EXPECT_LT(whole_and_steps(exact), 1e-6);
-  EXPECT_LT(whole_and_steps(model), 0.05);
+  // With quantized activations the gap depends on the sequence (60 random ones: median 0.018,
+  // largest 0.049; one in a CI run 0.069), so the check takes the median of 5 and bounds the
+  // largest well above that spread and far below what a wrong cache or position gives (nats).
+  std::vector<double> gaps;
+  for (int s = 0; s < 5; ++s) {
+    if (s > 0) {
+      tokens.resize(1);
+      for (int i = 0; i < 23; ++i) tokens.push_back(int32_t(rng() % 2000));
+    }
+    gaps.push_back(whole_and_steps(model));
+  }
+  std::sort(gaps.begin(), gaps.end());
+  EXPECT_LT(gaps[2], 0.05);
+  EXPECT_LT(gaps[4], 0.25);
 
   // 8-bit MSE codes in the compressed store: near-lossless next-token distributions (measured
   // with float activations, whose results move smoothly with the cache's error).
