@@ -259,9 +259,9 @@ std::vector<BenchRow> bench_decode_cuda(const BenchDecodeArgs& a, Device device,
 
 // The bench commands' shared options, checked before anything is built: the bit widths (parsed),
 // the head shape and the repeat count.
-std::vector<double> check_shape_options(const std::string& bits_list, int q_heads, int kv_heads,
-                                        int dim, int repeats, CodecKind kind) {
-  const auto bits_text = split_list(bits_list, "--bits");
+std::vector<double> check_shape_options(const BenchShapeArgs& a, CodecKind kind) {
+  const int q_heads = a.q_heads, kv_heads = a.kv_heads, dim = a.dim, repeats = a.repeats;
+  const auto bits_text = split_list(a.bits, "--bits");
   std::vector<double> bits;
   for (const auto& b : bits_text) bits.push_back(parse_bits(b, "--bits"));
   TQKV_CHECK(repeats >= 1, "--repeats: must be at least 1, got ", repeats);
@@ -291,8 +291,7 @@ int bench_decode(const BenchDecodeArgs& a, std::ostream& out) {
   const auto contexts = parse_positive_list(a.context, "--context");
   const CodecKind kind = parse_codec_kind(a.codec);
   TQKV_CHECK(a.threads >= 0, "--threads: must be >= 0 (0: all), got ", a.threads);
-  const std::vector<double> bits =
-      check_shape_options(a.bits, a.q_heads, a.kv_heads, a.dim, a.repeats, kind);
+  const std::vector<double> bits = check_shape_options(a, kind);
 
   if (device.is_cuda()) {
     const auto rows = bench_decode_cuda(a, device, batches, contexts, bits, kind, out);
@@ -409,8 +408,7 @@ int bench_sharded(const BenchShardedArgs& a, std::ostream& out) {
   const Placement placement = a.placement == "heads" ? Placement::heads : Placement::sequence;
   const auto batches = parse_positive_list(a.batch, "--batch");
   const auto contexts = parse_positive_list(a.context, "--context");
-  const std::vector<double> bits =
-      check_shape_options(a.bits, a.q_heads, a.kv_heads, a.dim, a.repeats, CodecKind::mse);
+  const std::vector<double> bits = check_shape_options(a, CodecKind::mse);
   const size_t H = size_t(a.kv_heads), d = size_t(a.dim), Hq = size_t(a.q_heads);
   const bool gpu = devices[0].is_cuda();
   Normals normals(12345);

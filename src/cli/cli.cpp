@@ -345,6 +345,20 @@ int demo(size_t samples, size_t context, std::ostream& out) {
   return 0;
 }
 
+// The options every bench subcommand takes (BenchShapeArgs).
+void add_shape_options(CLI::App* sub, BenchShapeArgs& a, const std::string& repeats_help) {
+  sub->add_option("--batch", a.batch, "comma-separated batch sizes")->capture_default_str();
+  sub->add_option("--context", a.context, "comma-separated context lengths (tokens)")
+      ->capture_default_str();
+  sub->add_option("--bits", a.bits, "comma-separated bit widths (keys and values)")
+      ->capture_default_str();
+  sub->add_option("--q-heads", a.q_heads, "query heads")->capture_default_str();
+  sub->add_option("--kv-heads", a.kv_heads, "KV heads")->capture_default_str();
+  sub->add_option("--dim", a.dim, "head dimension")->capture_default_str();
+  sub->add_option("--repeats", a.repeats, repeats_help)->capture_default_str();
+  sub->add_flag("--json", a.json, "print a JSON array");
+}
+
 }  // namespace
 
 int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
@@ -450,19 +464,9 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
   auto* bdec = bench->add_subcommand(
       "decode", "decode attention: fused on the codes vs dequantize-then-attend vs dense float32");
   bdec->add_option("--device", bd.device, "cpu, cuda or cuda:N")->capture_default_str();
-  bdec->add_option("--batch", bd.batch, "comma-separated batch sizes")->capture_default_str();
-  bdec->add_option("--context", bd.context, "comma-separated context lengths (tokens)")
-      ->capture_default_str();
-  bdec->add_option("--bits", bd.bits, "comma-separated bit widths (keys and values)")
-      ->capture_default_str();
+  add_shape_options(bdec, bd, "timed runs per measurement (best is kept)");
   bdec->add_option("--threads", bd.threads, "CPU threads; 0: all")->capture_default_str();
-  bdec->add_option("--q-heads", bd.q_heads, "query heads")->capture_default_str();
-  bdec->add_option("--kv-heads", bd.kv_heads, "KV heads")->capture_default_str();
-  bdec->add_option("--dim", bd.dim, "head dimension")->capture_default_str();
   bdec->add_option("--codec", bd.codec, "mse or prod")->capture_default_str();
-  bdec->add_option("--repeats", bd.repeats, "timed runs per measurement (best is kept)")
-      ->capture_default_str();
-  bdec->add_flag("--json", bd.json, "print a JSON array");
 
   BenchShardedArgs bs;
   auto* bsh = bench->add_subcommand(
@@ -472,17 +476,7 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
   bsh->add_option("--worlds", bs.worlds, "comma-separated shard counts (the first devices); "
                   "default: 1 and all")->capture_default_str();
   bsh->add_option("--placement", bs.placement, "sequence or heads")->capture_default_str();
-  bsh->add_option("--batch", bs.batch, "comma-separated batch sizes")->capture_default_str();
-  bsh->add_option("--context", bs.context, "comma-separated context lengths (tokens)")
-      ->capture_default_str();
-  bsh->add_option("--bits", bs.bits, "comma-separated bit widths (keys and values)")
-      ->capture_default_str();
-  bsh->add_option("--q-heads", bs.q_heads, "query heads")->capture_default_str();
-  bsh->add_option("--kv-heads", bs.kv_heads, "KV heads")->capture_default_str();
-  bsh->add_option("--dim", bs.dim, "head dimension")->capture_default_str();
-  bsh->add_option("--repeats", bs.repeats, "timed steps (the median is kept)")
-      ->capture_default_str();
-  bsh->add_flag("--json", bs.json, "print a JSON array");
+  add_shape_options(bsh, bs, "timed steps (the median is kept)");
 
   std::vector<std::string> argv_rev(args.rbegin(), args.rend());
   try {

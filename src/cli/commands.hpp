@@ -52,14 +52,22 @@ int attend(const AttendArgs& args, std::ostream& out);
 
 // ---- tqkv bench decode (bench.cpp) -------------------------------------------------------------
 
-struct BenchDecodeArgs {
-  std::string device = "cpu";
-  std::string batch = "1", context = "4096,32768", bits = "4,3,2";
-  std::string codec = "mse";
-  int threads = 0;  ///< 0: all (OpenMP default)
+/// The options the bench commands share: the shapes measured, the repeats, the output.
+struct BenchShapeArgs {
+  std::string batch = "1", context, bits;  ///< comma-separated lists
   int q_heads = 32, kv_heads = 8, dim = 128;
   int repeats = 5;
   bool json = false;
+};
+
+struct BenchDecodeArgs : BenchShapeArgs {
+  BenchDecodeArgs() {
+    context = "4096,32768";
+    bits = "4,3,2";
+  }
+  std::string device = "cpu";
+  std::string codec = "mse";
+  int threads = 0;  ///< 0: all (OpenMP default)
 };
 
 /// One row of the decode benchmark.
@@ -83,14 +91,14 @@ struct BenchRow {
 /// for every (batch, context, bits) row.
 int bench_decode(const BenchDecodeArgs& args, std::ostream& out);
 
-struct BenchShardedArgs {
+struct BenchShardedArgs : BenchShapeArgs {
+  BenchShardedArgs() {
+    context = "131072";
+    bits = "4";
+  }
   std::string devices = "cpu,cpu";  ///< the shards' devices; world w uses the first w
   std::string worlds = "";          ///< comma-separated world sizes; empty: 1 and all devices
   std::string placement = "sequence";
-  std::string batch = "1", context = "131072", bits = "4";
-  int q_heads = 32, kv_heads = 8, dim = 128;
-  int repeats = 5;
-  bool json = false;
 };
 /// tqkv bench sharded: decode step time on a ShardedCache per world size (sharded.hpp).
 int bench_sharded(const BenchShardedArgs& args, std::ostream& out);
