@@ -21,7 +21,7 @@
 // Codes, norms and γ reach the warp through its ring of stage buffers in shared memory, filled
 // by cp.async several tiles ahead. The common codecs (one 128-coordinate MSE term per side of
 // width 2, 3 or 4, or the fractional 3.5 / 2.5 bits' two 64-coordinate terms) run kernels built
-// for their shape, in blocks of up to 12 warps; the rest read it from the term tables. On sm_90 the attention and merge kernels are launched to start early
+// for their shape, in blocks of up to 16 warps; the rest read it from the term tables. On sm_90 the attention and merge kernels are launched to start early
 // (programmatic dependent launch) and wait only before reading what the kernel ahead wrote.
 // Each item leaves (m, l, acc) per row in the workspace; a merge kernel combines the splits and
 // applies each value group's inverse rotation once (plus Sᵀ for QJL values).
@@ -36,11 +36,14 @@ namespace tqkv::gpu {
 
 namespace {
 
-// Warps of a block, at most: 12 for the kernels built for fixed shapes (≤ 168 registers: three
-// warps per scheduler share one copy of the code tables), 4 for the generic ones (up to 255
-// registers). A GPU with less shared memory per block (e.g. 99 KB on sm_86 / sm_89) gets fewer:
-// the launch fits them to its limit, and the kernel reads them from blockDim.
-__host__ __device__ constexpr int block_warps(int fixed_dim) { return fixed_dim > 0 ? 12 : 4; }
+// Warps of a block, at most: 16 for the kernels built for one 128-coordinate term per side
+// (≤ 128 registers: four warps per scheduler share one copy of the code tables), 12 for the
+// fractional ones (≤ 168 registers), 4 for the generic ones (up to 255 registers). A GPU with
+// less shared memory per block (e.g. 99 KB on sm_86 / sm_89) gets fewer: the launch fits them to
+// its limit (and takes 12 where 16 would leave SMs idle), and the kernel reads them from blockDim.
+__host__ __device__ constexpr int block_warps(int fixed_dim) {
+  return fixed_dim == 128 ? 16 : fixed_dim > 0 ? 12 : 4;
+}
 constexpr int kStages = 4;  // a warp's stage buffers: tiles in flight while one is computed
 // The code-pair tables open the shared memory: entry e of every table lies in row e (256 bytes,
 // 64 words), which holds lut_copies interleaved copies of each of the kernel's 2·kTerms tables.
@@ -1255,38 +1258,58 @@ void launch(Device device, AttentionParams& p, size_t warp_stage_bytes, CudaStre
   TQKV_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                          device.index));
   const size_t room = size_t(smem_limit) > kTableBytes ? size_t(smem_limit) - kTableBytes : 0;
-  const int warps = int(std::min<size_t>(size_t(block_warps(kDim)), room / warp_stage_bytes));
+  int warps = int(std::min<size_t>(size_t(block_warps(kDim)), room / warp_stage_bytes));
   TQKV_CHECK(warps >= 1, "GPU attention: this codec needs ", kTableBytes + warp_stage_bytes,
              " bytes of shared memory per block; ", to_string(device), " allows ", smem_limit);
-  const size_t smem = kTableBytes + size_t(warps) * warp_stage_bytes;
   auto kernel = attention_kernel<kTerms, kWordsK, kWordsV, kRows16, kDim, kKeyWidths, kValueWidths>;
-  if (smem > 48 * 1024)
+  const size_t smem_max = kTableBytes + size_t(warps) * warp_stage_bytes;
+  if (smem_max > 48 * 1024)
     TQKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         int(smem)));
+                                         int(smem_max)));
   if (p.splits == 0) {
-    int blocks_per_sm = 0;
-    TQKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel,
-                                                                  warps * 32, smem));
-    const uint32_t wave = uint32_t(multiprocessors(device)) * uint32_t(std::max(1, blocks_per_sm)) *
-                          uint32_t(warps);
     const uint32_t tiles = std::max(1u, (p.max_tokens + 15) / 16);
-    if constexpr (kDim > 0) {
-      // Blocks merge their warps' states (premerge), so splits cost the merge kernel little:
-      // splits of at least 2 tiles, as many as share the tiles evenly, rounded to whole blocks
-      // a unit (up, idle warps included, while the items still fit in one wave).
-      const uint32_t want = std::max(1u, std::min(wave / p.units, tiles / 2));
-      const uint32_t per_split = (tiles + want - 1) / want;
-      const uint32_t even = (tiles + per_split - 1) / per_split;
-      const uint32_t w = uint32_t(warps);
-      uint32_t blocks = (even + w - 1) / w;
-      if (blocks * w * p.units > wave) blocks = even / w;
-      p.splits = int(blocks > 0 ? blocks * w : even);
-    } else {
-      // At least kStages tiles a split: a warp's whole ring is in flight at once, and fewer
-      // partial states leave less for the merge (short contexts).
-      p.splits = int(std::max(1u, std::min(wave / p.units, tiles / kStages)));
+    const uint32_t sms = uint32_t(multiprocessors(device));
+    // The splits that fill one wave of w-warp blocks, and the tiles the busiest SM then takes.
+    auto plan = [&](int w_warps, uint32_t& splits) {
+      int blocks_per_sm = 0;
+      TQKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &blocks_per_sm, kernel, w_warps * 32, kTableBytes + size_t(w_warps) * warp_stage_bytes));
+      const uint32_t per_sm = uint32_t(std::max(1, blocks_per_sm));
+      const uint32_t w = uint32_t(w_warps), wave = sms * per_sm * w;
+      if constexpr (kDim > 0) {
+        // Blocks merge their warps' states (premerge), so splits cost the merge kernel little:
+        // splits of at least 2 tiles, as many as share the tiles evenly, rounded to whole
+        // blocks a unit (up, idle warps included, while the items still fit in one wave).
+        const uint32_t want = std::max(1u, std::min(wave / p.units, tiles / 2));
+        const uint32_t per_split = (tiles + want - 1) / want;
+        const uint32_t even = (tiles + per_split - 1) / per_split;
+        uint32_t blocks = (even + w - 1) / w;
+        if (blocks * w * p.units > wave) blocks = even / w;
+        splits = blocks > 0 ? blocks * w : even;
+        const uint64_t all_blocks = (uint64_t(p.units) * splits + w - 1) / w;
+        return (all_blocks + uint64_t(sms) * per_sm - 1) / (uint64_t(sms) * per_sm) * per_sm * w *
+               per_split;
+      } else {
+        // At least kStages tiles a split: a warp's whole ring is in flight at once, and fewer
+        // partial states leave less for the merge (short contexts).
+        splits = std::max(1u, std::min(wave / p.units, tiles / kStages));
+        return uint64_t(0);
+      }
+    };
+    uint32_t splits = 0;
+    const uint64_t cost = plan(warps, splits);
+    // Blocks of 16 warps (kernels of ≤ 128 registers) leave SMs idle on short contexts, where
+    // the 12 of the other fixed kernels spread the same tiles wider: the busiest SM decides.
+    if (kDim > 0 && warps > 12) {
+      uint32_t splits12 = 0;
+      if (plan(12, splits12) < cost) {
+        warps = 12;
+        splits = splits12;
+      }
     }
+    p.splits = int(splits);
   }
+  const size_t smem = kTableBytes + size_t(warps) * warp_stage_bytes;
   p.splits = int(std::max(1u, std::min(uint32_t(p.splits), p.max_items / p.units)));
   // Blocks of one unit (decode tiles of the fixed kernels) merge their warps' states, where a
   // state fits in a warp's stage ring.
