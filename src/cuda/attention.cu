@@ -41,8 +41,9 @@ namespace {
 // fractional ones (≤ 168 registers), 4 for the generic ones (up to 255 registers). A GPU with
 // less shared memory per block (e.g. 99 KB on sm_86 / sm_89) gets fewer: the launch fits them to
 // its limit (and takes 12 where 16 would leave SMs idle), and the kernel reads them from blockDim.
+constexpr int kFixedWarps = 12;  // the fractional kernels' blocks (and the others' narrower choice)
 __host__ __device__ constexpr int block_warps(int fixed_dim) {
-  return fixed_dim == 128 ? 16 : fixed_dim > 0 ? 12 : 4;
+  return fixed_dim == 128 ? 16 : fixed_dim > 0 ? kFixedWarps : 4;
 }
 constexpr int kStages = 4;  // a warp's stage buffers: tiles in flight while one is computed
 // The code-pair tables open the shared memory: entry e of every table lies in row e (256 bytes,
@@ -1300,11 +1301,11 @@ void launch(Device device, AttentionParams& p, size_t warp_stage_bytes, CudaStre
     const uint64_t cost = plan(warps, splits);
     // Blocks of 16 warps (kernels of ≤ 128 registers) leave SMs idle on short contexts, where
     // the 12 of the other fixed kernels spread the same tiles wider: the busiest SM decides.
-    if (kDim > 0 && warps > 12) {
-      uint32_t splits12 = 0;
-      if (plan(12, splits12) < cost) {
-        warps = 12;
-        splits = splits12;
+    if (kDim > 0 && warps > kFixedWarps) {
+      uint32_t narrow = 0;
+      if (plan(kFixedWarps, narrow) < cost) {
+        warps = kFixedWarps;
+        splits = narrow;
       }
     }
     p.splits = int(splits);
