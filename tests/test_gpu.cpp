@@ -95,6 +95,8 @@ std::vector<GpuSetup> setups(uint64_t seed) {
   add(128, 3.5, CodecKind::mse, 2.5, CodecKind::mse, 16, NormFormat::f16, true);
   add(64, 3.0, CodecKind::prod, 2.0, CodecKind::mse, 8, NormFormat::f32, true);
   add(96, 4.0, CodecKind::mse, 3.0, CodecKind::prod, 32, NormFormat::f16, true);  // dense, QJL
+  // Float32 norms from the append kernel that encodes a vector a lane.
+  add(128, 4.0, CodecKind::mse, 3.0, CodecKind::mse, 32, NormFormat::f32);
   return out;
 }
 
@@ -168,8 +170,9 @@ TEST(Gpu, CodesAreBitIdenticalToTheCpu) {
                    std::to_string(seed));
       KVCache cpu(config_of(s, Device::cpu())), gpu(config_of(s, Device::cuda(0)));
       const SequenceId a = cpu.add_sequence(), b = gpu.add_sequence();
-      // Prefill chunk, then single decode tokens, then another chunk, on both layers.
-      for (size_t chunk : {size_t(37), size_t(1), size_t(1), size_t(20)})
+      // Prefill chunk, then single decode tokens, then other chunks, on both layers.
+      // (Chunks of 32 tokens and more take the append kernel that encodes a vector a lane.)
+      for (size_t chunk : {size_t(37), size_t(1), size_t(1), size_t(20), size_t(300)})
         for (int l = 0; l < 2; ++l) append_both(cpu, gpu, a, b, l, chunk, type, rng);
       expect_same_codes(cpu, gpu, a, b, s.name());
     }
@@ -573,9 +576,11 @@ TEST(Gpu, BadInputIsRefusedAndChangesNothing) {
   EXPECT_EQ(gpu.pages_free(), free_before);
   // A refused vector's slot stays past the end of the sequence but inside the tile that
   // attention reads whole (masked): after 3 good tokens, a NaN value at token 5 must not reach
-  // the output through its norm. Tokens 5 and 9 are the second and third of one warp's tokens
-  // (the append kernel's warps take every 4th token): the error names the first.
-  {
+  // the output through its norm. Tokens 5 and 9 are encoded by one warp in both append kernels
+  // (a decode-size append's warps take every 4th token, a long append's lanes one token each):
+  // the error names the first.
+  for (const size_t tokens : {40, 16}) {
+    SCOPED_TRACE(std::to_string(tokens) + " tokens");
     KVCache c2(config_of(s, Device::cuda(0)));
     const SequenceId b = c2.add_sequence();
     auto v2 = v;
@@ -583,7 +588,7 @@ TEST(Gpu, BadInputIsRefusedAndChangesNothing) {
       std::memcpy(&v2[((t * size_t(s.kv_heads) + 1) * size_t(s.head_dim) + 7) * 4], &nan, 4);
     const DeviceBuffer dv2 = on_gpu(v2), dk2 = on_gpu(random_rows(rng, n, ScalarType::f32, true));
     const std::string m =
-        error_of([&] { c2.append(b, 0, dk2.data(), dv2.data(), 40, ScalarType::f32); });
+        error_of([&] { c2.append(b, 0, dk2.data(), dv2.data(), tokens, ScalarType::f32); });
     EXPECT_NE(m.find("values of KV head 1"), std::string::npos) << m;
     EXPECT_NE(m.find("token 5"), std::string::npos) << m;
     c2.append(b, 0, dk2.data(), dv.data(), 3, ScalarType::f32);

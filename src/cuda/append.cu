@@ -193,6 +193,7 @@ struct GroupLanes {
   int ch[E];
   float sign[E];
   float offset[E];
+  bool contiguous;  // ch[k] = ch[0] + 32k for every lane and ch[0] = (lane 0's ch[0]) + lane
 };
 
 template <int E>
@@ -206,6 +207,12 @@ __device__ __forceinline__ GroupLanes<E> group_lanes(const GroupTables& g, const
   }
 #pragma unroll
   for (int k = 0; k < E; ++k) r.offset[k] = offsets != nullptr ? offsets[r.ch[k]] : 0.0f;
+  // The common case (no outlier channels): the group's channels in order, so that a row's
+  // elements are loaded from one address with constant offsets.
+  bool contiguous = r.ch[0] == channels[0] + lane;
+#pragma unroll
+  for (int k = 1; k < E; ++k) contiguous &= r.ch[k] == r.ch[0] + 32 * k;
+  r.contiguous = __all_sync(0xffffffffu, contiguous);
   return r;
 }
 
@@ -218,13 +225,25 @@ __device__ __forceinline__ void load_channels(const void* src, int type, size_t 
                                               float (&x)[E]) {
   if (type == 0) {
     const float* s = static_cast<const float*>(src) + row;
+    if (lanes.contiguous) {
+      s += lanes.ch[0];
 #pragma unroll
-    for (int k = 0; k < E; ++k) x[k] = s[lanes.ch[k]];
+      for (int k = 0; k < E; ++k) x[k] = s[32 * k];
+    } else {
+#pragma unroll
+      for (int k = 0; k < E; ++k) x[k] = s[lanes.ch[k]];
+    }
   } else {
     const uint16_t* s = static_cast<const uint16_t*>(src) + row;
     uint32_t bits[E];
+    if (lanes.contiguous) {
+      s += lanes.ch[0];
 #pragma unroll
-    for (int k = 0; k < E; ++k) bits[k] = s[lanes.ch[k]];
+      for (int k = 0; k < E; ++k) bits[k] = s[32 * k];
+    } else {
+#pragma unroll
+      for (int k = 0; k < E; ++k) bits[k] = s[lanes.ch[k]];
+    }
 #pragma unroll
     for (int k = 0; k < E; ++k)
       x[k] = type == 1 ? __half2float(__ushort_as_half(uint16_t(bits[k])))
@@ -418,29 +437,303 @@ __global__ void __launch_bounds__(kWarps * 32) append_kernel(const AppendParams 
   if (failed != 0 && lane == 0) atomicMin(p.first_invalid, v0 + token(__ffs(failed) - 1));
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Long appends: a lane encodes a whole vector. The per-vector work is the same as above, but a
+// butterfly stage, the norm's partial sums and the packing are plain register operations, with
+// no shuffles; a warp encodes 32 tokens of one (side, KV head) at once. The warp first gathers
+// its tokens' group channels (centered and sign-flipped, as encode_group_in_registers does) into
+// shared memory with coalesced loads, then lane t reads token t's row from there.
+
+constexpr int kLaneTokens = 32;  // tokens a warp encodes, one a lane
+
+// Where a lane-path group's code search looks: (boundaries[below], below) for each bucket, so a
+// code is one load and one comparison.
+struct BucketEntry {
+  float boundary;
+  uint32_t below;
+};
+
+// Stores N words at dst (4-byte aligned: fields and records are multiples of 4 bytes, as
+// D = 32 · E), as 16-byte stores where dst allows.
+template <int N>
+__device__ __forceinline__ void store_words(const uint32_t (&word)[N], uint8_t* dst) {
+  if (N % 4 == 0 && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+#pragma unroll
+    for (int m = 0; m + 3 < N; m += 4)
+      *reinterpret_cast<uint4*>(dst + 4 * m) =
+          make_uint4(word[m], word[m + 1], word[m + 2], word[m + 3]);
+  } else {
+#pragma unroll
+    for (int m = 0; m < N; ++m) *reinterpret_cast<uint32_t*>(dst + 4 * m) = word[m];
+  }
+}
+
+// The code field of width W (bits [shift, shift + W) of every code) of a D-coordinate vector
+// whose codes are bytes four a word, stored as D · W / 32 little-endian words (bitpack.hpp:
+// coordinate j at bit j · W of the field).
+template <int D, int W>
+__device__ __forceinline__ void store_field(const uint32_t (&code)[D / 4], int shift,
+                                            uint8_t* dst) {
+  constexpr uint32_t kMask = (1u << W) - 1u;
+  uint32_t word[D * W / 32];
+#pragma unroll
+  for (int m = 0; m < D * W / 32; ++m) word[m] = 0;
+#pragma unroll
+  for (int j = 0; j < D; ++j)
+    word[j * W / 32] |= ((code[j / 4] >> (8 * (j % 4) + shift)) & kMask) << (j * W % 32);
+  store_words(word, dst);
+}
+
+// y = x · inv and its code through the bucket table (GroupTables::buckets): the count of
+// boundaries below y. floor(y · scale + offset) converts to unsigned with saturation, so
+// negative buckets (and NaN) come out 0 and only the top needs a clamp.
+__device__ __forceinline__ uint32_t bucket_code(float x, float inv, const GroupTables& g,
+                                                const BucketEntry* table, float& y) {
+  y = __fmul_rn(x, inv);
+  const uint32_t b = __float2uint_rd(__fmaf_rn(y, g.bucket_scale, g.bucket_offset));
+  const BucketEntry e = table[min(b, uint32_t(kBuckets - 1))];
+  return e.below + (e.boundary < y ? 1u : 0u);
+}
+
+// The codes of B = 2, 3 or 4 bits through the bucket table, packed into their fields as they
+// are found (fields widest first: 3 bits are a 2-bit and a 1-bit field), then stored at dst.
+template <int D, int B>
+__device__ __forceinline__ void store_bucket_codes(const float (&x)[D], float inv,
+                                                   const GroupTables& g, const BucketEntry* table,
+                                                   uint8_t* dst) {
+  constexpr int kWide = B == 3 ? 2 : B;  // the first field's width; 3 bits add a 1-bit field
+  uint32_t wide[D * kWide / 32], low[B == 3 ? D / 32 : 1];
+#pragma unroll
+  for (int j = 0; j < D; ++j) {
+    float y;
+    const uint32_t c = bucket_code(x[j], inv, g, table, y);  // < 2^B: at most 2^B − 2 below, + 1
+    const uint32_t bits = B == 3 ? c & 3u : c, at = uint32_t(j * kWide % 32);
+    wide[j * kWide / 32] = at ? wide[j * kWide / 32] | bits << at : bits;
+    if (B == 3) low[j / 32] = j % 32 ? low[j / 32] | (c >> 2) << (j % 32) : c >> 2;
+  }
+  store_words(wide, dst);
+  if (B == 3) store_words(low, dst + D * kWide / 8);
+}
+
+template <int D>
+__device__ __forceinline__ void read_row(const float* row, float (&x)[D]) {
+#pragma unroll
+  for (int j = 0; j < D; j += 4) {
+    const float4 v = *reinterpret_cast<const float4*>(row + j);
+    x[j] = v.x;
+    x[j + 1] = v.y;
+    x[j + 2] = v.z;
+    x[j + 3] = v.w;
+  }
+}
+
+// One step of the canonical halving tree: part[l] += part[l + W] for l < W.
+template <int W>
+__device__ __forceinline__ void reduce_half(float (&part)[32]) {
+#pragma unroll
+  for (int l = 0; l < W; ++l) part[l] = __fadd_rn(part[l], part[l + W]);
+}
+
+// Encodes one lane-path group of D = 32 · E channels of one token: `row` holds its channels in
+// group order, centered and sign-flipped. The same arithmetic, in the same order, as
+// encode_group_in_registers: the norm's 32 partial sums are its lanes' (coordinate l + 32k
+// added in increasing k), reduced by the same halving tree.
+template <int E>
+__device__ bool encode_lane_vector(const GroupTables& g, const float* row,
+                                   const BucketEntry* table, const float* boundaries,
+                                   int norm_f16, uint8_t* block, uint32_t slot) {
+  constexpr int D = 32 * E;
+  float x[D];
+  // The norm first: the canonical tree over the 32 partial sums (coordinate l + 32k added in
+  // increasing k). The row is read for it and once more for the rotation, so that the row and
+  // the partial sums are not held at once.
+  read_row<D>(row, x);
+  float part[32];
+#pragma unroll
+  for (int l = 0; l < 32; ++l) {
+    part[l] = __fmul_rn(x[l], x[l]);
+#pragma unroll
+    for (int k = 1; k < E; ++k) part[l] = __fadd_rn(part[l], __fmul_rn(x[l + 32 * k], x[l + 32 * k]));
+  }
+  reduce_half<16>(part);
+  reduce_half<8>(part);
+  reduce_half<4>(part);
+  reduce_half<2>(part);
+  reduce_half<1>(part);
+  const float n = __fsqrt_rn(part[0]);
+  // A non-finite element makes the norm non-finite, so this is also the elements' check.
+  bool ok = finite(n);
+  if (norm_f16) ok &= finite(__half2float(__float2half_rn(n)));
+  asm volatile("" ::: "memory");  // (so that the compiler reads the row again)
+  read_row<D>(row, x);
+  constexpr int kStages = E == 1 ? 5 : E == 2 ? 6 : 7;  // log2(D)
+#pragma unroll
+  for (int s = 0; s < kStages; ++s)
+#pragma unroll
+    for (int i = 0; i < D; ++i)
+      if (!(i & (1 << s))) {
+        const float a = x[i], b = x[i + (1 << s)];
+        x[i] = __fadd_rn(a, b);
+        x[i + (1 << s)] = __fsub_rn(a, b);
+      }
+  const float inv = n > 0.0f ? __fdiv_rn(g.gain, n) : 0.0f;
+  uint8_t* codes = block + g.codes_at + size_t(slot) * g.codes_bytes;
+  if (table != nullptr && g.mse_bits >= 2 && g.mse_bits <= 4) {
+    if (g.mse_bits == 4) store_bucket_codes<D, 4>(x, inv, g, table, codes);
+    else if (g.mse_bits == 3) store_bucket_codes<D, 3>(x, inv, g, table, codes);
+    else store_bucket_codes<D, 2>(x, inv, g, table, codes);
+  } else {
+    // Other widths: codes as bytes, four a word (code j in byte j % 4 of word j / 4), found by
+    // the bucket table or the binary search (four coordinates at a time, so that the codes and
+    // what is left of the rotated row fit in registers together), then packed field by field.
+    uint32_t code[D / 4];
+#pragma unroll
+    for (int j0 = 0; j0 < D; j0 += 4) {
+      float y[4];
+      uint32_t c[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (table != nullptr) {
+          c[i] = bucket_code(x[j0 + i], inv, g, table, y[i]);
+        } else {
+          y[i] = __fmul_rn(x[j0 + i], inv);
+          c[i] = 0;
+        }
+      }
+      if (table == nullptr)
+        for (int step = 1 << (g.mse_bits - 1); step > 0; step >>= 1)
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            if (boundaries[c[i] + step - 1] < y[i]) c[i] += step;
+      code[j0 / 4] = c[0] | c[1] << 8 | c[2] << 16 | c[3] << 24;
+    }
+    int shift = 0;
+    if (g.mse_bits & 8) store_field<D, 8>(code, shift, codes), codes += D, shift += 8;
+    if (g.mse_bits & 4) store_field<D, 4>(code, shift, codes), codes += D / 2, shift += 4;
+    if (g.mse_bits & 2) store_field<D, 2>(code, shift, codes), codes += D / 4, shift += 2;
+    if (g.mse_bits & 1) store_field<D, 1>(code, shift, codes);
+  }
+  store_scalar(block + g.norm_at + size_t(slot) * (norm_f16 ? 2 : 4), ok ? n : 0.0f, norm_f16);
+  return ok;
+}
+
+// Grid: (token blocks, KV head, side); warp w of block x encodes tokens
+// (x · kWarps + w) · 32 + lane. Every group of the codec takes the lane path (lane_width > 0),
+// the widest with 32 · kMaxE channels.
+template <int kMaxE>
+__global__ void __launch_bounds__(kWarps * 32, 3) append_lane_kernel(const AppendParams p) {
+  constexpr int kRow = 32 * kMaxE + 4;  // a staged row's floats (16-byte aligned, no conflicts)
+  extern __shared__ float shared[];
+  const CacheView& c = p.cache;
+  const int d = c.head_dim;
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  const int head = int(blockIdx.y), side = int(blockIdx.z);
+  const CodecTables& codec = side ? c.value : c.key;
+  // Shared: the groups' bucket tables [group][kBuckets], their boundaries [group][255], then a
+  // stage of kLaneTokens rows a warp.
+  BucketEntry* tables = reinterpret_cast<BucketEntry*>(shared);
+  float* boundaries = shared + 2 * kMaxGroups * kBuckets;
+  float* stage = boundaries + kMaxGroups * 256 + size_t(warp) * kLaneTokens * kRow;
+  for (int gi = 0; gi < codec.groups; ++gi) {
+    const GroupTables& g = codec.g[gi];
+    const int n = (1 << g.mse_bits) - 1;
+    for (int i = int(threadIdx.x); i < n; i += kWarps * 32) boundaries[256 * gi + i] = g.boundaries[i];
+    if (g.buckets != nullptr && threadIdx.x < kBuckets) {
+      const uint32_t below = g.buckets[threadIdx.x];
+      tables[kBuckets * gi + threadIdx.x] = {g.boundaries[below], below};
+    }
+  }
+  __syncthreads();
+  const uint32_t t0 = (blockIdx.x * kWarps + uint32_t(warp)) * kLaneTokens;
+  if (t0 >= p.tokens) return;
+  const int count = int(min(uint32_t(kLaneTokens), p.tokens - t0));
+  const size_t index = (size_t(c.layer) * c.kv_heads + head) * 2 + size_t(side);
+  const int16_t* channels = c.channels + index * size_t(d);
+  const float* offsets = codec.center ? c.offsets + index * size_t(d) : nullptr;
+  const uint32_t* pages = c.page_tables + size_t(p.slot) * c.page_table_stride;
+  const void* src = side ? p.v : p.k;
+  const uint32_t t = t0 + uint32_t(lane);
+  const bool mine = lane < count;
+  uint8_t* block = mine ? block_of(c, pages, p.first_token + t, head, side) : nullptr;
+  const uint32_t slot = page_slot(c, p.first_token + t);
+  bool failed = false;
+  int first = 0;
+  for (int gi = 0; gi < codec.groups; ++gi) {
+    const GroupTables& g = codec.g[gi];
+    auto run = [&](auto e) {
+      constexpr int E = decltype(e)::value;
+      const GroupLanes<E> lanes = group_lanes<E>(g, channels + first, offsets, lane);
+#pragma unroll 4
+      for (int r = 0; r < count; ++r) {
+        float x[E];
+        load_channels<E>(src, p.type, (size_t(t0 + r) * c.kv_heads + head) * size_t(d), lanes,
+                         offsets != nullptr, x);
+#pragma unroll
+        for (int k = 0; k < E; ++k) stage[r * kRow + lane + 32 * k] = __fmul_rn(x[k], lanes.sign[k]);
+      }
+      __syncwarp();
+      if (mine && !encode_lane_vector<E>(g, stage + lane * kRow,
+                                         g.buckets != nullptr ? tables + kBuckets * gi : nullptr,
+                                         boundaries + 256 * gi, codec.norm_f16, block, slot))
+        failed = true;
+      __syncwarp();
+    };
+    // Hadamard sizes are powers of two, at most 32 · kMaxE (launch_append picks kMaxE).
+    switch (g.dim / 32) {
+      case 1: run(std::integral_constant<int, 1>{}); break;
+      case 2: run(std::integral_constant<int, kMaxE >= 2 ? 2 : 1>{}); break;
+      default: run(std::integral_constant<int, kMaxE>{}); break;
+    }
+    first += g.dim;
+  }
+  // Vector order = the CPU's order of checks: side, then head, then token.
+  if (failed)
+    atomicMin(p.first_invalid, (uint32_t(side) * uint32_t(c.kv_heads) + uint32_t(head)) * p.tokens + t);
+}
+
 }  // namespace
 
 void launch_append(Device device, const AppendParams& p, CudaStream stream) {
   DeviceGuard guard(device);
-  const int d = p.cache.head_dim;
-  const size_t smem = size_t(kWarps) * (size_t(2 * d) * 4 + size_t(d)) + kMaxGroups * 255 * 4 +
-                      kMaxGroups * kBuckets;
-  int widest = 1;
-  for (const CodecTables* t : {&p.cache.key, &p.cache.value})
-    for (int gi = 0; gi < t->groups; ++gi) widest = std::max(widest, register_width(t->g[gi]));
-  auto kernel = widest == 1   ? append_kernel<1>
-                : widest == 2 ? append_kernel<2>
-                : widest == 4 ? append_kernel<4>
-                              : append_kernel<8>;
-  if (smem > 48 * 1024)
-    TQKV_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   TQKV_CHECK(p.cache.kv_heads <= 65535, "GPU append: at most 65535 KV heads, got ",
              p.cache.kv_heads);
-  const dim3 grid((p.tokens + kWarps * kTokens - 1) / (kWarps * kTokens),
-                  unsigned(p.cache.kv_heads), 2);
-  kernel<<<grid, kWarps * 32, smem, stream>>>(p);
-  TQKV_CUDA_CHECK_LAUNCH("append_kernel");
+  const int d = p.cache.head_dim;
+  // The lane path takes appends of a warp's tokens or more whose groups are all register-path
+  // groups of at most 128 channels; shorter ones (decode steps) and the rest take a warp a vector.
+  int widest = 1;
+  bool lanes = p.tokens >= uint32_t(kLaneTokens);
+  for (const CodecTables* t : {&p.cache.key, &p.cache.value})
+    for (int gi = 0; gi < t->groups; ++gi) {
+      const int w = register_width(t->g[gi]);
+      widest = std::max(widest, w);
+      lanes &= w >= 1 && w <= 4;
+    }
+  auto launch = [&](auto kernel, size_t smem, unsigned tokens_a_block) {
+    if (smem > 48 * 1024)
+      TQKV_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    const dim3 grid((p.tokens + tokens_a_block - 1) / tokens_a_block, unsigned(p.cache.kv_heads),
+                    2);
+    kernel<<<grid, kWarps * 32, smem, stream>>>(p);
+    TQKV_CUDA_CHECK_LAUNCH("append_kernel");
+  };
+  if (lanes) {
+    const size_t smem = (2 * kMaxGroups * kBuckets + kMaxGroups * 256 +
+                         size_t(kWarps) * kLaneTokens * (32 * size_t(widest) + 4)) * 4;
+    const unsigned per_block = kWarps * kLaneTokens;
+    if (widest == 1) launch(append_lane_kernel<1>, smem, per_block);
+    else if (widest == 2) launch(append_lane_kernel<2>, smem, per_block);
+    else launch(append_lane_kernel<4>, smem, per_block);
+    return;
+  }
+  const size_t smem = size_t(kWarps) * (size_t(2 * d) * 4 + size_t(d)) + kMaxGroups * 255 * 4 +
+                      kMaxGroups * kBuckets;
+  const unsigned per_block = kWarps * kTokens;
+  if (widest == 1) launch(append_kernel<1>, smem, per_block);
+  else if (widest == 2) launch(append_kernel<2>, smem, per_block);
+  else if (widest == 4) launch(append_kernel<4>, smem, per_block);
+  else launch(append_kernel<8>, smem, per_block);
 }
 
 }  // namespace tqkv::gpu
