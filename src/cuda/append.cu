@@ -441,9 +441,10 @@ __global__ void __launch_bounds__(kWarps * 32) append_kernel(const AppendParams 
 // ---------------------------------------------------------------------------------------------
 // Long appends: a lane encodes a whole vector. The per-vector work is the same as above, but a
 // butterfly stage, the norm's partial sums and the packing are plain register operations, with
-// no shuffles; a warp encodes 32 tokens of one (side, KV head) at once. The warp first gathers
-// its tokens' group channels (centered and sign-flipped, as encode_group_in_registers does) into
-// shared memory with coalesced loads, then lane t reads token t's row from there.
+// no shuffles. A warp takes batches of 32 tokens of one (side, KV head) in turn: cp.async copies
+// a batch's rows of input into the warp's stage in shared memory, lane t converts token t's row
+// from there, and the next batch's copies are issued as soon as every lane has read its row, so
+// they are in flight while this batch is rotated, coded and stored.
 
 constexpr int kLaneTokens = 32;  // tokens a warp encodes, one a lane
 
@@ -516,18 +517,6 @@ __device__ __forceinline__ void store_bucket_codes(const float (&x)[D], float in
   if (B == 3) store_words(low, dst + D * kWide / 8);
 }
 
-template <int D>
-__device__ __forceinline__ void read_row(const float* row, float (&x)[D]) {
-#pragma unroll
-  for (int j = 0; j < D; j += 4) {
-    const float4 v = *reinterpret_cast<const float4*>(row + j);
-    x[j] = v.x;
-    x[j + 1] = v.y;
-    x[j + 2] = v.z;
-    x[j + 3] = v.w;
-  }
-}
-
 // One step of the canonical halving tree: part[l] += part[l + W] for l < W.
 template <int W>
 __device__ __forceinline__ void reduce_half(float (&part)[32]) {
@@ -535,20 +524,73 @@ __device__ __forceinline__ void reduce_half(float (&part)[32]) {
   for (int l = 0; l < W; ++l) part[l] = __fadd_rn(part[l], part[l + W]);
 }
 
-// Encodes one lane-path group of D = 32 · E channels of one token: `row` holds its channels in
-// group order, centered and sign-flipped. The same arithmetic, in the same order, as
+// What a lane reads of its token's row for one group: D elements of the staged input row `row`
+// (element type `type`, ScalarType), the group's channels in order from `ch` (or, where the
+// group's channels are contiguous, ch = nullptr and `row` at its first channel), centered by
+// the offsets in `so` (.x) where `center`, and with the signs of the Hadamard rotation (.y)
+// where `sign`.
+template <int D>
+__device__ __forceinline__ void read_group(const uint8_t* row, int type, const int16_t* ch,
+                                           const float2* so, bool center, bool sign,
+                                           float (&x)[D]) {
+  if (ch != nullptr) {
+#pragma unroll
+    for (int j = 0; j < D; ++j) {
+      const int c = ch[j];
+      x[j] = type == 0 ? reinterpret_cast<const float*>(row)[c]
+                       : load_element(row, type, size_t(c));
+    }
+  } else if (type == 0) {
+#pragma unroll
+    for (int j = 0; j < D; j += 4) {
+      const float4 v = *reinterpret_cast<const float4*>(row + 4 * j);
+      x[j] = v.x;
+      x[j + 1] = v.y;
+      x[j + 2] = v.z;
+      x[j + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < D; j += 8) {
+      const uint4 v = *reinterpret_cast<const uint4*>(row + 2 * j);
+      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (type == 1) {
+          x[j + 2 * i] = __half2float(__ushort_as_half(uint16_t(w[i] & 0xffffu)));
+          x[j + 2 * i + 1] = __half2float(__ushort_as_half(uint16_t(w[i] >> 16)));
+        } else {
+          x[j + 2 * i] = __uint_as_float(w[i] << 16);
+          x[j + 2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+        }
+      }
+    }
+  }
+  if (center)
+#pragma unroll
+    for (int j = 0; j < D; ++j) x[j] = __fsub_rn(x[j], so[j].x);
+  if (sign)
+#pragma unroll
+    for (int j = 0; j < D; ++j) x[j] = __fmul_rn(x[j], so[j].y);
+}
+
+// Encodes one lane-path group of D = 32 · E channels of one token, read from its staged row
+// (read_group's arguments); `read` is called once the row has been read for the last time.
+// Writes only where `store`. The same arithmetic, in the same order, as
 // encode_group_in_registers: the norm's 32 partial sums are its lanes' (coordinate l + 32k
 // added in increasing k), reduced by the same halving tree.
-template <int E>
-__device__ bool encode_lane_vector(const GroupTables& g, const float* row,
+template <int E, typename Read>
+__device__ bool encode_lane_vector(const GroupTables& g, const uint8_t* row, int type,
+                                   const int16_t* ch, const float2* so, bool center,
                                    const BucketEntry* table, const float* boundaries,
-                                   int norm_f16, uint8_t* block, uint32_t slot) {
+                                   int norm_f16, uint8_t* block, uint32_t slot, bool store,
+                                   Read read) {
   constexpr int D = 32 * E;
   float x[D];
   // The norm first: the canonical tree over the 32 partial sums (coordinate l + 32k added in
   // increasing k). The row is read for it and once more for the rotation, so that the row and
   // the partial sums are not held at once.
-  read_row<D>(row, x);
+  read_group<D>(row, type, ch, so, center, false, x);
   float part[32];
 #pragma unroll
   for (int l = 0; l < 32; ++l) {
@@ -566,7 +608,9 @@ __device__ bool encode_lane_vector(const GroupTables& g, const float* row,
   bool ok = finite(n);
   if (norm_f16) ok &= finite(__half2float(__float2half_rn(n)));
   asm volatile("" ::: "memory");  // (so that the compiler reads the row again)
-  read_row<D>(row, x);
+  read_group<D>(row, type, ch, so, center, true, x);
+  read();
+  if (!store) return true;
   constexpr int kStages = E == 1 ? 5 : E == 2 ? 6 : 7;  // log2(D)
 #pragma unroll
   for (int s = 0; s < kStages; ++s)
@@ -618,23 +662,53 @@ __device__ bool encode_lane_vector(const GroupTables& g, const float* row,
   return ok;
 }
 
-// Grid: (token blocks, KV head, side); warp w of block x encodes tokens
-// (x · kWarps + w) · 32 + lane. Every group of the codec takes the lane path (lane_width > 0),
-// the widest with 32 · kMaxE channels.
+// Grid: (X, KV head, side); warp w of block x takes the batches of 32 tokens x · kWarps + w,
+// then X · kWarps further on, and so on. Every group of the codec takes the lane path
+// (register_width 1, 2 or 4), the widest with 32 · kMaxE channels; the inputs are 16-byte
+// aligned.
 template <int kMaxE>
 __global__ void __launch_bounds__(kWarps * 32, 3) append_lane_kernel(const AppendParams p) {
-  constexpr int kRow = 32 * kMaxE + 4;  // a staged row's floats (16-byte aligned, no conflicts)
-  extern __shared__ float shared[];
+  extern __shared__ __align__(16) uint8_t smem[];
   const CacheView& c = p.cache;
   const int d = c.head_dim;
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
   const int head = int(blockIdx.y), side = int(blockIdx.z);
   const CodecTables& codec = side ? c.value : c.key;
-  // Shared: the groups' bucket tables [group][kBuckets], their boundaries [group][255], then a
-  // stage of kLaneTokens rows a warp.
-  BucketEntry* tables = reinterpret_cast<BucketEntry*>(shared);
-  float* boundaries = shared + 2 * kMaxGroups * kBuckets;
-  float* stage = boundaries + kMaxGroups * 256 + size_t(warp) * kLaneTokens * kRow;
+  const size_t index = (size_t(c.layer) * c.kv_heads + head) * 2 + size_t(side);
+  const int16_t* channels = c.channels + index * size_t(d);
+  const float* offsets = codec.center ? c.offsets + index * size_t(d) : nullptr;
+  // Shared: the groups' bucket tables [group][kBuckets] and boundaries [group][256]; for each
+  // coordinate of the concatenated groups its (offset, sign) and channel; then each warp's stage
+  // of 32 input rows.
+  const uint32_t row_bytes = uint32_t(d) * (p.type == 0 ? 4u : 2u);
+  const uint32_t row_stride = row_bytes + 16;  // 16-byte reads of 8 lanes hit distinct banks
+  BucketEntry* tables = reinterpret_cast<BucketEntry*>(smem);
+  float* boundaries = reinterpret_cast<float*>(tables + kMaxGroups * kBuckets);
+  float2* so = reinterpret_cast<float2*>(boundaries + kMaxGroups * 256);
+  int16_t* ch = reinterpret_cast<int16_t*>(so + d);
+  uint8_t* stage = reinterpret_cast<uint8_t*>(ch) + ((2 * d + 15) & ~15) +
+                   size_t(warp) * kLaneTokens * row_stride;
+  const uint32_t batches = (p.tokens + kLaneTokens - 1) / kLaneTokens;
+  const uint32_t stride = gridDim.x * kWarps;
+  uint32_t batch = blockIdx.x * kWarps + uint32_t(warp);
+  const void* src = side ? p.v : p.k;
+  // Batch b's rows into the stage: row r is token 32b + r's [head] row of the input.
+  auto copy_batch = [&](uint32_t b) {
+    if (b < batches) {
+      const uint32_t t0 = b * kLaneTokens, rows = min(uint32_t(kLaneTokens), p.tokens - t0);
+      const uint32_t pieces = row_bytes / 16;
+      for (uint32_t i = uint32_t(lane); i < rows * pieces; i += 32) {
+        const uint32_t r = i / pieces, o = (i % pieces) * 16;
+        cp_async(stage + r * row_stride + o,
+                 static_cast<const uint8_t*>(src) +
+                     (size_t(t0 + r) * c.kv_heads + head) * row_bytes + o,
+                 16);
+      }
+    }
+    cp_async_commit();
+  };
+  copy_batch(batch);  // in flight while the tables are filled
+  int first = 0;
   for (int gi = 0; gi < codec.groups; ++gi) {
     const GroupTables& g = codec.g[gi];
     const int n = (1 << g.mse_bits) - 1;
@@ -643,53 +717,68 @@ __global__ void __launch_bounds__(kWarps * 32, 3) append_lane_kernel(const Appen
       const uint32_t below = g.buckets[threadIdx.x];
       tables[kBuckets * gi + threadIdx.x] = {g.boundaries[below], below};
     }
-  }
-  __syncthreads();
-  const uint32_t t0 = (blockIdx.x * kWarps + uint32_t(warp)) * kLaneTokens;
-  if (t0 >= p.tokens) return;
-  const int count = int(min(uint32_t(kLaneTokens), p.tokens - t0));
-  const size_t index = (size_t(c.layer) * c.kv_heads + head) * 2 + size_t(side);
-  const int16_t* channels = c.channels + index * size_t(d);
-  const float* offsets = codec.center ? c.offsets + index * size_t(d) : nullptr;
-  const uint32_t* pages = c.page_tables + size_t(p.slot) * c.page_table_stride;
-  const void* src = side ? p.v : p.k;
-  const uint32_t t = t0 + uint32_t(lane);
-  const bool mine = lane < count;
-  uint8_t* block = mine ? block_of(c, pages, p.first_token + t, head, side) : nullptr;
-  const uint32_t slot = page_slot(c, p.first_token + t);
-  bool failed = false;
-  int first = 0;
-  for (int gi = 0; gi < codec.groups; ++gi) {
-    const GroupTables& g = codec.g[gi];
-    auto run = [&](auto e) {
-      constexpr int E = decltype(e)::value;
-      const GroupLanes<E> lanes = group_lanes<E>(g, channels + first, offsets, lane);
-#pragma unroll 4
-      for (int r = 0; r < count; ++r) {
-        float x[E];
-        load_channels<E>(src, p.type, (size_t(t0 + r) * c.kv_heads + head) * size_t(d), lanes,
-                         offsets != nullptr, x);
-#pragma unroll
-        for (int k = 0; k < E; ++k) stage[r * kRow + lane + 32 * k] = __fmul_rn(x[k], lanes.sign[k]);
-      }
-      __syncwarp();
-      if (mine && !encode_lane_vector<E>(g, stage + lane * kRow,
-                                         g.buckets != nullptr ? tables + kBuckets * gi : nullptr,
-                                         boundaries + 256 * gi, codec.norm_f16, block, slot))
-        failed = true;
-      __syncwarp();
-    };
-    // Hadamard sizes are powers of two, at most 32 · kMaxE (launch_append picks kMaxE).
-    switch (g.dim / 32) {
-      case 1: run(std::integral_constant<int, 1>{}); break;
-      case 2: run(std::integral_constant<int, kMaxE >= 2 ? 2 : 1>{}); break;
-      default: run(std::integral_constant<int, kMaxE>{}); break;
+    for (int j = int(threadIdx.x); j < g.dim; j += kWarps * 32) {
+      const int source = channels[first + j];
+      ch[first + j] = int16_t(source);
+      so[first + j] = make_float2(offsets != nullptr ? offsets[source] : 0.0f, g.signs[j]);
     }
     first += g.dim;
   }
+  __syncthreads();
+  // Groups whose channels are contiguous read their rows with constant offsets.
+  uint32_t contiguous = 0;  // bit gi
+  first = 0;
+  for (int gi = 0; gi < codec.groups; ++gi) {
+    bool in_order = true;
+    for (int j = lane; j < codec.g[gi].dim; j += 32) in_order &= ch[first + j] == ch[first] + j;
+    if (__all_sync(0xffffffffu, in_order) && (ch[first] * (p.type == 0 ? 4 : 2)) % 16 == 0)
+      contiguous |= 1u << gi;
+    first += codec.g[gi].dim;
+  }
+  const uint32_t* pages = c.page_tables + size_t(p.slot) * c.page_table_stride;
+  uint32_t failed = 0xffffffffu;
+  for (; batch < batches; batch += stride) {
+    const uint32_t t = batch * kLaneTokens + uint32_t(lane);
+    const bool mine = t < p.tokens;
+    uint8_t* block = mine ? block_of(c, pages, p.first_token + t, head, side) : nullptr;
+    const uint32_t slot = page_slot(c, p.first_token + t);
+    const uint8_t* row = stage + lane * row_stride;
+    cp_async_wait<0>();
+    __syncwarp();
+    bool ok = true;
+    first = 0;
+    for (int gi = 0; gi < codec.groups; ++gi) {
+      const GroupTables& g = codec.g[gi];
+      const bool in_order = contiguous >> gi & 1u;
+      // After the last group's last read of the rows, the next batch's copies go out.
+      auto read = [&] {
+        if (gi + 1 < codec.groups) return;
+        __syncwarp();
+        copy_batch(batch + stride);
+      };
+      auto run = [&](auto e) {
+        constexpr int E = decltype(e)::value;
+        ok &= encode_lane_vector<E>(
+            g, in_order ? row + size_t(ch[first]) * (p.type == 0 ? 4 : 2) : row, p.type,
+            in_order ? nullptr : ch + first, so + first, codec.center != 0,
+            g.buckets != nullptr ? tables + kBuckets * gi : nullptr, boundaries + 256 * gi,
+            codec.norm_f16, block, slot, mine, read);
+      };
+      // Hadamard sizes are powers of two, at most 32 · kMaxE (launch_append picks kMaxE).
+      switch (g.dim / 32) {
+        case 1: run(std::integral_constant<int, 1>{}); break;
+        case 2: run(std::integral_constant<int, kMaxE >= 2 ? 2 : 1>{}); break;
+        default: run(std::integral_constant<int, kMaxE>{}); break;
+      }
+      first += g.dim;
+    }
+    if (!ok && mine) failed = min(failed, t);
+  }
+  cp_async_wait<0>();  // no copy may outlive the warp
   // Vector order = the CPU's order of checks: side, then head, then token.
-  if (failed)
-    atomicMin(p.first_invalid, (uint32_t(side) * uint32_t(c.kv_heads) + uint32_t(head)) * p.tokens + t);
+  if (failed != 0xffffffffu)
+    atomicMin(p.first_invalid,
+              (uint32_t(side) * uint32_t(c.kv_heads) + uint32_t(head)) * p.tokens + failed);
 }
 
 }  // namespace
@@ -700,40 +789,51 @@ void launch_append(Device device, const AppendParams& p, CudaStream stream) {
              p.cache.kv_heads);
   const int d = p.cache.head_dim;
   // The lane path takes appends of a warp's tokens or more whose groups are all register-path
-  // groups of at most 128 channels; shorter ones (decode steps) and the rest take a warp a vector.
+  // groups of at most 128 channels, from 16-byte aligned inputs; shorter ones (decode steps) and
+  // the rest take a warp a vector.
   int widest = 1;
-  bool lanes = p.tokens >= uint32_t(kLaneTokens);
+  bool lanes = p.tokens >= uint32_t(kLaneTokens) &&
+               (reinterpret_cast<uintptr_t>(p.k) | reinterpret_cast<uintptr_t>(p.v)) % 16 == 0;
   for (const CodecTables* t : {&p.cache.key, &p.cache.value})
     for (int gi = 0; gi < t->groups; ++gi) {
       const int w = register_width(t->g[gi]);
       widest = std::max(widest, w);
       lanes &= w >= 1 && w <= 4;
     }
-  auto launch = [&](auto kernel, size_t smem, unsigned tokens_a_block) {
+  const dim3 heads_sides(1, unsigned(p.cache.kv_heads), 2);
+  auto launch = [&](auto kernel, size_t smem, unsigned blocks) {
     if (smem > 48 * 1024)
       TQKV_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    const dim3 grid((p.tokens + tokens_a_block - 1) / tokens_a_block, unsigned(p.cache.kv_heads),
-                    2);
-    kernel<<<grid, kWarps * 32, smem, stream>>>(p);
+    if (blocks == 0) {  // the lane path: one wave of blocks, its warps taking batches in turn
+      int per_sm = 0;
+      TQKV_CUDA_CHECK(
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem));
+      const unsigned wave = unsigned(std::max(1, per_sm) * multiprocessors(device));
+      const unsigned batches = (p.tokens + kLaneTokens - 1) / kLaneTokens;
+      blocks = std::max(1u, std::min((batches + kWarps - 1) / kWarps,
+                                     wave / (heads_sides.y * heads_sides.z)));
+    }
+    kernel<<<dim3(blocks, heads_sides.y, heads_sides.z), kWarps * 32, smem, stream>>>(p);
     TQKV_CUDA_CHECK_LAUNCH("append_kernel");
   };
   if (lanes) {
-    const size_t smem = (2 * kMaxGroups * kBuckets + kMaxGroups * 256 +
-                         size_t(kWarps) * kLaneTokens * (32 * size_t(widest) + 4)) * 4;
-    const unsigned per_block = kWarps * kLaneTokens;
-    if (widest == 1) launch(append_lane_kernel<1>, smem, per_block);
-    else if (widest == 2) launch(append_lane_kernel<2>, smem, per_block);
-    else launch(append_lane_kernel<4>, smem, per_block);
+    const size_t row_bytes = size_t(d) * (p.type == 0 ? 4 : 2);
+    const size_t smem = kMaxGroups * kBuckets * 8 + kMaxGroups * 256 * 4 + size_t(d) * 8 +
+                        ((2 * size_t(d) + 15) & ~size_t(15)) +
+                        size_t(kWarps) * kLaneTokens * (row_bytes + 16);
+    if (widest == 1) launch(append_lane_kernel<1>, smem, 0);
+    else if (widest == 2) launch(append_lane_kernel<2>, smem, 0);
+    else launch(append_lane_kernel<4>, smem, 0);
     return;
   }
   const size_t smem = size_t(kWarps) * (size_t(2 * d) * 4 + size_t(d)) + kMaxGroups * 255 * 4 +
                       kMaxGroups * kBuckets;
-  const unsigned per_block = kWarps * kTokens;
-  if (widest == 1) launch(append_kernel<1>, smem, per_block);
-  else if (widest == 2) launch(append_kernel<2>, smem, per_block);
-  else if (widest == 4) launch(append_kernel<4>, smem, per_block);
-  else launch(append_kernel<8>, smem, per_block);
+  const unsigned blocks = (p.tokens + kWarps * kTokens - 1) / (kWarps * kTokens);
+  if (widest == 1) launch(append_kernel<1>, smem, blocks);
+  else if (widest == 2) launch(append_kernel<2>, smem, blocks);
+  else if (widest == 4) launch(append_kernel<4>, smem, blocks);
+  else launch(append_kernel<8>, smem, blocks);
 }
 
 }  // namespace tqkv::gpu

@@ -206,22 +206,6 @@ __device__ __forceinline__ float staged_scale(const CodecTables& t, const TermTa
   return s;
 }
 
-// --- copies into shared memory (cp.async: they bypass registers and complete in groups) --------
-__device__ __forceinline__ void cp_async(void* dst, const void* src, uint32_t bytes) {
-  const uint32_t d = uint32_t(__cvta_generic_to_shared(dst));
-  if (bytes == 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
-  else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(d), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 // Programmatic dependent launch (sm_90+): the attention and merge kernels are launched so that
 // they may start while the kernel before them still runs (their table fills, page lookups and
 // first code copies overlap it), and wait here before reading what it wrote; a kernel lets the

@@ -34,6 +34,23 @@ class DeviceGuard {
   bool changed_ = false;
 };
 
+/// Copies of 16 or 8 bytes into shared memory by cp.async (sm_80+): they bypass registers and
+/// complete in groups (commit, then wait until at most N groups are in flight).
+__device__ __forceinline__ void cp_async(void* dst, const void* src, uint32_t bytes) {
+  const uint32_t d = uint32_t(__cvta_generic_to_shared(dst));
+  if (bytes == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(d), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 /// Token t's page within its sequence and slot within that page: a shift and a mask for pages
 /// of a power-of-two size (the common case; a division costs ~20 instructions), else divisions.
 __device__ __forceinline__ uint32_t page_index(const CacheView& c, uint64_t t) {
