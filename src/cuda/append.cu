@@ -1,8 +1,11 @@
 // Quantize + append: one launch encodes the keys and values of every KV head of `tokens` new
-// tokens of one layer and writes them into their page slots. A warp encodes one vector at a
-// time, for several tokens of one (side, KV head): what its lanes need of the codec (channel
-// numbers, signs, offsets) is loaded once for them, and a block's warps share the codec's
-// boundaries, copied into shared memory once.
+// tokens of one layer and writes them into their page slots. Two kernels:
+//   append_kernel (decode-size appends, and codecs of dense rotations, QJL signs or groups
+//   wider than 128): a warp encodes one vector at a time, for several tokens of one (side, KV
+//   head); what its lanes need of the codec (channel numbers, signs, offsets) is loaded once for
+//   them, and a block's warps share the codec's boundaries, copied into shared memory once.
+//   append_lane_kernel (appends of 32 tokens and more of the other codecs): a lane encodes a
+//   whole vector, in registers (below).
 //
 // The codes must be bit-identical to Codec::encode on the CPU, so every step that decides a code
 // follows the CPU's arithmetic exactly (this file is compiled without fused multiply-add):
@@ -489,11 +492,15 @@ __device__ __forceinline__ void store_field(const uint32_t (&code)[D / 4], int s
 // y = x · inv and its code through the bucket table (GroupTables::buckets): the count of
 // boundaries below y. floor(y · scale + offset) converts to unsigned with saturation, so
 // negative buckets (and NaN) come out 0 and only the top needs a clamp.
-__device__ __forceinline__ uint32_t bucket_code(float x, float inv, const GroupTables& g,
-                                                const BucketEntry* table, float& y) {
+__device__ __forceinline__ BucketEntry bucket_of(float x, float inv, const GroupTables& g,
+                                                 const BucketEntry* table, float& y) {
   y = __fmul_rn(x, inv);
   const uint32_t b = __float2uint_rd(__fmaf_rn(y, g.bucket_scale, g.bucket_offset));
-  const BucketEntry e = table[min(b, uint32_t(kBuckets - 1))];
+  return table[min(b, uint32_t(kBuckets - 1))];
+}
+__device__ __forceinline__ uint32_t bucket_code(float x, float inv, const GroupTables& g,
+                                                const BucketEntry* table, float& y) {
+  const BucketEntry e = bucket_of(x, inv, g, table, y);
   return e.below + (e.boundary < y ? 1u : 0u);
 }
 
@@ -508,10 +515,17 @@ __device__ __forceinline__ void store_bucket_codes(const float (&x)[D], float in
 #pragma unroll
   for (int j = 0; j < D; ++j) {
     float y;
-    const uint32_t c = bucket_code(x[j], inv, g, table, y);  // < 2^B: at most 2^B − 2 below, + 1
-    const uint32_t bits = B == 3 ? c & 3u : c, at = uint32_t(j * kWide % 32);
-    wide[j * kWide / 32] = at ? wide[j * kWide / 32] | bits << at : bits;
-    if (B == 3) low[j / 32] = j % 32 ? low[j / 32] | (c >> 2) << (j % 32) : c >> 2;
+    const uint32_t at = uint32_t(j * kWide % 32);
+    uint32_t& w = wide[j * kWide / 32];
+    if (B != 3) {
+      // The code (< 2^B: at most 2^B − 2 boundaries below, + 1) added in place: below, then 1.
+      const BucketEntry e = bucket_of(x[j], inv, g, table, y);
+      w = (at ? w : 0u) + (e.below << at) + (e.boundary < y ? 1u << at : 0u);
+    } else {
+      const uint32_t c = bucket_code(x[j], inv, g, table, y);
+      w = at ? w | (c & 3u) << at : c & 3u;
+      low[j / 32] = j % 32 ? low[j / 32] | (c >> 2) << (j % 32) : c >> 2;
+    }
   }
   store_words(wide, dst);
   if (B == 3) store_words(low, dst + D * kWide / 8);
@@ -549,6 +563,17 @@ __device__ __forceinline__ void read_group(const uint8_t* row, int type, const i
       x[j + 2] = v.z;
       x[j + 3] = v.w;
     }
+  } else if (type == 1) {
+#pragma unroll
+    for (int j = 0; j < D; j += 8) {
+      const uint4 v = *reinterpret_cast<const uint4*>(row + 2 * j);
+      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        x[j + 2 * i] = __half2float(__ushort_as_half(uint16_t(w[i] & 0xffffu)));
+        x[j + 2 * i + 1] = __half2float(__ushort_as_half(uint16_t(w[i] >> 16)));
+      }
+    }
   } else {
 #pragma unroll
     for (int j = 0; j < D; j += 8) {
@@ -556,22 +581,19 @@ __device__ __forceinline__ void read_group(const uint8_t* row, int type, const i
       const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        if (type == 1) {
-          x[j + 2 * i] = __half2float(__ushort_as_half(uint16_t(w[i] & 0xffffu)));
-          x[j + 2 * i + 1] = __half2float(__ushort_as_half(uint16_t(w[i] >> 16)));
-        } else {
-          x[j + 2 * i] = __uint_as_float(w[i] << 16);
-          x[j + 2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-        }
+        x[j + 2 * i] = __uint_as_float(w[i] << 16);
+        x[j + 2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
       }
     }
   }
-  if (center)
+  // (Two coordinates' (offset, sign) a 16-byte load: so is 16-byte aligned, D even.)
+  if (center || sign)
 #pragma unroll
-    for (int j = 0; j < D; ++j) x[j] = __fsub_rn(x[j], so[j].x);
-  if (sign)
-#pragma unroll
-    for (int j = 0; j < D; ++j) x[j] = __fmul_rn(x[j], so[j].y);
+    for (int j = 0; j < D; j += 2) {
+      const float4 q = *reinterpret_cast<const float4*>(so + j);
+      if (center) x[j] = __fsub_rn(x[j], q.x), x[j + 1] = __fsub_rn(x[j + 1], q.z);
+      if (sign) x[j] = __fmul_rn(x[j], q.y), x[j + 1] = __fmul_rn(x[j + 1], q.w);
+    }
 }
 
 // Encodes one lane-path group of D = 32 · E channels of one token, read from its staged row
@@ -596,7 +618,8 @@ __device__ bool encode_lane_vector(const GroupTables& g, const uint8_t* row, int
   for (int l = 0; l < 32; ++l) {
     part[l] = __fmul_rn(x[l], x[l]);
 #pragma unroll
-    for (int k = 1; k < E; ++k) part[l] = __fadd_rn(part[l], __fmul_rn(x[l + 32 * k], x[l + 32 * k]));
+    for (int k = 1; k < E; ++k)
+      part[l] = __fadd_rn(part[l], __fmul_rn(x[l + 32 * k], x[l + 32 * k]));
   }
   reduce_half<16>(part);
   reduce_half<8>(part);
@@ -692,17 +715,24 @@ __global__ void __launch_bounds__(kWarps * 32, 3) append_lane_kernel(const Appen
   const uint32_t stride = gridDim.x * kWarps;
   uint32_t batch = blockIdx.x * kWarps + uint32_t(warp);
   const void* src = side ? p.v : p.k;
+  const uint32_t pieces = row_bytes / 16;  // 16-byte pieces a row
+  const uint32_t first_row = uint32_t(lane) / pieces, first_piece = uint32_t(lane) % pieces;
+  const uint32_t rows_step = 32 / pieces, pieces_step = 32 % pieces;
   // Batch b's rows into the stage: row r is token 32b + r's [head] row of the input.
   auto copy_batch = [&](uint32_t b) {
     if (b < batches) {
       const uint32_t t0 = b * kLaneTokens, rows = min(uint32_t(kLaneTokens), p.tokens - t0);
-      const uint32_t pieces = row_bytes / 16;
+      // Piece i = lane + 32k of the batch is piece i % pieces of row i / pieces, stepped
+      // without divisions.
+      uint32_t r = first_row, o = first_piece;
       for (uint32_t i = uint32_t(lane); i < rows * pieces; i += 32) {
-        const uint32_t r = i / pieces, o = (i % pieces) * 16;
-        cp_async(stage + r * row_stride + o,
+        cp_async(stage + r * row_stride + 16 * o,
                  static_cast<const uint8_t*>(src) +
-                     (size_t(t0 + r) * c.kv_heads + head) * row_bytes + o,
+                     (size_t(t0 + r) * c.kv_heads + head) * row_bytes + 16 * o,
                  16);
+        r += rows_step;
+        o += pieces_step;
+        if (o >= pieces) o -= pieces, ++r;
       }
     }
     cp_async_commit();
@@ -712,7 +742,8 @@ __global__ void __launch_bounds__(kWarps * 32, 3) append_lane_kernel(const Appen
   for (int gi = 0; gi < codec.groups; ++gi) {
     const GroupTables& g = codec.g[gi];
     const int n = (1 << g.mse_bits) - 1;
-    for (int i = int(threadIdx.x); i < n; i += kWarps * 32) boundaries[256 * gi + i] = g.boundaries[i];
+    for (int i = int(threadIdx.x); i < n; i += kWarps * 32)
+      boundaries[256 * gi + i] = g.boundaries[i];
     if (g.buckets != nullptr && threadIdx.x < kBuckets) {
       const uint32_t below = g.buckets[threadIdx.x];
       tables[kBuckets * gi + threadIdx.x] = {g.boundaries[below], below};
