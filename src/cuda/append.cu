@@ -538,6 +538,22 @@ __device__ __forceinline__ void reduce_half(float (&part)[32]) {
   for (int l = 0; l < W; ++l) part[l] = __fadd_rn(part[l], part[l + W]);
 }
 
+// D 16-bit elements from `row`, 16 bytes a load, each converted by `convert` (the element in
+// the low half of its argument).
+template <int D, typename Convert>
+__device__ __forceinline__ void read_halves(const uint8_t* row, float (&x)[D], Convert convert) {
+#pragma unroll
+  for (int j = 0; j < D; j += 8) {
+    const uint4 v = *reinterpret_cast<const uint4*>(row + 2 * j);
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      x[j + 2 * i] = convert(w[i] & 0xffffu);
+      x[j + 2 * i + 1] = convert(w[i] >> 16);
+    }
+  }
+}
+
 // What a lane reads of its token's row for one group: D elements of the staged input row `row`
 // (element type `type`, ScalarType), the group's channels in order from `ch` (or, where the
 // group's channels are contiguous, ch = nullptr and `row` at its first channel), centered by
@@ -564,27 +580,9 @@ __device__ __forceinline__ void read_group(const uint8_t* row, int type, const i
       x[j + 3] = v.w;
     }
   } else if (type == 1) {
-#pragma unroll
-    for (int j = 0; j < D; j += 8) {
-      const uint4 v = *reinterpret_cast<const uint4*>(row + 2 * j);
-      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        x[j + 2 * i] = __half2float(__ushort_as_half(uint16_t(w[i] & 0xffffu)));
-        x[j + 2 * i + 1] = __half2float(__ushort_as_half(uint16_t(w[i] >> 16)));
-      }
-    }
+    read_halves<D>(row, x, [](uint32_t h) { return __half2float(__ushort_as_half(uint16_t(h))); });
   } else {
-#pragma unroll
-    for (int j = 0; j < D; j += 8) {
-      const uint4 v = *reinterpret_cast<const uint4*>(row + 2 * j);
-      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        x[j + 2 * i] = __uint_as_float(w[i] << 16);
-        x[j + 2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-      }
-    }
+    read_halves<D>(row, x, [](uint32_t h) { return __uint_as_float(h << 16); });
   }
   // (Two coordinates' (offset, sign) a 16-byte load: so is 16-byte aligned, D even.)
   if (center || sign)
