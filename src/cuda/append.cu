@@ -558,11 +558,10 @@ __device__ __forceinline__ void read_halves(const uint8_t* row, float (&x)[D], C
 // (element type `type`, ScalarType), the group's channels in order from `ch` (or, where the
 // group's channels are contiguous, ch = nullptr and `row` at its first channel), centered by
 // the offsets in `so` (.x) where `center`, and with the signs of the Hadamard rotation (.y)
-// where `sign`.
-template <int D>
+// where kSign.
+template <int D, bool kSign>
 __device__ __forceinline__ void read_group(const uint8_t* row, int type, const int16_t* ch,
-                                           const float2* so, bool center, bool sign,
-                                           float (&x)[D]) {
+                                           const float2* so, bool center, float (&x)[D]) {
   if (ch != nullptr) {
 #pragma unroll
     for (int j = 0; j < D; ++j) {
@@ -584,14 +583,20 @@ __device__ __forceinline__ void read_group(const uint8_t* row, int type, const i
   } else {
     read_halves<D>(row, x, [](uint32_t h) { return __uint_as_float(h << 16); });
   }
-  // (Two coordinates' (offset, sign) a 16-byte load: so is 16-byte aligned, D even.)
-  if (center || sign)
+  // (Two coordinates' (offset, sign) a 16-byte load: so is 16-byte aligned, D even.) The
+  // runtime `center` is tested outside the loops, which would otherwise issue its subtractions
+  // predicated off.
+  auto adjust = [&](auto centering) {
 #pragma unroll
     for (int j = 0; j < D; j += 2) {
       const float4 q = *reinterpret_cast<const float4*>(so + j);
-      if (center) x[j] = __fsub_rn(x[j], q.x), x[j + 1] = __fsub_rn(x[j + 1], q.z);
-      if (sign) x[j] = __fmul_rn(x[j], q.y), x[j + 1] = __fmul_rn(x[j + 1], q.w);
+      if (decltype(centering)::value)
+        x[j] = __fsub_rn(x[j], q.x), x[j + 1] = __fsub_rn(x[j + 1], q.z);
+      if (kSign) x[j] = __fmul_rn(x[j], q.y), x[j + 1] = __fmul_rn(x[j + 1], q.w);
     }
+  };
+  if (center) adjust(std::true_type{});
+  else if (kSign) adjust(std::false_type{});
 }
 
 // Encodes one lane-path group of D = 32 · E channels of one token, read from its staged row
@@ -610,7 +615,7 @@ __device__ bool encode_lane_vector(const GroupTables& g, const uint8_t* row, int
   // The norm first: the canonical tree over the 32 partial sums (coordinate l + 32k added in
   // increasing k). The row is read for it and once more for the rotation, so that the row and
   // the partial sums are not held at once.
-  read_group<D>(row, type, ch, so, center, false, x);
+  read_group<D, false>(row, type, ch, so, center, x);
   float part[32];
 #pragma unroll
   for (int l = 0; l < 32; ++l) {
@@ -629,7 +634,7 @@ __device__ bool encode_lane_vector(const GroupTables& g, const uint8_t* row, int
   bool ok = finite(n);
   if (norm_f16) ok &= finite(__half2float(__float2half_rn(n)));
   asm volatile("" ::: "memory");  // (so that the compiler reads the row again)
-  read_group<D>(row, type, ch, so, center, true, x);
+  read_group<D, true>(row, type, ch, so, center, x);
   read();
   if (!store) return true;
   constexpr int kStages = E == 1 ? 5 : E == 2 ? 6 : 7;  // log2(D)
