@@ -196,7 +196,6 @@ struct GroupLanes {
   int ch[E];
   float sign[E];
   float offset[E];
-  bool contiguous;  // ch[k] = ch[0] + 32k for every lane and ch[0] = (lane 0's ch[0]) + lane
 };
 
 template <int E>
@@ -210,12 +209,6 @@ __device__ __forceinline__ GroupLanes<E> group_lanes(const GroupTables& g, const
   }
 #pragma unroll
   for (int k = 0; k < E; ++k) r.offset[k] = offsets != nullptr ? offsets[r.ch[k]] : 0.0f;
-  // The common case (no outlier channels): the group's channels in order, so that a row's
-  // elements are loaded from one address with constant offsets.
-  bool contiguous = r.ch[0] == channels[0] + lane;
-#pragma unroll
-  for (int k = 1; k < E; ++k) contiguous &= r.ch[k] == r.ch[0] + 32 * k;
-  r.contiguous = __all_sync(0xffffffffu, contiguous);
   return r;
 }
 
@@ -228,25 +221,13 @@ __device__ __forceinline__ void load_channels(const void* src, int type, size_t 
                                               float (&x)[E]) {
   if (type == 0) {
     const float* s = static_cast<const float*>(src) + row;
-    if (lanes.contiguous) {
-      s += lanes.ch[0];
 #pragma unroll
-      for (int k = 0; k < E; ++k) x[k] = s[32 * k];
-    } else {
-#pragma unroll
-      for (int k = 0; k < E; ++k) x[k] = s[lanes.ch[k]];
-    }
+    for (int k = 0; k < E; ++k) x[k] = s[lanes.ch[k]];
   } else {
     const uint16_t* s = static_cast<const uint16_t*>(src) + row;
     uint32_t bits[E];
-    if (lanes.contiguous) {
-      s += lanes.ch[0];
 #pragma unroll
-      for (int k = 0; k < E; ++k) bits[k] = s[32 * k];
-    } else {
-#pragma unroll
-      for (int k = 0; k < E; ++k) bits[k] = s[lanes.ch[k]];
-    }
+    for (int k = 0; k < E; ++k) bits[k] = s[lanes.ch[k]];
 #pragma unroll
     for (int k = 0; k < E; ++k)
       x[k] = type == 1 ? __half2float(__ushort_as_half(uint16_t(bits[k])))
@@ -439,7 +420,6 @@ __global__ void __launch_bounds__(kWarps * 32) append_kernel(const AppendParams 
   const uint32_t v0 = (uint32_t(side) * uint32_t(c.kv_heads) + uint32_t(head)) * p.tokens;
   if (failed != 0 && lane == 0) atomicMin(p.first_invalid, v0 + token(__ffs(failed) - 1));
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // Long appends: a lane encodes a whole vector. The per-vector work is the same as above, but a
