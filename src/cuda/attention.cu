@@ -155,6 +155,101 @@ __device__ __forceinline__ void load_words4(const uint8_t* codes, int first, int
   }
 }
 
+// Packed lookups (the kernels built for fixed shapes, terms of width 2 or 3). Rather than spread
+// such codes to nibble words (~14 instructions a word at 3 bits), the lookup byte is assembled
+// from the code planes in place: bits 0–1 the low plane's bits of the pair's first code, bits 2–3
+// of its second, bits 4 and 5 their high-plane bits (width 3; at width 2 bits 4–7 are ignored).
+// The code-pair table is filled in that order (packed_entry), and a word's bytes 0..3 hold the
+// pairs kPackedOrder names (0, 2, 1, 3: what a 12-bit shift and a byte permute can reach); the
+// query fragments and the value accumulators follow the same order.
+__host__ __device__ constexpr bool packed_width(int width) { return width == 2 || width == 3; }
+__host__ __device__ constexpr int packed_order(int byte) {
+  return byte == 1 ? 2 : byte == 2 ? 1 : byte;
+}
+// The nibble-word entry (first code | second << 4) that packed byte `e` stands for.
+__device__ __forceinline__ uint32_t packed_entry(uint32_t e, int width) {
+  const uint32_t hi = width == 3 ? 1u : 0u;
+  const uint32_t a = (e & 3u) | (((e >> 4) & hi) << 2);
+  const uint32_t b = ((e >> 2) & 3u) | (((e >> 5) & hi) << 2);
+  return a | (b << 4);
+}
+// Nibbles 4m + (0, 2, 1, 3) of `x` (m = 0, 1: its low or high 16 bits) in the low nibbles of
+// bytes 0..3; the high nibbles carry other bits.
+template <int kHalf>
+__device__ __forceinline__ uint32_t spread_nibbles(uint32_t x) {
+  return kHalf ? __byte_perm(x >> 4, x, 0x3276u) : __byte_perm(x << 12, x, 0x3254u);
+}
+// 2-bit pieces (0, 2, 1, 3) of the low byte of `x` in bits 4–5 of bytes 0..3, bits 6–7 zero
+// (the products' copies meet only in the low nibbles, where their sums stay below the next
+// piece).
+__device__ __forceinline__ uint32_t spread_crumbs(uint32_t x) {
+  return (x & 0x33u) * 0x110u + (x & 0xccu) * 0x440000u;
+}
+__device__ __forceinline__ uint32_t merge_planes(uint32_t lo, uint32_t hi) {
+  return (lo & 0x0f0f0f0fu) | (hi & 0xf0f0f0f0u);
+}
+// Loads `bytes` (2, 4 or 8) bytes as one word or two.
+template <int kBytes>
+__device__ __forceinline__ void load_plane(const uint8_t* p, uint32_t (&w)[2]) {
+  if constexpr (kBytes == 8) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    w[0] = v.x;
+    w[1] = v.y;
+  } else if constexpr (kBytes == 4) {
+    w[0] = *reinterpret_cast<const uint32_t*>(p);
+  } else {
+    w[0] = *reinterpret_cast<const uint16_t*>(p);
+  }
+}
+template <int kBytes>
+__device__ __forceinline__ uint32_t load_small(const uint8_t* p) {
+  if constexpr (kBytes == 4) return *reinterpret_cast<const uint32_t*>(p);
+  else if constexpr (kBytes == 2) return *reinterpret_cast<const uint16_t*>(p);
+  else return *p;
+}
+
+// Key lookup words [first, first + N) of one token's codes of width 2 or 3 (N = 1, 2 or 4):
+// byte k of a word pairs coordinates 2·packed_order(k) and 2·packed_order(k) + 1.
+template <int N, int kDim>
+__device__ __forceinline__ void load_packed_keys(const uint8_t* codes, int width, int first,
+                                                 uint32_t (&w)[N]) {
+  uint32_t lo[2] = {};
+  load_plane<2 * N>(codes + 2 * first, lo);
+  const uint32_t hi = width == 3 ? load_small<N>(codes + kDim / 4 + first) : 0u;
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    const uint32_t l = k % 2 ? spread_nibbles<1>(lo[k / 2]) : spread_nibbles<0>(lo[k / 2]);
+    w[k] = width == 3 ? merge_planes(l, spread_crumbs(hi >> (8 * k))) : l;
+  }
+}
+
+// Value lookup words [first, first + N) (N = 1 or 2) of two tokens' codes of width 2 or 3, by
+// parity: byte k of w[m][p] pairs the two tokens' coordinate 2·packed_order(k) + p of word m.
+template <int N, int kDim>
+__device__ __forceinline__ void load_packed_values(const uint8_t* row0, const uint8_t* row1,
+                                                   int width, int first,
+                                                   uint32_t (&w)[N][2]) {
+  const uint32_t l0 = load_small<2 * N>(row0 + 2 * first);
+  const uint32_t l1 = load_small<2 * N>(row1 + 2 * first);
+  // Nibble i: the two tokens' 2-bit low codes of coordinate 2i (even) or 2i + 1 (odd).
+  const uint32_t even = (l0 & 0x33333333u) | ((l1 << 2) & 0xccccccccu);
+  const uint32_t odd = ((l0 >> 2) & 0x33333333u) | (l1 & 0xccccccccu);
+  uint32_t hi_even = 0u, hi_odd = 0u;
+  if (width == 3) {
+    const uint32_t h0 = load_small<N>(row0 + kDim / 4 + first);
+    const uint32_t h1 = load_small<N>(row1 + kDim / 4 + first);
+    hi_even = (h0 & 0x5555u) | ((h1 << 1) & 0xaaaau);  // 2-bit piece i: coordinate 2i
+    hi_odd = ((h0 >> 1) & 0x5555u) | (h1 & 0xaaaau);
+  }
+#pragma unroll
+  for (int m = 0; m < N; ++m) {
+    const uint32_t le = m ? spread_nibbles<1>(even) : spread_nibbles<0>(even);
+    const uint32_t lo = m ? spread_nibbles<1>(odd) : spread_nibbles<0>(odd);
+    w[m][0] = width == 3 ? merge_planes(le, spread_crumbs(hi_even >> (8 * m))) : le;
+    w[m][1] = width == 3 ? merge_planes(lo, spread_crumbs(hi_odd >> (8 * m))) : lo;
+  }
+}
+
 // A term's shape: from its tables, or fixed at compile time (kDim > 0: the kernel was built for
 // MSE terms of kDim coordinates each, whose widths kWidths lists one decimal digit per term, the
 // first term last: 4 is one 4-bit term, 34 a 4-bit then a 3-bit one), so that the hot codecs'
@@ -594,7 +689,10 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
     const int t = i / 256, e = i % 256;
     const TermTables& x = t < nk ? kt[t] : vt[t - nk];
     const CodecTables& ct = t < nk ? c.key : c.value;
-    const uint32_t v = (x.sign ? ct.g[x.group].sign_pairs : ct.g[x.group].code_pairs)[e];
+    const int width =
+        kDim > 0 ? term_width(t < nk ? kKeyWidths : kValueWidths, t < nk ? t : t - nk) : 0;
+    const uint32_t from = packed_width(width) ? packed_entry(uint32_t(e), width) : uint32_t(e);
+    const uint32_t v = (x.sign ? ct.g[x.group].sign_pairs : ct.g[x.group].code_pairs)[from];
     uint4* row = reinterpret_cast<uint4*>(shared + 256 * e + 4 * kCopies * t);
 #pragma unroll
     for (int r = 0; r < kCopies / 4; ++r) row[r] = make_uint4(v, v, v, v);
@@ -682,9 +780,12 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
           if (t < nk && k < sh.per_lane && word < sh.words)
             v = *reinterpret_cast<const uint4*>(prepared + size_t(kTileRows) * at +
                                                 size_t(rho) * (sh.dim / 2) + 4 * word);
+          // Lookup byte 2h + i of a word pairs coordinates 2·o and 2·o + 1, o = i + 2h or, for
+          // packed terms, packed_order(2h + i).
+          const bool packed = kDim > 0 && packed_width(key_shape(t < nk ? t : 0).width);
           qa[t][k][0][2 * r] = v.x;
-          qa[t][k][0][2 * r + 1] = v.y;
-          qa[t][k][1][2 * r] = v.z;
+          qa[t][k][0][2 * r + 1] = packed ? v.z : v.y;
+          qa[t][k][1][2 * r] = packed ? v.y : v.z;
           qa[t][k][1][2 * r + 1] = v.w;
         }
       }
@@ -730,9 +831,16 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
         // chain would put all 2·kWordsK MMAs of the term in a row, each waiting for the last.
         float cf4[4][4] = {};
         // 4-bit words come with one vector load; other widths word by word, as they are used.
-        const bool vector = sh.width == 4 && sh.per_lane == kWordsK && sh.bytes % 16 == 0;
+        // Packed terms' words come assembled from their planes (two or three loads).
+        const bool packed = kDim > 0 && packed_width(sh.width);
+        const bool vector = (sh.width == 4 && sh.per_lane == kWordsK && sh.bytes % 16 == 0) ||
+                            packed;
         uint32_t kw[kWordsK] = {};
-        if (vector) load_words4<kWordsK, (kDim > 0)>(codes, quad * sh.per_lane, sh.words, kw);
+        if constexpr (kDim > 0) {
+          if (packed) load_packed_keys<kWordsK, kDim>(codes, sh.width, quad * kWordsK, kw);
+        }
+        if (vector && !packed)
+          load_words4<kWordsK, (kDim > 0)>(codes, quad * sh.per_lane, sh.words, kw);
 #pragma unroll
         for (int k = 0; k < kWordsK; ++k) {
           if (k >= sh.per_lane) break;
@@ -852,48 +960,57 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
       const uint8_t* rows[4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) rows[j] = buf + x.stage_codes + vtok[j] * sh.bytes;
-      uint32_t vw[4][kWordsV] = {};  // [token][word], 4-bit words by vector loads
-      uint32_t ab_word0[2] = {0u, 0u}, cd_word0[2] = {0u, 0u};  // kValuesT: word 0's pairs
-      if (vector) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) load_words4<kWordsV, (kDim > 0)>(rows[j], grp * sh.per_lane, sh.words, vw[j]);
+      // Lookup words by (word, parity): byte b of ab[k][p] pairs coordinate 2·o + p of word k
+      // of tokens 0 and 1 (cd: tokens 2 and 3), o = b or, for packed terms, packed_order(b).
+      uint32_t ab[kWordsV][2] = {}, cd[kWordsV][2] = {};
+      const bool packed = kDim > 0 && packed_width(sh.width);
+      if constexpr (kDim > 0) {
+        if (packed) {
+          load_packed_values<kWordsV, kDim>(rows[0], rows[1], sh.width, grp * kWordsV, ab);
+          load_packed_values<kWordsV, kDim>(rows[2], rows[3], sh.width, grp * kWordsV, cd);
+        }
       }
+      if (!packed) {
+        uint32_t vw[4][kWordsV] = {};  // [token][word], 4-bit words by vector loads
+        if (vector) {
 #pragma unroll
-      for (int k = 0; k < kWordsV; ++k) {
-        if (k >= sh.per_lane) break;
-        const int word = grp * sh.per_lane + k;
-        uint32_t w[4] = {vw[0][k], vw[1][k], vw[2][k], vw[3][k]};
-        if (!vector && word < sh.words)
+          for (int j = 0; j < 4; ++j)
+            load_words4<kWordsV, (kDim > 0)>(rows[j], grp * sh.per_lane, sh.words, vw[j]);
+        }
 #pragma unroll
-          for (int j = 0; j < 4; ++j) w[j] = load_word(rows[j], sh.width, sh.dim, word);
-        const uint32_t ab_even = (w[0] & 0x0f0f0f0fu) | ((w[1] & 0x0f0f0f0fu) << 4);
-        const uint32_t ab_odd = ((w[0] >> 4) & 0x0f0f0f0fu) | (w[1] & 0xf0f0f0f0u);
-        const uint32_t cd_even = (w[2] & 0x0f0f0f0fu) | ((w[3] & 0x0f0f0f0fu) << 4);
-        const uint32_t cd_odd = ((w[2] >> 4) & 0x0f0f0f0fu) | (w[3] & 0xf0f0f0f0u);
-        if constexpr (kValuesT) {
-          // Word 1 of this lane's pair: the MMAs of both words run at k = 1, rows grp + 8.
-          static_assert(kWordsV == 2, "two value words a lane");
-          if (k == 0) {
-            ab_word0[0] = ab_even;
-            ab_word0[1] = ab_odd;
-            cd_word0[0] = cd_even;
-            cd_word0[1] = cd_odd;
-            continue;
-          }
+        for (int k = 0; k < kWordsV; ++k) {
+          if (k >= sh.per_lane) break;
+          const int word = grp * sh.per_lane + k;
+          uint32_t w[4] = {vw[0][k], vw[1][k], vw[2][k], vw[3][k]};
+          if (!vector && word < sh.words)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) w[j] = load_word(rows[j], sh.width, sh.dim, word);
+          ab[k][0] = (w[0] & 0x0f0f0f0fu) | ((w[1] & 0x0f0f0f0fu) << 4);
+          ab[k][1] = ((w[0] >> 4) & 0x0f0f0f0fu) | (w[1] & 0xf0f0f0f0u);
+          cd[k][0] = (w[2] & 0x0f0f0f0fu) | ((w[3] & 0x0f0f0f0fu) << 4);
+          cd[k][1] = ((w[2] >> 4) & 0x0f0f0f0fu) | (w[3] & 0xf0f0f0f0u);
+        }
+      }
+      // Coordinate e of a word: parity e % 2, byte of pair e / 2.
+      auto byte_of = [&](int e) { return packed ? packed_order(e >> 1) : e >> 1; };
+      if constexpr (kValuesT) {
+        // Both of this lane's words in one MMA a coordinate (rows grp and grp + 8 of A).
+        static_assert(kWordsV == 2, "two value words a lane");
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const int byte = byte_of(e);
+          mma16816(acc[0][0][e][0], acc[0][0][e][1], acc[0][1][e][0], acc[0][1][e][1],
+                   lut(sel, ab[0][e & 1], byte), lut(sel, ab[1][e & 1], byte),
+                   lut(sel, cd[0][e & 1], byte), lut(sel, cd[1][e & 1], byte), pa[0], pa[2]);
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < kWordsV; ++k) {
+          if (k >= sh.per_lane) break;
 #pragma unroll
           for (int e = 0; e < 8; ++e) {
-            const int byte = e >> 1;
-            mma16816(acc[0][0][e][0], acc[0][0][e][1], acc[0][1][e][0], acc[0][1][e][1],
-                     lut(sel, ab_word0[e & 1], byte), lut(sel, (e & 1) ? ab_odd : ab_even, byte),
-                     lut(sel, cd_word0[e & 1], byte), lut(sel, (e & 1) ? cd_odd : cd_even, byte),
-                     pa[0], pa[2]);
-          }
-        } else {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            const uint32_t ab = (e & 1) ? ab_odd : ab_even, cd = (e & 1) ? cd_odd : cd_even;
-            const uint32_t b0 = lut(sel, ab, e >> 1);
-            const uint32_t b1 = lut(sel, cd, e >> 1);
+            const uint32_t b0 = lut(sel, ab[k][e & 1], byte_of(e));
+            const uint32_t b1 = lut(sel, cd[k][e & 1], byte_of(e));
             if constexpr (kRows16)
               mma16816(acc[t][k][e], pa[0], pa[1], pa[2], pa[3], b0, b1);
             else
