@@ -160,7 +160,7 @@ __device__ __forceinline__ void load_words4(const uint8_t* codes, int first, int
 // from the code planes in place: bits 0–1 the low plane's bits of the pair's first code, bits 2–3
 // of its second, bits 4 and 5 their high-plane bits (width 3; at width 2 bits 4–7 are ignored).
 // The code-pair table is filled in that order (packed_entry), and a word's bytes 0..3 hold the
-// pairs kPackedOrder names (0, 2, 1, 3: what a 12-bit shift and a byte permute can reach); the
+// pairs packed_order names (0, 2, 1, 3: what a 12-bit shift and a byte permute can reach); the
 // query fragments and the value accumulators follow the same order.
 __host__ __device__ constexpr bool packed_width(int width) { return width == 2 || width == 3; }
 __host__ __device__ constexpr int packed_order(int byte) {
