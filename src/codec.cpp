@@ -4,16 +4,20 @@
 #include <atomic>
 #include <bit>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <limits>
 #include <mutex>
 #include <numeric>
+#include <string>
 
 #include "tqkv/bitpack.hpp"
 #include "tqkv/error.hpp"
 #include "tqkv/half.hpp"
 #include "tqkv/random.hpp"
 #include "tqkv/reduce.hpp"
+#include "threads.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -51,12 +55,53 @@ NormFormat parse_norm_format(const std::string& s) {
 // ---------------------------------------------------------------------------------------------
 // Threads
 
+int detail::cgroup_quota_cpus(const std::string& dir) {
+  long long quota = -1, period = 0;
+  if (std::ifstream v2(dir + "/cpu.max"); v2) {
+    std::string q;
+    if (!(v2 >> q >> period) || q == "max") return 0;
+    quota = std::atoll(q.c_str());
+  } else {
+    std::ifstream q1(dir + "/cpu.cfs_quota_us"), p1(dir + "/cpu.cfs_period_us");
+    if (!(q1 >> quota) || !(p1 >> period)) return 0;
+  }
+  if (quota <= 0 || period <= 0) return 0;
+  return int(std::max<long long>(1, (quota + period - 1) / period));
+}
+
 namespace {
 std::atomic<int> g_threads{0};
+
+// The CPUs a container grants this process. OpenMP's default counts the CPUs of the affinity
+// mask, which under a CPU quota can be the whole host: dozens of spinning threads on a quota of
+// two CPUs are throttled by the scheduler and run 10-20x slower than two threads.
+int granted_cpus() {
+  int best = 0;
+  auto take = [&](int n) { if (n > 0 && (best == 0 || n < best)) best = n; };
+  // This process's own cgroup (v2: "0::/path"; v1: "N:cpu,cpuacct:/path"), then the roots.
+  std::ifstream self("/proc/self/cgroup");
+  for (std::string line; std::getline(self, line);) {
+    const size_t a = line.find(':'), b = line.find(':', a + 1);
+    if (a == std::string::npos || b == std::string::npos) continue;
+    const std::string controllers = line.substr(a + 1, b - a - 1), path = line.substr(b + 1);
+    if (controllers.empty()) take(detail::cgroup_quota_cpus("/sys/fs/cgroup" + path));
+    else if (controllers.find("cpu") != std::string::npos && path != "/")
+      for (const char* root : {"/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"})
+        take(detail::cgroup_quota_cpus(root + path));
+  }
+  for (const char* root : {"/sys/fs/cgroup", "/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"})
+    take(detail::cgroup_quota_cpus(root));
+  return best;
+}
+
 int thread_count() {
 #ifdef _OPENMP
   const int n = g_threads.load();
-  return n > 0 ? n : omp_get_max_threads();
+  if (n > 0) return n;
+  // OMP_NUM_THREADS, when set, is the user's choice; otherwise no more than the quota allows.
+  static const int granted = std::getenv("OMP_NUM_THREADS") ? 0 : granted_cpus();
+  const int omp = omp_get_max_threads();
+  return granted > 0 ? std::min(omp, granted) : omp;
 #else
   return 1;
 #endif

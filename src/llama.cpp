@@ -114,7 +114,7 @@ void QuantizedLinear::apply(const float* x, size_t rows, float* y, bool quantize
     constexpr size_t kRows = 64;
     const size_t row_blocks = (rows + kRows - 1) / kRows;
     const cpu::FloatKernels& kernels = cpu::float_kernels();
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) num_threads(num_threads())
     for (size_t rb = 0; rb < row_blocks; ++rb) {
       for (size_t b = 0; b < blocks; ++b) {
         const size_t r0 = rb * kRows, m = std::min(kRows, rows - r0);
@@ -134,7 +134,7 @@ void QuantizedLinear::apply(const float* x, size_t rows, float* y, bool quantize
   }
   const Quantized xq = quantize_dynamic(x, rows * size_t(in));
   const float s = xq.scale * scale;
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) num_threads(num_threads())
   for (size_t r = 0; r < rows; ++r) {
     for (size_t b = 0; b < blocks; ++b) {
       const size_t j0 = b * kBlock, n = std::min(kBlock, O - j0);
@@ -213,7 +213,7 @@ void DenseKvStore::append_and_attend(int layer, size_t tokens, const float* k, c
   const size_t T = K.size() / row, first = T - tokens;
   const int R = heads / kv_heads_;
   const float scale = 1.0f / std::sqrt(float(d));
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) num_threads(num_threads())
   for (size_t i = 0; i < tokens; ++i) {
     for (int h = 0; h < heads; ++h) {
       const size_t pos = first + i, g = size_t(h / R);

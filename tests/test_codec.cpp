@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -19,6 +21,7 @@
 #include "tqkv/error.hpp"
 #include "tqkv/half.hpp"
 #include "tqkv/rotation.hpp"
+#include "threads.hpp"
 
 namespace tqkv {
 namespace {
@@ -658,6 +661,34 @@ TEST(Codec, DeterministicAcrossThreadsAndChunking) {
     }
   set_num_threads(previous);
   EXPECT_THROW(set_num_threads(-1), Error);
+}
+
+// The default thread count stays within a container's CPU quota: cgroup files of both versions,
+// written to a fresh folder, read back as whole CPUs; no quota, or unreadable files, read as 0.
+TEST(Codec, CgroupQuotaReadsAsWholeCpus) {
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("tqkv_cgroup_" + std::to_string(fresh_seed()));
+  std::filesystem::create_directories(dir);
+  auto write = [&](const char* name, const std::string& text) {
+    std::ofstream(dir / name) << text;
+  };
+  const std::string d = dir.string();
+  EXPECT_EQ(detail::cgroup_quota_cpus(d), 0);  // no files
+  write("cpu.cfs_quota_us", "-1\n");
+  write("cpu.cfs_period_us", "100000\n");
+  EXPECT_EQ(detail::cgroup_quota_cpus(d), 0);  // v1, unlimited
+  write("cpu.cfs_quota_us", "250000\n");
+  EXPECT_EQ(detail::cgroup_quota_cpus(d), 3);  // v1, 2.5 CPUs
+  write("cpu.max", "max 100000\n");
+  EXPECT_EQ(detail::cgroup_quota_cpus(d), 0);  // v2 wins over v1, unlimited
+  write("cpu.max", "200000 100000\n");
+  EXPECT_EQ(detail::cgroup_quota_cpus(d), 2);
+  write("cpu.max", "5000 100000\n");
+  EXPECT_EQ(detail::cgroup_quota_cpus(d), 1);  // a twentieth of a CPU is still one thread
+  write("cpu.max", "garbage\n");
+  EXPECT_EQ(detail::cgroup_quota_cpus(d), 0);
+  std::filesystem::remove_all(dir);
+  EXPECT_GE(num_threads(), 1);
 }
 
 // Rows with a large common component: per-channel means of a few units, noise of one.

@@ -152,7 +152,9 @@ class Codec {
 /// Row i (`dim` elements of `type`, row-major) of x as float32; the conversion is exact.
 void row_to_float(const void* x, ScalarType type, size_t i, int dim, float* out);
 
-/// Sets the number of threads tqkv's CPU loops use (0 = OpenMP default). Returns the previous.
+/// Sets the number of threads tqkv's CPU loops use. 0: OpenMP's default (OMP_NUM_THREADS, else
+/// the CPUs of the affinity mask), capped by a cgroup CPU quota when OMP_NUM_THREADS is unset.
+/// Returns the previous setting.
 int set_num_threads(int n);
 /// The number of threads tqkv's CPU loops use.
 int num_threads();

@@ -102,7 +102,8 @@ void add_comparison(const std::vector<float>& full, const std::vector<float>& go
   double kl_sum = 0, nll = 0, nll_full = 0;
   size_t agree = 0;
   const size_t positions = seq.size() - 1;
-#pragma omp parallel for reduction(+ : kl_sum, nll, nll_full, agree) schedule(static)
+#pragma omp parallel for reduction(+ : kl_sum, nll, nll_full, agree) schedule(static) \
+    num_threads(num_threads())
   for (size_t i = 0; i < positions; ++i) {
     const auto p = probabilities(std::span(full.data() + i * V, V));
     const auto q = probabilities(std::span(got.data() + i * V, V));
