@@ -188,24 +188,29 @@ __device__ __forceinline__ uint32_t spread_crumbs(uint32_t x) {
 __device__ __forceinline__ uint32_t merge_planes(uint32_t lo, uint32_t hi) {
   return (lo & 0x0f0f0f0fu) | (hi & 0xf0f0f0f0u);
 }
-// Loads `bytes` (2, 4 or 8) bytes as one word or two.
+// Loads kBytes (1, 2, 4 or 8, aligned to their size) bytes as one word or two, little-endian;
+// bytes past kBytes read as 0.
 template <int kBytes>
-__device__ __forceinline__ void load_plane(const uint8_t* p, uint32_t (&w)[2]) {
+__device__ __forceinline__ void load_bytes(const uint8_t* p, uint32_t (&w)[2]) {
+  static_assert(kBytes == 1 || kBytes == 2 || kBytes == 4 || kBytes == 8, "1, 2, 4 or 8 bytes");
+  w[1] = 0u;
   if constexpr (kBytes == 8) {
     const uint2 v = *reinterpret_cast<const uint2*>(p);
     w[0] = v.x;
     w[1] = v.y;
   } else if constexpr (kBytes == 4) {
     w[0] = *reinterpret_cast<const uint32_t*>(p);
-  } else {
+  } else if constexpr (kBytes == 2) {
     w[0] = *reinterpret_cast<const uint16_t*>(p);
+  } else {
+    w[0] = *p;
   }
 }
 template <int kBytes>
-__device__ __forceinline__ uint32_t load_small(const uint8_t* p) {
-  if constexpr (kBytes == 4) return *reinterpret_cast<const uint32_t*>(p);
-  else if constexpr (kBytes == 2) return *reinterpret_cast<const uint16_t*>(p);
-  else return *p;
+__device__ __forceinline__ uint32_t load_word_of(const uint8_t* p) {
+  uint32_t w[2];
+  load_bytes<kBytes>(p, w);
+  return w[0];
 }
 
 // Key lookup words [first, first + N) of one token's codes of width 2 or 3 (N = 1, 2 or 4):
@@ -213,9 +218,9 @@ __device__ __forceinline__ uint32_t load_small(const uint8_t* p) {
 template <int N, int kDim>
 __device__ __forceinline__ void load_packed_keys(const uint8_t* codes, int width, int first,
                                                  uint32_t (&w)[N]) {
-  uint32_t lo[2] = {};
-  load_plane<2 * N>(codes + 2 * first, lo);
-  const uint32_t hi = width == 3 ? load_small<N>(codes + kDim / 4 + first) : 0u;
+  uint32_t lo[2];
+  load_bytes<2 * N>(codes + 2 * first, lo);
+  const uint32_t hi = width == 3 ? load_word_of<N>(codes + kDim / 4 + first) : 0u;
 #pragma unroll
   for (int k = 0; k < N; ++k) {
     const uint32_t l = k % 2 ? spread_nibbles<1>(lo[k / 2]) : spread_nibbles<0>(lo[k / 2]);
@@ -229,15 +234,15 @@ template <int N, int kDim>
 __device__ __forceinline__ void load_packed_values(const uint8_t* row0, const uint8_t* row1,
                                                    int width, int first,
                                                    uint32_t (&w)[N][2]) {
-  const uint32_t l0 = load_small<2 * N>(row0 + 2 * first);
-  const uint32_t l1 = load_small<2 * N>(row1 + 2 * first);
+  const uint32_t l0 = load_word_of<2 * N>(row0 + 2 * first);
+  const uint32_t l1 = load_word_of<2 * N>(row1 + 2 * first);
   // Nibble i: the two tokens' 2-bit low codes of coordinate 2i (even) or 2i + 1 (odd).
   const uint32_t even = (l0 & 0x33333333u) | ((l1 << 2) & 0xccccccccu);
   const uint32_t odd = ((l0 >> 2) & 0x33333333u) | (l1 & 0xccccccccu);
   uint32_t hi_even = 0u, hi_odd = 0u;
   if (width == 3) {
-    const uint32_t h0 = load_small<N>(row0 + kDim / 4 + first);
-    const uint32_t h1 = load_small<N>(row1 + kDim / 4 + first);
+    const uint32_t h0 = load_word_of<N>(row0 + kDim / 4 + first);
+    const uint32_t h1 = load_word_of<N>(row1 + kDim / 4 + first);
     hi_even = (h0 & 0x5555u) | ((h1 << 1) & 0xaaaau);  // 2-bit piece i: coordinate 2i
     hi_odd = ((h0 >> 1) & 0x5555u) | (h1 & 0xaaaau);
   }
@@ -833,19 +838,17 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
         // 4-bit words come with one vector load; other widths word by word, as they are used.
         // Packed terms' words come assembled from their planes (two or three loads).
         const bool packed = kDim > 0 && packed_width(sh.width);
-        const bool vector = (sh.width == 4 && sh.per_lane == kWordsK && sh.bytes % 16 == 0) ||
-                            packed;
+        const bool vector = sh.width == 4 && sh.per_lane == kWordsK && sh.bytes % 16 == 0;
         uint32_t kw[kWordsK] = {};
         if constexpr (kDim > 0) {
           if (packed) load_packed_keys<kWordsK, kDim>(codes, sh.width, quad * kWordsK, kw);
         }
-        if (vector && !packed)
-          load_words4<kWordsK, (kDim > 0)>(codes, quad * sh.per_lane, sh.words, kw);
+        if (vector) load_words4<kWordsK, (kDim > 0)>(codes, quad * sh.per_lane, sh.words, kw);
 #pragma unroll
         for (int k = 0; k < kWordsK; ++k) {
           if (k >= sh.per_lane) break;
           const int word = quad * sh.per_lane + k;
-          const uint32_t w = vector ? kw[k]
+          const uint32_t w = vector || packed ? kw[k]
                              : word < sh.words ? load_word(codes, sh.width, sh.dim, word) : 0u;
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
