@@ -379,6 +379,25 @@ __device__ __forceinline__ void stage_tile(const CacheView& c, uint8_t* stage, u
 // 16-byte pieces of each code run lie at constant offsets; a few lanes of each half copy its
 // norm runs (one per term: each term is a channel group with its own norms). At 4 bits and one
 // term per side the warp issues 2 + 2 + 1 copies a tile.
+// Term kTerm's codes of one side (widths kWidths) for stage_tile_fixed; nothing where the side
+// has fewer terms. A template per (side, term), so that the widths, byte counts and parameter
+// offsets are constants (a loop over terms whose count depends on the side stayed a loop).
+template <int kDim, int kWidths, int kTerm>
+__device__ __forceinline__ void stage_term_codes(const TermTables& x, const uint8_t* side_block,
+                                                 uint8_t* stage, uint32_t slot, bool second,
+                                                 uint32_t part) {
+  if constexpr (kTerm < fixed_terms(kWidths)) {
+    constexpr uint32_t bytes = uint32_t(kDim * term_width(kWidths, kTerm) / 8);
+    const uint8_t* src = side_block + x.at + slot * bytes;
+    uint8_t* dst = stage + x.stage_codes + (second ? 8u * bytes : 0u);
+#pragma unroll
+    for (uint32_t i = 0; i < (bytes / 2u + 15u) / 16u; ++i) {  // bytes / 2 pieces a half
+      const uint32_t o = 16u * (part + 16u * i);
+      if (o < 8u * bytes) cp_async(dst + o, src + o, 16);
+    }
+  }
+}
+
 template <int kDim, int kKeyWidths, int kValueWidths>
 __device__ __forceinline__ void stage_tile_fixed(const CacheView& c, uint8_t* stage,
                                                  uint32_t base, const uint32_t (&page)[2],
@@ -388,24 +407,15 @@ __device__ __forceinline__ void stage_tile_fixed(const CacheView& c, uint8_t* st
   const uint32_t slot = page_slot(c, base + (second ? 8u : 0u));
   const uint8_t* block = c.pool + uint64_t(second ? page[1] : page[0]) * c.layer_page_bytes +
                          uint32_t(head) * (c.key_block_bytes + c.value_block_bytes);
-  constexpr int kTermsOf[2] = {fixed_terms(kKeyWidths), fixed_terms(kValueWidths)};
-#pragma unroll
-  for (int side = 0; side < 2; ++side) {
-#pragma unroll
-    for (int t = 0; t < kTermsOf[side]; ++t) {
-      const TermTables& x = (side ? c.value : c.key).terms[t];
-      const uint32_t bytes = uint32_t(kDim * term_width(side ? kValueWidths : kKeyWidths, t) / 8);
-      const uint8_t* src = block + (side ? c.key_block_bytes : 0u) + x.at + slot * bytes;
-      uint8_t* dst = stage + x.stage_codes + (second ? 8u * bytes : 0u);
-#pragma unroll
-      for (uint32_t i = 0; i < (bytes / 2u + 15u) / 16u; ++i) {  // bytes / 2 pieces a half
-        const uint32_t o = 16u * (part + 16u * i);
-        if (o < 8u * bytes) cp_async(dst + o, src + o, 16);
-      }
-    }
-  }
+  const uint8_t* values = block + c.key_block_bytes;
+  static_assert(kMaxTerms >= 2, "two terms a side");
+  stage_term_codes<kDim, kKeyWidths, 0>(c.key.terms[0], block, stage, slot, second, part);
+  stage_term_codes<kDim, kKeyWidths, 1>(c.key.terms[1], block, stage, slot, second, part);
+  stage_term_codes<kDim, kValueWidths, 0>(c.value.terms[0], values, stage, slot, second, part);
+  stage_term_codes<kDim, kValueWidths, 1>(c.value.terms[1], values, stage, slot, second, part);
   // Norm runs (8 float16 each): part 2·t + side copies term t of that side, selected without
   // indexing the parameter tables by a lane-dependent number.
+  constexpr int kTermsOf[2] = {fixed_terms(kKeyWidths), fixed_terms(kValueWidths)};
   constexpr int kRuns = 2 * (kTermsOf[0] > kTermsOf[1] ? kTermsOf[0] : kTermsOf[1]);
   if (part < uint32_t(kRuns)) {
     const bool side = part & 1u;
@@ -668,12 +678,14 @@ template <int kTerms, int kWordsK, int kWordsV, bool kRows16, int kDim, int kKey
 __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
     attention_kernel(const AttentionParams p) {
   constexpr int kRowRegs = kRows16 ? 2 : 1;  // fragment rows a lane holds: g (and g + 8)
-  // Decode kernels built for one 128-coordinate term multiply values transposed: O^T = V^T P^T,
-  // codes as A (16 coordinates × 16 tokens), probabilities as B (16 tokens × 8 rows), so a tile
-  // takes 8 MMAs instead of 16 and every accumulator register is live. acc[0][k][e][j] is then
-  // coordinate 8·(2·grp + k) + e of query row 2·quad + j (else: coordinate
-  // 8·((2·quad + j)·per_lane + k) + e of row grp, and j + 2 of row grp + 8).
-  constexpr bool kValuesT = kDim == 128 && !kRows16;
+  // Decode kernels built for fixed shapes multiply values transposed: O^T = V^T P^T, codes as A
+  // (16 coordinates × 16 tokens), probabilities as B (16 tokens × 8 rows), so a tile takes 8
+  // MMAs instead of 16 and every accumulator register is live. acc[t][k][e][j] is then
+  // coordinate e of word kWordsV·grp + k of term t, for query row 2·quad + j: A's rows grp and
+  // grp + 8 are the lane's two words (one 128-coordinate term) or coordinates e and e + 1 of its
+  // word (64-coordinate terms, a word a lane). (Else: coordinate
+  // 8·((2·quad + j)·per_lane + k) + e of row grp, and j + 2 of row grp + 8.)
+  constexpr bool kValuesT = kDim > 0 && !kRows16;
   constexpr int kCopies = lut_copies(kTerms);
   extern __shared__ __align__(16) uint8_t shared[];
   const CacheView& c = p.cache;
@@ -920,12 +932,14 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
         const float c0 = __shfl_sync(0xffffffffu, corr[0], 8 * quad);
         const float c1 = __shfl_sync(0xffffffffu, corr[0], 8 * quad + 4);
 #pragma unroll
-        for (int k = 0; k < kWordsV; ++k)
+        for (int t = 0; t < kTerms; ++t)
 #pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            acc[0][k][e][0] *= c0;
-            acc[0][k][e][1] *= c1;
-          }
+          for (int k = 0; k < kWordsV; ++k)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+              acc[t][k][e][0] *= c0;
+              acc[t][k][e][1] *= c1;
+            }
       } else {
 #pragma unroll
         for (int t = 0; t < kTerms; ++t)
@@ -996,15 +1010,24 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
       }
       // Coordinate e of a word: parity e % 2, byte of pair e / 2.
       auto byte_of = [&](int e) { return packed ? packed_order(e >> 1) : e >> 1; };
-      if constexpr (kValuesT) {
+      if constexpr (kValuesT && kWordsV == 2) {
         // Both of this lane's words in one MMA a coordinate (rows grp and grp + 8 of A).
-        static_assert(kWordsV == 2, "two value words a lane");
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
           const int byte = byte_of(e);
-          mma16816(acc[0][0][e][0], acc[0][0][e][1], acc[0][1][e][0], acc[0][1][e][1],
+          mma16816(acc[t][0][e][0], acc[t][0][e][1], acc[t][1][e][0], acc[t][1][e][1],
                    lut(sel, ab[0][e & 1], byte), lut(sel, ab[1][e & 1], byte),
                    lut(sel, cd[0][e & 1], byte), lut(sel, cd[1][e & 1], byte), pa[0], pa[2]);
+        }
+      } else if constexpr (kValuesT) {
+        // A word a lane: coordinates e and e + 1 (one byte of pairs, both parities) in one MMA.
+        static_assert(kWordsV == 1, "one or two value words a lane");
+#pragma unroll
+        for (int e = 0; e < 8; e += 2) {
+          const int byte = byte_of(e);
+          mma16816(acc[t][0][e][0], acc[t][0][e][1], acc[t][0][e + 1][0], acc[t][0][e + 1][1],
+                   lut(sel, ab[0][0], byte), lut(sel, ab[0][1], byte), lut(sel, cd[0][0], byte),
+                   lut(sel, cd[0][1], byte), pa[0], pa[2]);
         }
       } else {
 #pragma unroll
@@ -1046,17 +1069,23 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
       row[1] = lt;
     }
     if constexpr (kValuesT) {
-      // Rows 2·quad + j, coordinates 16·grp .. 16·grp + 15 (words 2·grp, 2·grp + 1).
+      // Rows 2·quad + j, words kWordsV·grp + k of each term (8 coordinates each).
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         const int rj = 2 * quad + j;
         if (__shfl_sync(0xffffffffu, m[0], 4 * rj) == kNegInf) continue;
-        float* out = state + size_t(rj) * (4 + acc_dim) + 4 + 16 * grp;
+        float* out = state + size_t(rj) * (4 + acc_dim) + 4;
 #pragma unroll
-        for (int k = 0; k < 2; ++k) {
-          float4* dst = reinterpret_cast<float4*>(out + 8 * k);
-          dst[0] = make_float4(acc[0][k][0][j], acc[0][k][1][j], acc[0][k][2][j], acc[0][k][3][j]);
-          dst[1] = make_float4(acc[0][k][4][j], acc[0][k][5][j], acc[0][k][6][j], acc[0][k][7][j]);
+        for (int t = 0; t < kTerms; ++t) {
+          if (t >= nv) break;
+#pragma unroll
+          for (int k = 0; k < kWordsV; ++k) {
+            const auto& a = acc[t][k];
+            float4* dst =
+                reinterpret_cast<float4*>(out + vt[t].acc_offset + 8 * (kWordsV * grp + k));
+            dst[0] = make_float4(a[0][j], a[1][j], a[2][j], a[3][j]);
+            dst[1] = make_float4(a[4][j], a[5][j], a[6][j], a[7][j]);
+          }
         }
       }
     } else {
