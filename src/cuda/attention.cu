@@ -208,6 +208,7 @@ __device__ __forceinline__ void load_bytes(const uint8_t* p, uint32_t (&w)[2]) {
 }
 template <int kBytes>
 __device__ __forceinline__ uint32_t load_word_of(const uint8_t* p) {
+  static_assert(kBytes <= 4, "a word holds at most 4 bytes");
   uint32_t w[2];
   load_bytes<kBytes>(p, w);
   return w[0];
@@ -373,12 +374,6 @@ __device__ __forceinline__ void stage_tile(const CacheView& c, uint8_t* stage, u
   }
 }
 
-// The same for the kernels built for fixed shapes (MSE terms of kDim coordinates, float16
-// norms), without loops or per-piece address arithmetic: lanes 0–15 copy the first half (8
-// tokens) and lanes 16–31 the second, so a lane's page and slot are fixed for the tile and its
-// 16-byte pieces of each code run lie at constant offsets; a few lanes of each half copy its
-// norm runs (one per term: each term is a channel group with its own norms). At 4 bits and one
-// term per side the warp issues 2 + 2 + 1 copies a tile.
 // Term kTerm's codes of one side (widths kWidths) for stage_tile_fixed; nothing where the side
 // has fewer terms. A template per (side, term), so that the widths, byte counts and parameter
 // offsets are constants (a loop over terms whose count depends on the side stayed a loop).
@@ -398,6 +393,12 @@ __device__ __forceinline__ void stage_term_codes(const TermTables& x, const uint
   }
 }
 
+// stage_tile for the kernels built for fixed shapes (MSE terms of kDim coordinates, float16
+// norms), without loops or per-piece address arithmetic: lanes 0–15 copy the first half (8
+// tokens) and lanes 16–31 the second, so a lane's page and slot are fixed for the tile and its
+// 16-byte pieces of each code run lie at constant offsets; a few lanes of each half copy its
+// norm runs (one per term: each term is a channel group with its own norms). At 4 bits and one
+// term per side the warp issues 2 + 2 + 1 copies a tile.
 template <int kDim, int kKeyWidths, int kValueWidths>
 __device__ __forceinline__ void stage_tile_fixed(const CacheView& c, uint8_t* stage,
                                                  uint32_t base, const uint32_t (&page)[2],
