@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <map>
 #include <optional>
 
@@ -422,26 +423,50 @@ std::string append_where(SequenceId seq, int layer, int side, size_t head) {
 }  // namespace
 
 // Chooses what the (layer, head) codecs that are not ready lack (outlier channels, offsets) from
-// host copies of this append's keys and values; nothing is installed here.
+// host copies of this append's keys and values; nothing is installed here. The (side, head)
+// pairs are independent and run in parallel (each thread holds one pair's rows as float32, so
+// the threads are capped to keep those copies under 256 MB together); what fails is reported
+// for the first pair in (side, head) order that fails, as a serial loop would.
 static std::vector<Calibrated> calibrate(const KVCache::Impl& im, SequenceId seq, int layer,
                                          const uint8_t* k, const uint8_t* v, size_t tokens,
                                          ScalarType type) {
   const size_t H = size_t(im.config.kv_heads), d = size_t(im.config.head_dim);
-  std::vector<Calibrated> calibrated;
-  std::vector<float> rows(tokens * d);
-  for (int side = 0; side < 2; ++side) {
-    const auto& codecs = side == 0 ? im.key_codecs : im.value_codecs;
-    for (size_t h = 0; h < H; ++h) {
-      const Codec& codec = codecs[im.codec_index(layer, int(h))];
-      if (codec.ready()) continue;
-      for (size_t t = 0; t < tokens; ++t) {
-        row_to_float(side == 0 ? k : v, type, t * H + h, int(d), &rows[t * d]);
-        for (size_t j = 0; j < d; ++j)
-          TQKV_CHECK(std::isfinite(rows[t * d + j]), append_where(seq, layer, side, h), "token ",
-                     t, " has a non-finite element (", rows[t * d + j], " at index ", j, ")");
+  std::vector<std::pair<int, size_t>> pending;  // (side, head)
+  for (int side = 0; side < 2; ++side)
+    for (size_t h = 0; h < H; ++h)
+      if (!(side == 0 ? im.key_codecs : im.value_codecs)[im.codec_index(layer, int(h))].ready())
+        pending.emplace_back(side, h);
+  std::vector<std::optional<Codec>> codecs(pending.size());
+  std::vector<std::exception_ptr> errors(pending.size());
+  const long long n = (long long)pending.size();
+  const size_t row_copies = std::max<size_t>(1, (size_t(256) << 20) / (tokens * d * 4 + 1));
+  const int threads = int(std::min<size_t>({size_t(num_threads()), size_t(n), row_copies}));
+#pragma omp parallel num_threads(std::max(1, threads))
+  {
+    std::vector<float> rows(tokens * d);
+#pragma omp for schedule(dynamic, 1)
+    for (long long i = 0; i < n; ++i) {
+      const auto [side, h] = pending[size_t(i)];
+      try {
+        for (size_t t = 0; t < tokens; ++t) {
+          row_to_float(side == 0 ? k : v, type, t * H + h, int(d), &rows[t * d]);
+          for (size_t j = 0; j < d; ++j)
+            TQKV_CHECK(std::isfinite(rows[t * d + j]), append_where(seq, layer, side, h),
+                       "token ", t, " has a non-finite element (", rows[t * d + j],
+                       " at index ", j, ")");
+        }
+        const auto& all = side == 0 ? im.key_codecs : im.value_codecs;
+        codecs[size_t(i)].emplace(
+            all[im.codec_index(layer, int(h))].calibrated_spec(rows.data(), tokens));
+      } catch (...) {
+        errors[size_t(i)] = std::current_exception();
       }
-      calibrated.push_back({side, h, Codec(codec.calibrated_spec(rows.data(), tokens))});
     }
+  }
+  std::vector<Calibrated> calibrated;
+  for (size_t i = 0; i < pending.size(); ++i) {
+    if (errors[i]) std::rethrow_exception(errors[i]);
+    calibrated.push_back({pending[i].first, pending[i].second, std::move(*codecs[i])});
   }
   return calibrated;
 }

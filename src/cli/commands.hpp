@@ -83,8 +83,9 @@ struct BenchRow {
   double fused_gbps = 0, dense_gbps = 0;
   double speedup_vs_fallback = 0, speedup_vs_dense = 0;
   // GPU rows: a device-to-device copy of compressed_bytes in the same run (bandwidth counts bytes
-  // read and written), and quantize + append (bytes read and written per second).
-  double memcpy_us = 0, memcpy_gbps = 0, append_gbps = 0;
+  // read and written), quantize + append (bytes read and written per second) and a cache's
+  // first append call, timed apart.
+  double memcpy_us = 0, memcpy_gbps = 0, append_gbps = 0, first_append_ms = 0;
 };
 
 /// Decode attention timed three ways (fused on the codes, dequantize-then-attend, dense float32)

@@ -4,8 +4,8 @@
 //   wider than 128): a warp encodes one vector at a time, for several tokens of one (side, KV
 //   head); what its lanes need of the codec (channel numbers, signs, offsets) is loaded once for
 //   them, and a block's warps share the codec's boundaries, copied into shared memory once.
-//   append_lane_kernel (appends of 32 tokens and more of the other codecs): a lane encodes a
-//   whole vector, in registers (below).
+//   append_pair_kernel (appends of 16 tokens and more of the other codecs): a pair of lanes
+//   encodes a whole vector, in registers (below).
 //
 // The codes must be bit-identical to Codec::encode on the CPU, so every step that decides a code
 // follows the CPU's arithmetic exactly (this file is compiled without fused multiply-add):
@@ -422,16 +422,28 @@ __global__ void __launch_bounds__(kWarps * 32) append_kernel(const AppendParams 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Long appends: a lane encodes a whole vector. The per-vector work is the same as above, but a
-// butterfly stage, the norm's partial sums and the packing are plain register operations, with
-// no shuffles. A warp takes batches of 32 tokens of one (side, KV head) in turn: cp.async copies
-// a batch's rows of input into the warp's stage in shared memory, lane t converts token t's row
-// from there, and the next batch's copies are issued as soon as every lane has read its row, so
-// they are in flight while this batch is rotated, coded and stored.
+// Long appends: a lane pair encodes a whole vector. Lane (t, h) = (lane % 16, lane / 16) holds
+// coordinates j = 32k + 16h + i (i < 16) of token t's group as its local u = 16k + i, so that:
+//   every Hadamard stage but one pairs registers of one lane (stages 2^s, s < 4: local u and
+//   u + 2^s; s > 4: u and u + 2^(s-1)), and stage 16 pairs the two lanes by one xor shuffle a
+//   coordinate;
+//   the norm's canonical partial sums l (coordinates l + 32k, added in increasing k) are the
+//   lane's own for l in [16h, 16h + 16), and the first level of its halving tree (l and l + 16)
+//   is the one step across the pair;
+//   at 4 and 2 bits a lane packs whole code words (coordinates 8w..8w+7 and 16w..16w+15 have
+//   one h), so it stores them without an exchange.
+// A warp takes batches of 16 tokens of one (side, KV head) in turn: cp.async copies a batch's
+// rows of input into the warp's stage in shared memory, lane (t, h) reads its half of token t's
+// row from there once, and the next batch's copies are issued as soon as every lane has read its
+// row, so they are in flight while this batch is rotated, coded and stored.
 
-constexpr int kLaneTokens = 32;  // tokens a warp encodes, one a lane
+constexpr int kPairTokens = 16;  // tokens a warp encodes at once, one a lane pair
+constexpr int kPairBlocks = 4;   // blocks an SM (≤ 128 registers a thread)
 
-// Where a lane-path group's code search looks: (boundaries[below], below) for each bucket, so a
+// Coordinate (within the lane's half, i.e. minus 16h) of a pair lane's local coordinate u.
+__host__ __device__ constexpr int pair_coordinate(int u) { return 32 * (u / 16) + u % 16; }
+
+// Where a pair-path group's code search looks: (boundaries[below], below) for each bucket, so a
 // code is one load and one comparison.
 struct BucketEntry {
   float boundary;
@@ -484,127 +496,171 @@ __device__ __forceinline__ uint32_t bucket_code(float x, float inv, const GroupT
   return e.below + (e.boundary < y ? 1u : 0u);
 }
 
-// The codes of B = 2, 3 or 4 bits through the bucket table, packed into their fields as they
-// are found (fields widest first: 3 bits are a 2-bit and a 1-bit field), then stored at dst.
-template <int D, int B>
-__device__ __forceinline__ void store_bucket_codes(const float (&x)[D], float inv,
-                                                   const GroupTables& g, const BucketEntry* table,
-                                                   uint8_t* dst) {
-  constexpr int kWide = B == 3 ? 2 : B;  // the first field's width; 3 bits add a 1-bit field
-  uint32_t wide[D * kWide / 32], low[B == 3 ? D / 32 : 1];
+// The codes of B = 2, 3 or 4 bits of a pair lane's L = D / 2 coordinates through the bucket
+// table, packed into their fields as they are found (fields widest first: 3 bits are a 2-bit and
+// a 1-bit field), then stored at dst where `store`. A lane's 4-bit words (local u in [8m, 8m + 8))
+// are the field's words 4·(m / 2) + 2h + m % 2, its 2-bit words (u in [16m, 16m + 16)) the words
+// 2m + h; of a 1-bit word (32 coordinates) each lane holds one half, so the pair swaps halves and
+// lane h stores the words 2q + h.
+template <int E, int B>
+__device__ __forceinline__ void store_pair_codes(const float (&x)[16 * E], float inv,
+                                                 const GroupTables& g, const BucketEntry* table,
+                                                 int h, bool store, uint8_t* dst) {
+  constexpr int L = 16 * E, kWide = B == 3 ? 2 : B;  // the first field's width
+  uint32_t wide[L * kWide / 32], low[B == 3 ? (L + 31) / 32 : 1];
 #pragma unroll
-  for (int j = 0; j < D; ++j) {
+  for (int u = 0; u < L; ++u) {
     float y;
-    const uint32_t at = uint32_t(j * kWide % 32);
-    uint32_t& w = wide[j * kWide / 32];
+    const uint32_t at = uint32_t(u * kWide % 32);
+    uint32_t& w = wide[u * kWide / 32];
     if (B != 3) {
       // The code (< 2^B: at most 2^B − 2 boundaries below, + 1) added in place: below, then 1.
-      const BucketEntry e = bucket_of(x[j], inv, g, table, y);
+      const BucketEntry e = bucket_of(x[u], inv, g, table, y);
       w = (at ? w : 0u) + (e.below << at) + (e.boundary < y ? 1u << at : 0u);
     } else {
-      const uint32_t c = bucket_code(x[j], inv, g, table, y);
+      const uint32_t c = bucket_code(x[u], inv, g, table, y);
       w = at ? w | (c & 3u) << at : c & 3u;
-      low[j / 32] = j % 32 ? low[j / 32] | (c >> 2) << (j % 32) : c >> 2;
+      low[u / 32] = u % 32 ? low[u / 32] | (c >> 2) << (u % 32) : c >> 2;
     }
   }
-  store_words(wide, dst);
-  if (B == 3) store_words(low, dst + D * kWide / 8);
+  if (B == 4) {
+#pragma unroll
+    for (int m = 0; m < L / 8; m += 2)
+      if (store)
+        *reinterpret_cast<uint2*>(dst + 16 * (m / 2) + 8 * h) = make_uint2(wide[m], wide[m + 1]);
+  } else {
+#pragma unroll
+    for (int m = 0; m < L / 16; ++m)
+      if (store) *reinterpret_cast<uint32_t*>(dst + 4 * (2 * m + h)) = wide[m];
+  }
+  if (B == 3) {
+    // Local word q holds the halves of words 2q (bits 0–15) and 2q + 1 (bits 16–31); lane 0
+    // takes the other's low half into word 2q, lane 1 the other's high half into word 2q + 1.
+    uint8_t* bits = dst + 2 * (32 * E) / 8;
+    const uint32_t select = h ? 0x3276u : 0x5410u;
+#pragma unroll
+    for (int q = 0; q < (L + 31) / 32; ++q) {
+      const uint32_t word = __byte_perm(low[q], __shfl_xor_sync(0xffffffffu, low[q], 16), select);
+      if (store && (E > 1 || h == 0)) *reinterpret_cast<uint32_t*>(bits + 4 * (2 * q + h)) = word;
+    }
+  }
 }
 
 // One step of the canonical halving tree: part[l] += part[l + W] for l < W.
-template <int W>
-__device__ __forceinline__ void reduce_half(float (&part)[32]) {
+template <int W, int N>
+__device__ __forceinline__ void reduce_half(float (&part)[N]) {
 #pragma unroll
   for (int l = 0; l < W; ++l) part[l] = __fadd_rn(part[l], part[l + W]);
 }
 
-// D 16-bit elements from `row`, 16 bytes a load, each converted by `convert` (the element in
-// the low half of its argument).
-template <int D, typename Convert>
-__device__ __forceinline__ void read_halves(const uint8_t* row, float (&x)[D], Convert convert) {
+// A pair lane's L 16-bit elements from `row` (at its half), 16 bytes a load, with their sign
+// bits flipped by `flip` (one word a coordinate pair: bits 15 and 31, at the lane's half), each
+// converted by `convert` (the element in the low half of its argument). Flipping the sign of a
+// float16 or bfloat16 flips that of the float it converts to, exactly.
+template <int L, typename Convert>
+__device__ __forceinline__ void read_halves(const uint8_t* row, const uint32_t* flip,
+                                            float (&x)[L], Convert convert) {
 #pragma unroll
-  for (int j = 0; j < D; j += 8) {
-    const uint4 v = *reinterpret_cast<const uint4*>(row + 2 * j);
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+  for (int u = 0; u < L; u += 8) {
+    const uint4 v = *reinterpret_cast<const uint4*>(row + 2 * pair_coordinate(u));
+    const uint4 f = *reinterpret_cast<const uint4*>(flip + pair_coordinate(u) / 2);
+    const uint32_t w[4] = {v.x ^ f.x, v.y ^ f.y, v.z ^ f.z, v.w ^ f.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      x[j + 2 * i] = convert(w[i] & 0xffffu);
-      x[j + 2 * i + 1] = convert(w[i] >> 16);
+      x[u + 2 * i] = convert(w[i] & 0xffffu);
+      x[u + 2 * i + 1] = convert(w[i] >> 16);
     }
   }
 }
 
-// What a lane reads of its token's row for one group: D elements of the staged input row `row`
-// (element type `type`, ScalarType), the group's channels in order from `ch` (or, where the
-// group's channels are contiguous, ch = nullptr and `row` at its first channel), centered by
-// the offsets in `so` (.x) where `center`, and with the signs of the Hadamard rotation (.y)
-// where kSign.
-template <int D, bool kSign>
-__device__ __forceinline__ void read_group(const uint8_t* row, int type, const int16_t* ch,
-                                           const float2* so, bool center, float (&x)[D]) {
-  if (ch != nullptr) {
-#pragma unroll
-    for (int j = 0; j < D; ++j) {
-      const int c = ch[j];
-      x[j] = type == 0 ? reinterpret_cast<const float*>(row)[c]
-                       : load_element(row, type, size_t(c));
-    }
-  } else if (type == 0) {
-#pragma unroll
-    for (int j = 0; j < D; j += 4) {
-      const float4 v = *reinterpret_cast<const float4*>(row + 4 * j);
-      x[j] = v.x;
-      x[j + 1] = v.y;
-      x[j + 2] = v.z;
-      x[j + 3] = v.w;
-    }
-  } else if (type == 1) {
-    read_halves<D>(row, x, [](uint32_t h) { return __half2float(__ushort_as_half(uint16_t(h))); });
+// What a pair lane reads of its token's row for one group: its L = D / 2 elements of the staged
+// input row `row` (element type `type`, ScalarType), the group's channels from `ch` (or, where
+// the group's channels are contiguous, ch = nullptr and `row` at the lane's first channel),
+// multiplied by the signs s of the Hadamard rotation (`sign`, or as sign bits `flip` for 16-bit
+// elements read in order), then centered where `center` by s · offset (`shift`):
+// s·x − s·o = s·(x − o) exactly, the CPU's order. `ch`, `shift`, `sign` and `flip` start at the
+// lane's half.
+template <int L>
+__device__ __forceinline__ void read_pair_group(const uint8_t* row, int type, const int16_t* ch,
+                                                const float* shift, const float* sign,
+                                                const uint32_t* flip, bool center,
+                                                float (&x)[L]) {
+  if (ch == nullptr && type == 1) {
+    read_halves<L>(row, flip, x,
+                   [](uint32_t h) { return __half2float(__ushort_as_half(uint16_t(h))); });
+  } else if (ch == nullptr && type == 2) {
+    read_halves<L>(row, flip, x, [](uint32_t h) { return __uint_as_float(h << 16); });
   } else {
-    read_halves<D>(row, x, [](uint32_t h) { return __uint_as_float(h << 16); });
-  }
-  // (Two coordinates' (offset, sign) a 16-byte load: so is 16-byte aligned, D even.) The
-  // runtime `center` is tested outside the loops, which would otherwise issue its subtractions
-  // predicated off.
-  auto adjust = [&](auto centering) {
+    if (ch != nullptr) {
 #pragma unroll
-    for (int j = 0; j < D; j += 2) {
-      const float4 q = *reinterpret_cast<const float4*>(so + j);
-      if (decltype(centering)::value)
-        x[j] = __fsub_rn(x[j], q.x), x[j + 1] = __fsub_rn(x[j + 1], q.z);
-      if (kSign) x[j] = __fmul_rn(x[j], q.y), x[j + 1] = __fmul_rn(x[j + 1], q.w);
+      for (int u = 0; u < L; ++u) {
+        const int c = ch[pair_coordinate(u)];
+        x[u] = type == 0 ? reinterpret_cast<const float*>(row)[c]
+                         : load_element(row, type, size_t(c));
+      }
+    } else {
+#pragma unroll
+      for (int u = 0; u < L; u += 4) {
+        const float4 v = *reinterpret_cast<const float4*>(row + 4 * pair_coordinate(u));
+        x[u] = v.x;
+        x[u + 1] = v.y;
+        x[u + 2] = v.z;
+        x[u + 3] = v.w;
+      }
     }
-  };
-  if (center) adjust(std::true_type{});
-  else if (kSign) adjust(std::false_type{});
+    // (Four coordinates' signs or shifts a 16-byte load: both are 16-byte aligned, u a
+    // multiple of 4.)
+#pragma unroll
+    for (int u = 0; u < L; u += 4) {
+      const float4 q = *reinterpret_cast<const float4*>(sign + pair_coordinate(u));
+      x[u] = __fmul_rn(x[u], q.x), x[u + 1] = __fmul_rn(x[u + 1], q.y);
+      x[u + 2] = __fmul_rn(x[u + 2], q.z), x[u + 3] = __fmul_rn(x[u + 3], q.w);
+    }
+  }
+  // The runtime `center` is tested outside the loop, which would otherwise issue its
+  // subtractions predicated off.
+  if (center) {
+#pragma unroll
+    for (int u = 0; u < L; u += 4) {
+      const float4 q = *reinterpret_cast<const float4*>(shift + pair_coordinate(u));
+      x[u] = __fsub_rn(x[u], q.x), x[u + 1] = __fsub_rn(x[u + 1], q.y);
+      x[u + 2] = __fsub_rn(x[u + 2], q.z), x[u + 3] = __fsub_rn(x[u + 3], q.w);
+    }
+  }
 }
 
-// Encodes one lane-path group of D = 32 · E channels of one token, read from its staged row
-// (read_group's arguments); `read` is called once the row has been read for the last time.
-// Writes only where `store`. The same arithmetic, in the same order, as
-// encode_group_in_registers: the norm's 32 partial sums are its lanes' (coordinate l + 32k
-// added in increasing k), reduced by the same halving tree.
+// Encodes one pair-path group of D = 32 · E channels of one token, lane h's half read from its
+// staged row (read_pair_group's arguments, at the lane's half); `read` is called once the row
+// has been read. Both lanes of every pair must call it (it shuffles); writes only where `store`.
+// The same arithmetic, in the same order, as encode_group_in_registers. The signs in `sign` are
+// negated for lane 1's coordinates, so that through stages 1–8 of the butterflies lane 1 holds
+// exactly the negated values (a sum and a difference of negated values are the negated sum and
+// difference; the norm squares them), and stage 16 becomes one fused multiply-add by ±1 (exact)
+// a coordinate for both lanes: lane 0 computes a − (−b) = a + b, lane 1 a + (−b) = a − b.
 template <int E, typename Read>
-__device__ bool encode_lane_vector(const GroupTables& g, const uint8_t* row, int type,
-                                   const int16_t* ch, const float2* so, bool center,
-                                   const BucketEntry* table, const float* boundaries,
-                                   int norm_f16, uint8_t* block, uint32_t slot, bool store,
+__device__ bool encode_pair_vector(const GroupTables& g, const uint8_t* row, int type,
+                                   const int16_t* ch, const float* shift, const float* sign,
+                                   const uint32_t* flip, bool center, const BucketEntry* table,
+                                   const float* boundaries, int norm_f16, uint8_t* block,
+                                   uint32_t slot, int h, bool store,
                                    Read read) {
-  constexpr int D = 32 * E;
-  float x[D];
-  // The norm first: the canonical tree over the 32 partial sums (coordinate l + 32k added in
-  // increasing k). The row is read for it and once more for the rotation, so that the row and
-  // the partial sums are not held at once.
-  read_group<D, false>(row, type, ch, so, center, x);
-  float part[32];
+  constexpr int D = 32 * E, L = D / 2;
+  float x[L];
+  read_pair_group<L>(row, type, ch, shift, sign, flip, center, x);
+  read();
+  // The norm: the lane's partial sums l = 16h + i (coordinate l + 32k added in increasing k),
+  // then the canonical tree, whose first level adds the pair's partials.
+  float part[16];
 #pragma unroll
-  for (int l = 0; l < 32; ++l) {
-    part[l] = __fmul_rn(x[l], x[l]);
+  for (int i = 0; i < 16; ++i) {
+    part[i] = __fmul_rn(x[i], x[i]);
 #pragma unroll
     for (int k = 1; k < E; ++k)
-      part[l] = __fadd_rn(part[l], __fmul_rn(x[l + 32 * k], x[l + 32 * k]));
+      part[i] = __fadd_rn(part[i], __fmul_rn(x[16 * k + i], x[16 * k + i]));
   }
-  reduce_half<16>(part);
+#pragma unroll
+  for (int i = 0; i < 16; ++i)
+    part[i] = __fadd_rn(part[i], __shfl_xor_sync(0xffffffffu, part[i], 16));
   reduce_half<8>(part);
   reduce_half<4>(part);
   reduce_half<2>(part);
@@ -613,41 +669,48 @@ __device__ bool encode_lane_vector(const GroupTables& g, const uint8_t* row, int
   // A non-finite element makes the norm non-finite, so this is also the elements' check.
   bool ok = finite(n);
   if (norm_f16) ok &= finite(__half2float(__float2half_rn(n)));
-  asm volatile("" ::: "memory");  // (so that the compiler reads the row again)
-  read_group<D, true>(row, type, ch, so, center, x);
-  read();
-  if (!store) return true;
   constexpr int kStages = E == 1 ? 5 : E == 2 ? 6 : 7;  // log2(D)
+  const float across = h ? 1.0f : -1.0f;
 #pragma unroll
-  for (int s = 0; s < kStages; ++s)
+  for (int s = 0; s < kStages; ++s) {
+    if (s == 4) {
 #pragma unroll
-    for (int i = 0; i < D; ++i)
-      if (!(i & (1 << s))) {
-        const float a = x[i], b = x[i + (1 << s)];
-        x[i] = __fadd_rn(a, b);
-        x[i + (1 << s)] = __fsub_rn(a, b);
+      for (int u = 0; u < L; ++u)
+        x[u] = __fmaf_rn(__shfl_xor_sync(0xffffffffu, x[u], 16), across, x[u]);
+      continue;
+    }
+    const int m = s < 4 ? 1 << s : 1 << (s - 1);
+#pragma unroll
+    for (int u = 0; u < L; ++u)
+      if (!(u & m)) {
+        const float a = x[u], b = x[u + m];
+        x[u] = __fadd_rn(a, b);
+        x[u + m] = __fsub_rn(a, b);
       }
+  }
   const float inv = n > 0.0f ? __fdiv_rn(g.gain, n) : 0.0f;
   uint8_t* codes = block + g.codes_at + size_t(slot) * g.codes_bytes;
   if (table != nullptr && g.mse_bits >= 2 && g.mse_bits <= 4) {
-    if (g.mse_bits == 4) store_bucket_codes<D, 4>(x, inv, g, table, codes);
-    else if (g.mse_bits == 3) store_bucket_codes<D, 3>(x, inv, g, table, codes);
-    else store_bucket_codes<D, 2>(x, inv, g, table, codes);
+    if (g.mse_bits == 4) store_pair_codes<E, 4>(x, inv, g, table, h, store, codes);
+    else if (g.mse_bits == 3) store_pair_codes<E, 3>(x, inv, g, table, h, store, codes);
+    else store_pair_codes<E, 2>(x, inv, g, table, h, store, codes);
   } else {
-    // Other widths: codes as bytes, four a word (code j in byte j % 4 of word j / 4), found by
+    // Other widths: codes as bytes, four a word (local u in byte u % 4 of word u / 4), found by
     // the bucket table or the binary search (four coordinates at a time, so that the codes and
-    // what is left of the rotated row fit in registers together), then packed field by field.
-    uint32_t code[D / 4];
+    // what is left of the rotated row fit in registers together); lane 0 then gathers the
+    // vector's words (its word 8k + q, q < 4, is its own 4k + q; 8k + 4 + q lane 1's) and packs
+    // and stores them field by field.
+    uint32_t code[L / 4];
 #pragma unroll
-    for (int j0 = 0; j0 < D; j0 += 4) {
+    for (int u0 = 0; u0 < L; u0 += 4) {
       float y[4];
       uint32_t c[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         if (table != nullptr) {
-          c[i] = bucket_code(x[j0 + i], inv, g, table, y[i]);
+          c[i] = bucket_code(x[u0 + i], inv, g, table, y[i]);
         } else {
-          y[i] = __fmul_rn(x[j0 + i], inv);
+          y[i] = __fmul_rn(x[u0 + i], inv);
           c[i] = 0;
         }
       }
@@ -656,66 +719,95 @@ __device__ bool encode_lane_vector(const GroupTables& g, const uint8_t* row, int
 #pragma unroll
           for (int i = 0; i < 4; ++i)
             if (boundaries[c[i] + step - 1] < y[i]) c[i] += step;
-      code[j0 / 4] = c[0] | c[1] << 8 | c[2] << 16 | c[3] << 24;
+      code[u0 / 4] = c[0] | c[1] << 8 | c[2] << 16 | c[3] << 24;
     }
-    int shift = 0;
-    if (g.mse_bits & 8) store_field<D, 8>(code, shift, codes), codes += D, shift += 8;
-    if (g.mse_bits & 4) store_field<D, 4>(code, shift, codes), codes += D / 2, shift += 4;
-    if (g.mse_bits & 2) store_field<D, 2>(code, shift, codes), codes += D / 4, shift += 2;
-    if (g.mse_bits & 1) store_field<D, 1>(code, shift, codes);
+    uint32_t all[D / 4];
+#pragma unroll
+    for (int m = 0; m < L / 4; ++m) {
+      all[8 * (m / 4) + m % 4] = code[m];
+      all[8 * (m / 4) + 4 + m % 4] = __shfl_xor_sync(0xffffffffu, code[m], 16);
+    }
+    if (store && h == 0) {
+      int shift = 0;
+      if (g.mse_bits & 8) store_field<D, 8>(all, shift, codes), codes += D, shift += 8;
+      if (g.mse_bits & 4) store_field<D, 4>(all, shift, codes), codes += D / 2, shift += 4;
+      if (g.mse_bits & 2) store_field<D, 2>(all, shift, codes), codes += D / 4, shift += 2;
+      if (g.mse_bits & 1) store_field<D, 1>(all, shift, codes);
+    }
   }
-  store_scalar(block + g.norm_at + size_t(slot) * (norm_f16 ? 2 : 4), ok ? n : 0.0f, norm_f16);
+  if (store && h == 0)
+    store_scalar(block + g.norm_at + size_t(slot) * (norm_f16 ? 2 : 4), ok ? n : 0.0f, norm_f16);
   return ok;
 }
 
-// Grid: (X, KV head, side); warp w of block x takes the batches of 32 tokens x · kWarps + w,
-// then X · kWarps further on, and so on. Every group of the codec takes the lane path
+// Grid: (X, KV head, side); warp w of block x takes the batches of 16 tokens x · kWarps + w,
+// then X · kWarps further on, and so on. Every group of the codec takes the pair path
 // (register_width 1, 2 or 4), the widest with 32 · kMaxE channels; the inputs are 16-byte
 // aligned.
 template <int kMaxE>
-__global__ void __launch_bounds__(kWarps * 32, 3) append_lane_kernel(const AppendParams p) {
+__global__ void __launch_bounds__(kWarps * 32, kPairBlocks)
+    append_pair_kernel(const AppendParams p) {
   extern __shared__ __align__(16) uint8_t smem[];
   const CacheView& c = p.cache;
   const int d = c.head_dim;
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  const int token_lane = lane % kPairTokens, h = lane / kPairTokens;
   const int head = int(blockIdx.y), side = int(blockIdx.z);
   const CodecTables& codec = side ? c.value : c.key;
   const size_t index = (size_t(c.layer) * c.kv_heads + head) * 2 + size_t(side);
   const int16_t* channels = c.channels + index * size_t(d);
   const float* offsets = codec.center ? c.offsets + index * size_t(d) : nullptr;
   // Shared: the groups' bucket tables [group][kBuckets] and boundaries [group][256]; for each
-  // coordinate of the concatenated groups its (offset, sign) and channel; then each warp's stage
-  // of 32 input rows.
+  // coordinate of the concatenated groups its sign s, s · its offset and its channel, and for
+  // each coordinate pair the sign bits; then each warp's stage of 16 input rows.
   const uint32_t row_bytes = uint32_t(d) * (p.type == 0 ? 4u : 2u);
   const uint32_t row_stride = row_bytes + 16;  // 16-byte reads of 8 lanes hit distinct banks
   BucketEntry* tables = reinterpret_cast<BucketEntry*>(smem);
   float* boundaries = reinterpret_cast<float*>(tables + kMaxGroups * kBuckets);
-  float2* so = reinterpret_cast<float2*>(boundaries + kMaxGroups * 256);
-  int16_t* ch = reinterpret_cast<int16_t*>(so + d);
+  float* shift = boundaries + kMaxGroups * 256;
+  float* sign = shift + d;
+  uint32_t* flip = reinterpret_cast<uint32_t*>(sign + d);
+  int16_t* ch = reinterpret_cast<int16_t*>(flip + d / 2);
   uint8_t* stage = reinterpret_cast<uint8_t*>(ch) + ((2 * d + 15) & ~15) +
-                   size_t(warp) * kLaneTokens * row_stride;
-  const uint32_t batches = (p.tokens + kLaneTokens - 1) / kLaneTokens;
+                   size_t(warp) * kPairTokens * row_stride;
+  const uint32_t batches = (p.tokens + kPairTokens - 1) / kPairTokens;
   const uint32_t stride = gridDim.x * kWarps;
   uint32_t batch = blockIdx.x * kWarps + uint32_t(warp);
   const void* src = side ? p.v : p.k;
   const uint32_t pieces = row_bytes / 16;  // 16-byte pieces a row
   const uint32_t first_row = uint32_t(lane) / pieces, first_piece = uint32_t(lane) % pieces;
   const uint32_t rows_step = 32 / pieces, pieces_step = 32 % pieces;
-  // Batch b's rows into the stage: row r is token 32b + r's [head] row of the input.
+  // Batch b's rows into the stage: row r is token 16b + r's [head] row of the input.
+  const size_t token_bytes = size_t(c.kv_heads) * row_bytes;  // the input's stride a token
   auto copy_batch = [&](uint32_t b) {
     if (b < batches) {
-      const uint32_t t0 = b * kLaneTokens, rows = min(uint32_t(kLaneTokens), p.tokens - t0);
-      // Piece i = lane + 32k of the batch is piece i % pieces of row i / pieces, stepped
-      // without divisions.
-      uint32_t r = first_row, o = first_piece;
-      for (uint32_t i = uint32_t(lane); i < rows * pieces; i += 32) {
-        cp_async(stage + r * row_stride + 16 * o,
-                 static_cast<const uint8_t*>(src) +
-                     (size_t(t0 + r) * c.kv_heads + head) * row_bytes + 16 * o,
-                 16);
-        r += rows_step;
-        o += pieces_step;
-        if (o >= pieces) o -= pieces, ++r;
+      const uint32_t t0 = b * kPairTokens, rows = min(uint32_t(kPairTokens), p.tokens - t0);
+      if (pieces_step == 0) {
+        // A row's pieces divide 32 (rows of 16 · 2^k bytes): the lane copies piece first_piece
+        // of rows first_row, first_row + rows_step, ..., one pointer step each.
+        const uint8_t* from = static_cast<const uint8_t*>(src) +
+                              size_t(t0 + first_row) * token_bytes + size_t(head) * row_bytes +
+                              16 * first_piece;
+        uint8_t* to = stage + first_row * row_stride + 16 * first_piece;
+#pragma unroll 4
+        for (uint32_t r = first_row; r < rows; r += rows_step) {
+          cp_async(to, from, 16);
+          from += rows_step * token_bytes;
+          to += rows_step * row_stride;
+        }
+      } else {
+        // Piece i = lane + 32k of the batch is piece i % pieces of row i / pieces, stepped
+        // without divisions.
+        uint32_t r = first_row, o = first_piece;
+        for (uint32_t i = uint32_t(lane); i < rows * pieces; i += 32) {
+          cp_async(stage + r * row_stride + 16 * o,
+                   static_cast<const uint8_t*>(src) + size_t(t0 + r) * token_bytes +
+                       size_t(head) * row_bytes + 16 * o,
+                   16);
+          r += rows_step;
+          o += pieces_step;
+          if (o >= pieces) o -= pieces, ++r;
+        }
       }
     }
     cp_async_commit();
@@ -731,10 +823,16 @@ __global__ void __launch_bounds__(kWarps * 32, 3) append_lane_kernel(const Appen
       const uint32_t below = g.buckets[threadIdx.x];
       tables[kBuckets * gi + threadIdx.x] = {g.boundaries[below], below};
     }
+    // Lane 1's coordinates (bit 4 of j set) take negated signs (encode_pair_vector).
+    auto sign_of = [&](int j) { return j & 16 ? -g.signs[j] : g.signs[j]; };
     for (int j = int(threadIdx.x); j < g.dim; j += kWarps * 32) {
       const int source = channels[first + j];
       ch[first + j] = int16_t(source);
-      so[first + j] = make_float2(offsets != nullptr ? offsets[source] : 0.0f, g.signs[j]);
+      sign[first + j] = sign_of(j);
+      shift[first + j] = offsets != nullptr ? sign_of(j) * offsets[source] : 0.0f;
+      if (j % 2 == 0)
+        flip[(first + j) / 2] =
+            (sign_of(j) < 0.0f ? 0x8000u : 0u) | (sign_of(j + 1) < 0.0f ? 0x80000000u : 0u);
     }
     first += g.dim;
   }
@@ -750,13 +848,14 @@ __global__ void __launch_bounds__(kWarps * 32, 3) append_lane_kernel(const Appen
     first += codec.g[gi].dim;
   }
   const uint32_t* pages = c.page_tables + size_t(p.slot) * c.page_table_stride;
+  const int element = p.type == 0 ? 4 : 2;
   uint32_t failed = 0xffffffffu;
   for (; batch < batches; batch += stride) {
-    const uint32_t t = batch * kLaneTokens + uint32_t(lane);
+    const uint32_t t = batch * kPairTokens + uint32_t(token_lane);
     const bool mine = t < p.tokens;
     uint8_t* block = mine ? block_of(c, pages, p.first_token + t, head, side) : nullptr;
     const uint32_t slot = page_slot(c, p.first_token + t);
-    const uint8_t* row = stage + lane * row_stride;
+    const uint8_t* row = stage + token_lane * row_stride;
     cp_async_wait<0>();
     __syncwarp();
     bool ok = true;
@@ -764,7 +863,8 @@ __global__ void __launch_bounds__(kWarps * 32, 3) append_lane_kernel(const Appen
     for (int gi = 0; gi < codec.groups; ++gi) {
       const GroupTables& g = codec.g[gi];
       const bool in_order = contiguous >> gi & 1u;
-      // After the last group's last read of the rows, the next batch's copies go out.
+      const int half = first + 16 * h;  // the lane's first coordinate of the group
+      // After the last group's read of the rows, the next batch's copies go out.
       auto read = [&] {
         if (gi + 1 < codec.groups) return;
         __syncwarp();
@@ -772,11 +872,12 @@ __global__ void __launch_bounds__(kWarps * 32, 3) append_lane_kernel(const Appen
       };
       auto run = [&](auto e) {
         constexpr int E = decltype(e)::value;
-        ok &= encode_lane_vector<E>(
-            g, in_order ? row + size_t(ch[first]) * (p.type == 0 ? 4 : 2) : row, p.type,
-            in_order ? nullptr : ch + first, so + first, codec.center != 0,
+        ok &= encode_pair_vector<E>(
+            g, in_order ? row + size_t(ch[half]) * element : row, p.type,
+            in_order ? nullptr : ch + half, shift + half, sign + half, flip + half / 2,
+            codec.center != 0,
             g.buckets != nullptr ? tables + kBuckets * gi : nullptr, boundaries + 256 * gi,
-            codec.norm_f16, block, slot, mine, read);
+            codec.norm_f16, block, slot, h, mine, read);
       };
       // Hadamard sizes are powers of two, at most 32 · kMaxE (launch_append picks kMaxE).
       switch (g.dim / 32) {
@@ -802,43 +903,43 @@ void launch_append(Device device, const AppendParams& p, CudaStream stream) {
   TQKV_CHECK(p.cache.kv_heads <= 65535, "GPU append: at most 65535 KV heads, got ",
              p.cache.kv_heads);
   const int d = p.cache.head_dim;
-  // The lane path takes appends of a warp's tokens or more whose groups are all register-path
+  // The pair path takes appends of a warp's tokens or more whose groups are all register-path
   // groups of at most 128 channels, from 16-byte aligned inputs; shorter ones (decode steps) and
   // the rest take a warp a vector.
   int widest = 1;
-  bool lanes = p.tokens >= uint32_t(kLaneTokens) &&
+  bool pairs = p.tokens >= uint32_t(kPairTokens) &&
                (reinterpret_cast<uintptr_t>(p.k) | reinterpret_cast<uintptr_t>(p.v)) % 16 == 0;
   for (const CodecTables* t : {&p.cache.key, &p.cache.value})
     for (int gi = 0; gi < t->groups; ++gi) {
       const int w = register_width(t->g[gi]);
       widest = std::max(widest, w);
-      lanes &= w >= 1 && w <= 4;
+      pairs &= w >= 1 && w <= 4;
     }
   const dim3 heads_sides(1, unsigned(p.cache.kv_heads), 2);
   auto launch = [&](auto kernel, size_t smem, unsigned blocks) {
     if (smem > 48 * 1024)
       TQKV_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    if (blocks == 0) {  // the lane path: one wave of blocks, its warps taking batches in turn
+    if (blocks == 0) {  // the pair path: one wave of blocks, its warps taking batches in turn
       int per_sm = 0;
       TQKV_CUDA_CHECK(
           cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem));
       const unsigned wave = unsigned(std::max(1, per_sm) * multiprocessors(device));
-      const unsigned batches = (p.tokens + kLaneTokens - 1) / kLaneTokens;
+      const unsigned batches = (p.tokens + kPairTokens - 1) / kPairTokens;
       blocks = std::max(1u, std::min((batches + kWarps - 1) / kWarps,
                                      wave / (heads_sides.y * heads_sides.z)));
     }
     kernel<<<dim3(blocks, heads_sides.y, heads_sides.z), kWarps * 32, smem, stream>>>(p);
     TQKV_CUDA_CHECK_LAUNCH("append_kernel");
   };
-  if (lanes) {
+  if (pairs) {
     const size_t row_bytes = size_t(d) * (p.type == 0 ? 4 : 2);
-    const size_t smem = kMaxGroups * kBuckets * 8 + kMaxGroups * 256 * 4 + size_t(d) * 8 +
+    const size_t smem = kMaxGroups * kBuckets * 8 + kMaxGroups * 256 * 4 + size_t(d) * 10 +
                         ((2 * size_t(d) + 15) & ~size_t(15)) +
-                        size_t(kWarps) * kLaneTokens * (row_bytes + 16);
-    if (widest == 1) launch(append_lane_kernel<1>, smem, 0);
-    else if (widest == 2) launch(append_lane_kernel<2>, smem, 0);
-    else launch(append_lane_kernel<4>, smem, 0);
+                        size_t(kWarps) * kPairTokens * (row_bytes + 16);
+    if (widest == 1) launch(append_pair_kernel<1>, smem, 0);
+    else if (widest == 2) launch(append_pair_kernel<2>, smem, 0);
+    else launch(append_pair_kernel<4>, smem, 0);
     return;
   }
   const size_t smem = size_t(kWarps) * (size_t(2 * d) * 4 + size_t(d)) + kMaxGroups * 255 * 4 +

@@ -98,6 +98,40 @@ void fill(Device device, void* p, uint8_t value, size_t bytes, CudaStream stream
   TQKV_CUDA_CHECK(cudaMemsetAsync(p, value, bytes, stream));
 }
 
+namespace {
+
+// The median over `repeats` of the mean time of `inner` back-to-back calls of `queue` (which
+// queues work on `stream`), after 3 calls to warm up, in microseconds.
+double median_us(cudaStream_t stream, const std::function<void()>& queue, int repeats,
+                 int inner) {
+  cudaEvent_t start = nullptr, stop = nullptr;
+  std::vector<float> times;
+  try {
+    TQKV_CUDA_CHECK(cudaEventCreate(&start));
+    TQKV_CUDA_CHECK(cudaEventCreate(&stop));
+    for (int i = 0; i < 3; ++i) queue();
+    for (int r = 0; r < repeats; ++r) {
+      TQKV_CUDA_CHECK(cudaEventRecord(start, stream));
+      for (int i = 0; i < inner; ++i) queue();
+      TQKV_CUDA_CHECK(cudaEventRecord(stop, stream));
+      TQKV_CUDA_CHECK(cudaEventSynchronize(stop));
+      float ms = 0;
+      TQKV_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+      times.push_back(ms * 1e3f / float(inner));
+    }
+  } catch (...) {
+    if (start) cudaEventDestroy(start);
+    if (stop) cudaEventDestroy(stop);
+    throw;
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+}  // namespace
+
 double time_graph_us(Device device, const std::function<void(CudaStream)>& work, int repeats,
                      int inner) {
   DeviceGuard guard(device);
@@ -105,8 +139,7 @@ double time_graph_us(Device device, const std::function<void(CudaStream)>& work,
   TQKV_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   cudaGraph_t graph = nullptr;
   cudaGraphExec_t exec = nullptr;
-  cudaEvent_t start = nullptr, stop = nullptr;
-  std::vector<float> times;
+  double us = 0;
   try {
     TQKV_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
     try {
@@ -117,33 +150,34 @@ double time_graph_us(Device device, const std::function<void(CudaStream)>& work,
     }
     TQKV_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
     TQKV_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-    TQKV_CUDA_CHECK(cudaEventCreate(&start));
-    TQKV_CUDA_CHECK(cudaEventCreate(&stop));
-    for (int i = 0; i < 3; ++i) TQKV_CUDA_CHECK(cudaGraphLaunch(exec, stream));
-    for (int r = 0; r < repeats; ++r) {
-      TQKV_CUDA_CHECK(cudaEventRecord(start, stream));
-      for (int i = 0; i < inner; ++i) TQKV_CUDA_CHECK(cudaGraphLaunch(exec, stream));
-      TQKV_CUDA_CHECK(cudaEventRecord(stop, stream));
-      TQKV_CUDA_CHECK(cudaEventSynchronize(stop));
-      float ms = 0;
-      TQKV_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-      times.push_back(ms * 1e3f / float(inner));
-    }
+    us = median_us(stream, [&] { TQKV_CUDA_CHECK(cudaGraphLaunch(exec, stream)); }, repeats,
+                   inner);
   } catch (...) {
     if (exec) cudaGraphExecDestroy(exec);
     if (graph) cudaGraphDestroy(graph);
-    if (start) cudaEventDestroy(start);
-    if (stop) cudaEventDestroy(stop);
     cudaStreamDestroy(stream);
     throw;
   }
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
   cudaStreamDestroy(stream);
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
+  return us;
+}
+
+double time_stream_us(Device device, const std::function<void(CudaStream)>& work, int repeats,
+                      int inner) {
+  DeviceGuard guard(device);
+  cudaStream_t stream = nullptr;
+  TQKV_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  double us = 0;
+  try {
+    us = median_us(stream, [&] { work(stream); }, repeats, inner);
+  } catch (...) {
+    cudaStreamDestroy(stream);
+    throw;
+  }
+  cudaStreamDestroy(stream);
+  return us;
 }
 
 int multiprocessors(Device device) {

@@ -30,6 +30,7 @@ void copy(Device, void*, const void*, size_t, CudaStream) { no_backend(); }
 void fill(Device, void*, uint8_t, size_t, CudaStream) { no_backend(); }
 int multiprocessors(Device) { no_backend(); }
 double time_graph_us(Device, const std::function<void(CudaStream)>&, int, int) { no_backend(); }
+double time_stream_us(Device, const std::function<void(CudaStream)>&, int, int) { no_backend(); }
 void copy_2d(Device, void*, size_t, const void*, size_t, size_t, size_t, CudaStream) {
   no_backend();
 }
