@@ -28,8 +28,8 @@ int multiprocessors(Device device);
 double time_graph_us(Device device, const std::function<void(CudaStream)>& work, int repeats,
                      int inner);
 /// The same with `work` queued directly, `inner` times a repeat, not captured: for work whose
-/// graph node runs differently (a device-to-device copy captured in a graph can run at ~2/3 of
-/// the rate it runs at from a stream).
+/// graph node runs differently (a large device-to-device copy captured in a graph can run at
+/// ~2/3 of the rate it runs at from a stream).
 double time_stream_us(Device device, const std::function<void(CudaStream)>& work, int repeats,
                       int inner);
 
