@@ -423,15 +423,15 @@ __global__ void __launch_bounds__(kWarps * 32) append_kernel(const AppendParams 
 
 // ---------------------------------------------------------------------------------------------
 // Long appends: a lane pair encodes a whole vector. Lane (t, h) = (lane % 16, lane / 16) holds
-// coordinates j = 32k + 16h + i (i < 16) of token t's group as its local u = 16k + i, so that:
-//   every Hadamard stage but one pairs registers of one lane (stages 2^s, s < 4: local u and
-//   u + 2^s; s > 4: u and u + 2^(s-1)), and stage 16 pairs the two lanes by one xor shuffle a
+// coordinates j = 16m + 8h + i (i < 8) of token t's group as its local u = 8m + i, so that:
+//   every Hadamard stage but one pairs registers of one lane (stages 2^s, s < 3: local u and
+//   u + 2^s; s > 3: u and u + 2^(s-1)), and stage 8 pairs the two lanes by one xor shuffle a
 //   coordinate;
 //   the norm's canonical partial sums l (coordinates l + 32k, added in increasing k) are the
-//   lane's own for l in [16h, 16h + 16), and the first level of its halving tree (l and l + 16)
-//   is the one step across the pair;
-//   at 4 and 2 bits a lane packs whole code words (coordinates 8w..8w+7 and 16w..16w+15 have
-//   one h), so it stores them without an exchange.
+//   lane's own for l ≡ 8h + i (mod 16), the first level of its halving tree (l and l + 16) pairs
+//   two of them, and the second (l and l + 8) is the one step across the pair;
+//   a lane's 8 coordinates 16m + 8h + i are contiguous in the input row and fill one 4-bit code
+//   word; of a 2- or 1-bit word each lane holds half, swapped with the other lane to store.
 // A warp takes batches of 16 tokens of one (side, KV head) in turn: cp.async copies a batch's
 // rows of input into the warp's stage in shared memory, lane (t, h) reads its half of token t's
 // row from there once, and the next batch's copies are issued as soon as every lane has read its
@@ -440,8 +440,14 @@ __global__ void __launch_bounds__(kWarps * 32) append_kernel(const AppendParams 
 constexpr int kPairTokens = 16;  // tokens a warp encodes at once, one a lane pair
 constexpr int kPairBlocks = 4;   // blocks an SM (≤ 128 registers a thread)
 
-// Coordinate (within the lane's half, i.e. minus 16h) of a pair lane's local coordinate u.
-__host__ __device__ constexpr int pair_coordinate(int u) { return 32 * (u / 16) + u % 16; }
+// Coordinate (less the lane's 8h) of a pair lane's local coordinate u.
+__host__ __device__ constexpr int pair_coordinate(int u) { return 16 * (u / 8) + u % 8; }
+
+// Word 2q + h of a code field of which each lane of a pair holds its parts of words 2q and 2q + 1
+// in its word `own`: `select` picks their bytes from `own` (0–3) and the other lane's (4–7).
+__device__ __forceinline__ uint32_t pair_word(uint32_t own, uint32_t select) {
+  return __byte_perm(own, __shfl_xor_sync(0xffffffffu, own, 16), select);
+}
 
 // Where a pair-path group's code search looks: (boundaries[below], below) for each bucket, so a
 // code is one load and one comparison.
@@ -498,10 +504,11 @@ __device__ __forceinline__ uint32_t bucket_code(float x, float inv, const GroupT
 
 // The codes of B = 2, 3 or 4 bits of a pair lane's L = D / 2 coordinates through the bucket
 // table, packed into their fields as they are found (fields widest first: 3 bits are a 2-bit and
-// a 1-bit field), then stored at dst where `store`. A lane's 4-bit words (local u in [8m, 8m + 8))
-// are the field's words 4·(m / 2) + 2h + m % 2, its 2-bit words (u in [16m, 16m + 16)) the words
-// 2m + h; of a 1-bit word (32 coordinates) each lane holds one half, so the pair swaps halves and
-// lane h stores the words 2q + h.
+// a 1-bit field), then stored at dst where `store`. A lane's 4-bit word m (local u in
+// [8m, 8m + 8)) is the field's word 2m + h. Its 2-bit word q (u in [16q, 16q + 16)) holds lane
+// h's halves of words 2q (bits 0–15) and 2q + 1 (bits 16–31), whose low halves are lane 0's; its
+// 1-bit word q (u in [32q, 32q + 32)) holds lane h's bytes of words 2q (bytes 0, 1) and 2q + 1
+// (bytes 2, 3), whose bytes 0 and 2 are lane 0's. Lane h stores words 2q + h of those.
 template <int E, int B>
 __device__ __forceinline__ void store_pair_codes(const float (&x)[16 * E], float inv,
                                                  const GroupTables& g, const BucketEntry* table,
@@ -525,22 +532,22 @@ __device__ __forceinline__ void store_pair_codes(const float (&x)[16 * E], float
   }
   if (B == 4) {
 #pragma unroll
-    for (int m = 0; m < L / 8; m += 2)
-      if (store)
-        *reinterpret_cast<uint2*>(dst + 16 * (m / 2) + 8 * h) = make_uint2(wide[m], wide[m + 1]);
-  } else {
-#pragma unroll
-    for (int m = 0; m < L / 16; ++m)
+    for (int m = 0; m < L / 8; ++m)
       if (store) *reinterpret_cast<uint32_t*>(dst + 4 * (2 * m + h)) = wide[m];
+  } else {
+    const uint32_t halves = h ? 0x3276u : 0x5410u;
+#pragma unroll
+    for (int q = 0; q < L / 16; ++q) {
+      const uint32_t word = pair_word(wide[q], halves);
+      if (store) *reinterpret_cast<uint32_t*>(dst + 4 * (2 * q + h)) = word;
+    }
   }
   if (B == 3) {
-    // Local word q holds the halves of words 2q (bits 0–15) and 2q + 1 (bits 16–31); lane 0
-    // takes the other's low half into word 2q, lane 1 the other's high half into word 2q + 1.
     uint8_t* bits = dst + 2 * (32 * E) / 8;
-    const uint32_t select = h ? 0x3276u : 0x5410u;
+    const uint32_t bytes = h ? 0x3726u : 0x5140u;
 #pragma unroll
     for (int q = 0; q < (L + 31) / 32; ++q) {
-      const uint32_t word = __byte_perm(low[q], __shfl_xor_sync(0xffffffffu, low[q], 16), select);
+      const uint32_t word = pair_word(low[q], bytes);
       if (store && (E > 1 || h == 0)) *reinterpret_cast<uint32_t*>(bits + 4 * (2 * q + h)) = word;
     }
   }
@@ -633,10 +640,10 @@ __device__ __forceinline__ void read_pair_group(const uint8_t* row, int type, co
 // staged row (read_pair_group's arguments, at the lane's half); `read` is called once the row
 // has been read. Both lanes of every pair must call it (it shuffles); writes only where `store`.
 // The same arithmetic, in the same order, as encode_group_in_registers. The signs in `sign` are
-// negated for lane 1's coordinates, so that through stages 1–8 of the butterflies lane 1 holds
-// exactly the negated values (a sum and a difference of negated values are the negated sum and
-// difference; the norm squares them), and stage 16 becomes one fused multiply-add by ±1 (exact)
-// a coordinate for both lanes: lane 0 computes a − (−b) = a + b, lane 1 a + (−b) = a − b.
+// negated for lane 1's coordinates, so that through stages 1, 2 and 4 of the butterflies lane 1
+// holds exactly the negated values (a sum and a difference of negated values are the negated sum
+// and difference; the norm squares them), and stage 8 becomes one fused multiply-add by ±1
+// (exact) a coordinate for both lanes: lane 0 computes a − (−b) = a + b, lane 1 a + (−b) = a − b.
 template <int E, typename Read>
 __device__ bool encode_pair_vector(const GroupTables& g, const uint8_t* row, int type,
                                    const int16_t* ch, const float* shift, const float* sign,
@@ -648,8 +655,8 @@ __device__ bool encode_pair_vector(const GroupTables& g, const uint8_t* row, int
   float x[L];
   read_pair_group<L>(row, type, ch, shift, sign, flip, center, x);
   read();
-  // The norm: the lane's partial sums l = 16h + i (coordinate l + 32k added in increasing k),
-  // then the canonical tree, whose first level adds the pair's partials.
+  // The norm: the lane's partial sums l = 16a + 8h + i as part[8a + i] (coordinate l + 32k
+  // added in increasing k), then the canonical tree, whose second level adds the pair's.
   float part[16];
 #pragma unroll
   for (int i = 0; i < 16; ++i) {
@@ -658,10 +665,10 @@ __device__ bool encode_pair_vector(const GroupTables& g, const uint8_t* row, int
     for (int k = 1; k < E; ++k)
       part[i] = __fadd_rn(part[i], __fmul_rn(x[16 * k + i], x[16 * k + i]));
   }
-#pragma unroll
-  for (int i = 0; i < 16; ++i)
-    part[i] = __fadd_rn(part[i], __shfl_xor_sync(0xffffffffu, part[i], 16));
   reduce_half<8>(part);
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+    part[i] = __fadd_rn(part[i], __shfl_xor_sync(0xffffffffu, part[i], 16));
   reduce_half<4>(part);
   reduce_half<2>(part);
   reduce_half<1>(part);
@@ -673,13 +680,13 @@ __device__ bool encode_pair_vector(const GroupTables& g, const uint8_t* row, int
   const float across = h ? 1.0f : -1.0f;
 #pragma unroll
   for (int s = 0; s < kStages; ++s) {
-    if (s == 4) {
+    if (s == 3) {
 #pragma unroll
       for (int u = 0; u < L; ++u)
         x[u] = __fmaf_rn(__shfl_xor_sync(0xffffffffu, x[u], 16), across, x[u]);
       continue;
     }
-    const int m = s < 4 ? 1 << s : 1 << (s - 1);
+    const int m = s < 3 ? 1 << s : 1 << (s - 1);
 #pragma unroll
     for (int u = 0; u < L; ++u)
       if (!(u & m)) {
@@ -698,8 +705,8 @@ __device__ bool encode_pair_vector(const GroupTables& g, const uint8_t* row, int
     // Other widths: codes as bytes, four a word (local u in byte u % 4 of word u / 4), found by
     // the bucket table or the binary search (four coordinates at a time, so that the codes and
     // what is left of the rotated row fit in registers together); lane 0 then gathers the
-    // vector's words (its word 8k + q, q < 4, is its own 4k + q; 8k + 4 + q lane 1's) and packs
-    // and stores them field by field.
+    // vector's words (word 4m + q, q < 2, is its own 2m + q; 4m + 2 + q lane 1's) and packs and
+    // stores them field by field.
     uint32_t code[L / 4];
 #pragma unroll
     for (int u0 = 0; u0 < L; u0 += 4) {
@@ -724,8 +731,8 @@ __device__ bool encode_pair_vector(const GroupTables& g, const uint8_t* row, int
     uint32_t all[D / 4];
 #pragma unroll
     for (int m = 0; m < L / 4; ++m) {
-      all[8 * (m / 4) + m % 4] = code[m];
-      all[8 * (m / 4) + 4 + m % 4] = __shfl_xor_sync(0xffffffffu, code[m], 16);
+      all[4 * (m / 2) + m % 2] = code[m];
+      all[4 * (m / 2) + 2 + m % 2] = __shfl_xor_sync(0xffffffffu, code[m], 16);
     }
     if (store && h == 0) {
       int shift = 0;
@@ -823,8 +830,8 @@ __global__ void __launch_bounds__(kWarps * 32, kPairBlocks)
       const uint32_t below = g.buckets[threadIdx.x];
       tables[kBuckets * gi + threadIdx.x] = {g.boundaries[below], below};
     }
-    // Lane 1's coordinates (bit 4 of j set) take negated signs (encode_pair_vector).
-    auto sign_of = [&](int j) { return j & 16 ? -g.signs[j] : g.signs[j]; };
+    // Lane 1's coordinates (bit 3 of j set) take negated signs (encode_pair_vector).
+    auto sign_of = [&](int j) { return j & 8 ? -g.signs[j] : g.signs[j]; };
     for (int j = int(threadIdx.x); j < g.dim; j += kWarps * 32) {
       const int source = channels[first + j];
       ch[first + j] = int16_t(source);
@@ -863,7 +870,7 @@ __global__ void __launch_bounds__(kWarps * 32, kPairBlocks)
     for (int gi = 0; gi < codec.groups; ++gi) {
       const GroupTables& g = codec.g[gi];
       const bool in_order = contiguous >> gi & 1u;
-      const int half = first + 16 * h;  // the lane's first coordinate of the group
+      const int half = first + 8 * h;  // the lane's first coordinate of the group
       // After the last group's read of the rows, the next batch's copies go out.
       auto read = [&] {
         if (gi + 1 < codec.groups) return;
