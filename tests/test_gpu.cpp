@@ -95,8 +95,12 @@ std::vector<GpuSetup> setups(uint64_t seed) {
   add(128, 3.5, CodecKind::mse, 2.5, CodecKind::mse, 16, NormFormat::f16, true);
   add(64, 3.0, CodecKind::prod, 2.0, CodecKind::mse, 8, NormFormat::f32, true);
   add(96, 4.0, CodecKind::mse, 3.0, CodecKind::prod, 32, NormFormat::f16, true);  // dense, QJL
-  // Float32 norms from the append kernel that encodes a vector a lane.
+  // Float32 norms from the append kernel that encodes a vector a lane pair.
   add(128, 4.0, CodecKind::mse, 3.0, CodecKind::mse, 32, NormFormat::f32);
+  // Groups of 32 channels (the append kernels' narrowest register path): one, or the two of
+  // fractional bits at d = 64 (4 + 3 and 3 + 2 bits).
+  add(32, 4.0, CodecKind::mse, 2.0, CodecKind::mse, 16);
+  add(64, 3.5, CodecKind::mse, 2.5, CodecKind::mse, 16);
   return out;
 }
 
@@ -171,7 +175,7 @@ TEST(Gpu, CodesAreBitIdenticalToTheCpu) {
       KVCache cpu(config_of(s, Device::cpu())), gpu(config_of(s, Device::cuda(0)));
       const SequenceId a = cpu.add_sequence(), b = gpu.add_sequence();
       // Prefill chunk, then single decode tokens, then other chunks, on both layers.
-      // (Chunks of 32 tokens and more take the append kernel that encodes a vector a lane.)
+      // (Chunks of 16 tokens and more take the append kernel that encodes a vector a lane pair.)
       for (size_t chunk : {size_t(37), size_t(1), size_t(1), size_t(20), size_t(300)})
         for (int l = 0; l < 2; ++l) append_both(cpu, gpu, a, b, l, chunk, type, rng);
       expect_same_codes(cpu, gpu, a, b, s.name());
