@@ -436,6 +436,7 @@ static std::vector<Calibrated> calibrate(const KVCache::Impl& im, SequenceId seq
     for (size_t h = 0; h < H; ++h)
       if (!(side == 0 ? im.key_codecs : im.value_codecs)[im.codec_index(layer, int(h))].ready())
         pending.emplace_back(side, h);
+  if (pending.empty()) return {};  // (every append of a calibrated cache: no rows, no threads)
   std::vector<std::optional<Codec>> codecs(pending.size());
   std::vector<std::exception_ptr> errors(pending.size());
   const long long n = (long long)pending.size();
