@@ -14,6 +14,8 @@
 //          [i·Wk, (i+1)·Wk) of a term, and its query fragments use the same coordinates;
 //   values (B = V, 16 tokens × 8 coords): lane (tokens 2i, 2i+1, 2i+8, 2i+9; column lane / 4)
 //          owns words [n·Wv, (n+1)·Wv); bytes pair the same coordinate of two tokens.
+// (The decode kernels built for fixed shapes multiply values transposed, and those for one
+// 128-coordinate term per side keys as A as well: the same words, other fragments; see there.)
 // A "term" is one group's codes or one group's sign bits; each has its own per-token scale
 // (n, or n·γ·√(π/2)/d for QJL) applied to the score or folded into the probabilities.
 // A prepare kernel rotates (and projects by S) each unit's query rows once, normalized per row
@@ -90,6 +92,14 @@ __device__ __forceinline__ void mma16816_rows8(float& c0, float& c1, uint32_t a0
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// An 8 × 8 float16 matrix, of which this lane holds row lane / 4, columns 2·(lane % 4) + {0, 1},
+// transposed: the lane then holds the same fragment of the transpose.
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
+  uint32_t y;
+  asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
   return y;
 }
 
@@ -687,6 +697,17 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
   // word (64-coordinate terms, a word a lane). (Else: coordinate
   // 8·((2·quad + j)·per_lane + k) + e of row grp, and j + 2 of row grp + 8.)
   constexpr bool kValuesT = kDim > 0 && !kRows16;
+  // Those for one 128-coordinate term per side also multiply keys as A: S = K Q^T, codes as A
+  // (16 tokens × 16 coordinates), query rows as B (16 coordinates × 8 rows), so that a tile
+  // takes one MMA a word half instead of two and no zero rows pad A. A lane's scores are then
+  // tokens grp and grp + 8 for query rows 2·quad and 2·quad + 1, the rows whose value
+  // accumulators it holds; the probabilities reach the value MMAs' B layout (tokens
+  // 2·quad + {0, 1}, row grp) by one 8 × 8 transpose a half. (The fractional kernels gained
+  // nothing from it: their two terms a side take two transposes each, and the softmax's
+  // reductions over 8 lanes for two rows a lane cost what the MMAs saved.)
+  constexpr bool kKeysA = kValuesT && kDim == 128;
+  // The query rows a lane's softmax state (m, l) follows: lane_row(r).
+  constexpr int kLaneRows = kKeysA ? 2 : kRowRegs;
   constexpr int kCopies = lut_copies(kTerms);
   extern __shared__ __align__(16) uint8_t shared[];
   const CacheView& c = p.cache;
@@ -731,10 +752,11 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
   const uint32_t t_begin = lo16 + uint32_t(split) * per_split * 16;
   const uint32_t t_end = min(geo.hi, t_begin + per_split * 16);
 
-  float m[kRowRegs], l[kRowRegs];
+  auto lane_row = [&](int r) { return kKeysA ? 2 * quad + r : grp + 8 * r; };
+  float m[kLaneRows], l[kLaneRows];  // l: this lane's tokens only where kKeysA (summed at the end)
   float acc[kTerms][kWordsV][8][2 * kRowRegs] = {};
 #pragma unroll
-  for (int r = 0; r < kRowRegs; ++r) {
+  for (int r = 0; r < kLaneRows; ++r) {
     m[r] = kNegInf;
     l[r] = 0.0f;
   }
@@ -778,8 +800,8 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
   wait_for_previous();  // the prepare kernel's query rows are complete from here on
   // --- the query rows (rotated once per unit by prepare_kernel), as A fragments -----------------
   uint32_t qa[kTerms][kWordsK][2][2 * kRowRegs];  // [term][word][half: coords 0-3 / 4-7][reg]
-  float row_scale[kTerms][kRowRegs];              // per term and fragment row: max |q'| (log2 units)
-  int pos_of_row[kRowRegs], lo_of_row[kRowRegs];
+  float row_scale[kTerms][kLaneRows];  // per term and lane row: max |q'| (log2 units)
+  int pos_of_row[kLaneRows], lo_of_row[kLaneRows];
   {
     const uint32_t* prepared = p.prepared + size_t(unit) * p.prepared_words;
     const float* scales = p.row_scales + size_t(unit) * kMaxTerms * kTileRows;
@@ -787,9 +809,11 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
 #pragma unroll
     for (int t = 0; t < kTerms; ++t) {
 #pragma unroll
+      for (int r = 0; r < kLaneRows; ++r)
+        row_scale[t][r] = t < nk ? scales[t * kTileRows + lane_row(r)] : 0.0f;
+#pragma unroll
       for (int r = 0; r < kRowRegs; ++r) {
         const int rho = grp + 8 * r;
-        row_scale[t][r] = t < nk ? scales[t * kTileRows + rho] : 0.0f;
 #pragma unroll
         for (int k = 0; k < kWordsK; ++k) {
           const Shape sh = key_shape(t < nk ? t : 0);
@@ -810,8 +834,8 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
       if (t < nk) at += key_shape(t).dim / 2;
     }
 #pragma unroll
-    for (int r = 0; r < kRowRegs; ++r) {
-      const int i = row_token(p, geo, grp + 8 * r);
+    for (int r = 0; r < kLaneRows; ++r) {
+      const int i = row_token(p, geo, lane_row(r));
       const int pos = i < 0 ? -1 : int(geo.T - p.tail[geo.b] - geo.L + uint32_t(i));
       pos_of_row[r] = pos;
       lo_of_row[r] = i < 0 ? 0
@@ -833,81 +857,151 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
     const uint8_t* buf = stages + (i % kStages) * stage_bytes;
     const uint32_t base = t_begin + 16u * i;
 
-    // Scores: sc[s][·] for tokens base + 8s + 2·quad + {0, 1}, rows grp (and grp + 8).
+    // Scores: sc[s][·] for tokens base + 8s + 2·quad + {0, 1}, rows grp (and grp + 8); where
+    // kKeysA, sc[s][r] for token base + 8s + grp, row lane_row(r).
     float sc[2][2 * kRowRegs];
+    if constexpr (kKeysA) {
 #pragma unroll
-    for (int s = 0; s < 2; ++s) {
+      for (int s = 0; s < 2; ++s)
 #pragma unroll
-      for (int r = 0; r < 2 * kRowRegs; ++r) sc[s][r] = 0.0f;
+        for (int r = 0; r < 2; ++r) sc[s][r] = 0.0f;
 #pragma unroll
       for (int t = 0; t < kTerms; ++t) {
         if (t >= nk) break;
         const TermTables& x = kt[t];
         const Shape sh = key_shape(t);
-        const uint8_t* codes = buf + x.stage_codes + uint32_t(8 * s + grp) * sh.bytes;
-        // Four independent accumulator chains (word parity × half), summed at the end: one
-        // chain would put all 2·kWordsK MMAs of the term in a row, each waiting for the last.
-        float cf4[4][4] = {};
-        // 4-bit words come with one vector load; other widths word by word, as they are used.
-        // Packed terms' words come assembled from their planes (two or three loads).
-        const bool packed = kDim > 0 && packed_width(sh.width);
-        const bool vector = sh.width == 4 && sh.per_lane == kWordsK && sh.bytes % 16 == 0;
-        uint32_t kw[kWordsK] = {};
-        if constexpr (kDim > 0) {
-          if (packed) load_packed_keys<kWordsK, kDim>(codes, sh.width, quad * kWordsK, kw);
+        static_assert(!kKeysA || kKeyLanesPerWord == 4, "a lane's words as in the B layout");
+        // Tokens grp and grp + 8 (A's rows): 4-bit words by one vector load, packed terms' words
+        // assembled from their planes.
+        uint32_t kw[2][kWordsK];
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+          const uint8_t* codes = buf + x.stage_codes + uint32_t(8 * s + grp) * sh.bytes;
+          if (packed_width(sh.width))
+            load_packed_keys<kWordsK, kDim>(codes, sh.width, quad * kWordsK, kw[s]);
+          else
+            load_words4<kWordsK, true>(codes, quad * kWordsK, sh.words, kw[s]);
         }
-        if (vector) load_words4<kWordsK, (kDim > 0)>(codes, quad * sh.per_lane, sh.words, kw);
+        // Two accumulator chains (the word halves), summed at the end.
+        float cf[2][4] = {};
+        const uint32_t sel = key_sel + 4u * uint32_t(kCopies * t);
 #pragma unroll
-        for (int k = 0; k < kWordsK; ++k) {
-          if (k >= sh.per_lane) break;
-          const int word = quad * sh.per_lane + k;
-          const uint32_t w = vector || packed ? kw[k]
-                             : word < sh.words ? load_word(codes, sh.width, sh.dim, word) : 0u;
+        for (int k = 0; k < kWordsK; ++k)
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const uint32_t sel = key_sel + 4u * uint32_t(kCopies * t);
-            const uint32_t b0 = lut(sel, w, 2 * h);
-            const uint32_t b1 = lut(sel, w, 2 * h + 1);
-            float (&chain)[4] = cf4[2 * (k & 1) + h];
-            if constexpr (kRows16)
-              mma16816(chain, qa[t][k][h][0], qa[t][k][h][2], qa[t][k][h][1], qa[t][k][h][3], b0,
-                       b1);
-            else
-              mma16816_rows8(chain[0], chain[1], qa[t][k][h][0], qa[t][k][h][1], b0, b1);
+          for (int h = 0; h < 2; ++h)
+            mma16816(cf[h], lut(sel, kw[0][k], 2 * h), lut(sel, kw[1][k], 2 * h),
+                     lut(sel, kw[0][k], 2 * h + 1), lut(sel, kw[1][k], 2 * h + 1),
+                     qa[t][k][h][0], qa[t][k][h][1]);
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+          const float n = staged_scale<kDim>(c.key, x, false, buf, uint32_t(8 * s + grp), true);
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+            sc[s][r] += (cf[0][2 * s + r] + cf[1][2 * s + r]) * n * row_scale[t][r];
+        }
+      }
+    } else {
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+#pragma unroll
+        for (int r = 0; r < 2 * kRowRegs; ++r) sc[s][r] = 0.0f;
+#pragma unroll
+        for (int t = 0; t < kTerms; ++t) {
+          if (t >= nk) break;
+          const TermTables& x = kt[t];
+          const Shape sh = key_shape(t);
+          const uint8_t* codes = buf + x.stage_codes + uint32_t(8 * s + grp) * sh.bytes;
+          // Four independent accumulator chains (word parity × half), summed at the end: one
+          // chain would put all 2·kWordsK MMAs of the term in a row, each waiting for the last.
+          float cf4[4][4] = {};
+          // 4-bit words come with one vector load; other widths word by word, as they are used.
+          // Packed terms' words come assembled from their planes (two or three loads).
+          const bool packed = kDim > 0 && packed_width(sh.width);
+          const bool vector = sh.width == 4 && sh.per_lane == kWordsK && sh.bytes % 16 == 0;
+          uint32_t kw[kWordsK] = {};
+          if constexpr (kDim > 0) {
+            if (packed) load_packed_keys<kWordsK, kDim>(codes, sh.width, quad * kWordsK, kw);
           }
-        }
-        float cf[4];
+          if (vector) load_words4<kWordsK, (kDim > 0)>(codes, quad * sh.per_lane, sh.words, kw);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) cf[e] = (cf4[0][e] + cf4[1][e]) + (cf4[2][e] + cf4[3][e]);
-        const float n0 = staged_scale<kDim>(c.key, x, sh.sign, buf, uint32_t(8 * s + 2 * quad), true);
-        const float n1 = staged_scale<kDim>(c.key, x, sh.sign, buf, uint32_t(8 * s + 2 * quad + 1), true);
-        sc[s][0] += cf[0] * n0 * row_scale[t][0];
-        sc[s][1] += cf[1] * n1 * row_scale[t][0];
-        if constexpr (kRows16) {
-          sc[s][2] += cf[2] * n0 * row_scale[t][1];
-          sc[s][3] += cf[3] * n1 * row_scale[t][1];
+          for (int k = 0; k < kWordsK; ++k) {
+            if (k >= sh.per_lane) break;
+            const int word = quad * sh.per_lane + k;
+            const uint32_t w = vector || packed ? kw[k]
+                               : word < sh.words ? load_word(codes, sh.width, sh.dim, word) : 0u;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const uint32_t sel = key_sel + 4u * uint32_t(kCopies * t);
+              const uint32_t b0 = lut(sel, w, 2 * h);
+              const uint32_t b1 = lut(sel, w, 2 * h + 1);
+              float (&chain)[4] = cf4[2 * (k & 1) + h];
+              if constexpr (kRows16)
+                mma16816(chain, qa[t][k][h][0], qa[t][k][h][2], qa[t][k][h][1], qa[t][k][h][3], b0,
+                         b1);
+              else
+                mma16816_rows8(chain[0], chain[1], qa[t][k][h][0], qa[t][k][h][1], b0, b1);
+            }
+          }
+          float cf[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) cf[e] = (cf4[0][e] + cf4[1][e]) + (cf4[2][e] + cf4[3][e]);
+          const uint32_t j0 = uint32_t(8 * s + 2 * quad);
+          const float n0 = staged_scale<kDim>(c.key, x, sh.sign, buf, j0, true);
+          const float n1 = staged_scale<kDim>(c.key, x, sh.sign, buf, j0 + 1, true);
+          sc[s][0] += cf[0] * n0 * row_scale[t][0];
+          sc[s][1] += cf[1] * n1 * row_scale[t][0];
+          if constexpr (kRows16) {
+            sc[s][2] += cf[2] * n0 * row_scale[t][1];
+            sc[s][3] += cf[3] * n1 * row_scale[t][1];
+          }
         }
       }
     }
     // Mask (tokens past the sequence's end included: their slots hold finite data), then the
-    // online softmax per row.
+    // online softmax per row. A row's maximum m moves only where some score of the tile exceeds
+    // it, which each lane sees from its own scores: only then (one vote; rare after a split's
+    // first tiles) does the warp reduce the tile's maxima and rescale, else m stays and the
+    // correction is 1, as the reduction would have found.
+    // (A lane's scores of row r: sc[s][2r + j], tokens base + 8s + 2·quad + j, the row's other
+    // tokens in the lanes of its group; where kKeysA, sc[s][r], token base + 8s + grp, the
+    // others in the lanes of its quad.)
+    constexpr int kTokens = kKeysA ? 1 : 2;  // a lane's tokens of a row in each half
+    auto score = [&](float (&x)[2][2 * kRowRegs], int s, int r, int j) -> float& {
+      return kKeysA ? x[s][r] : x[s][2 * r + j];
+    };
     float pr[2][2 * kRowRegs];
-    float corr[kRowRegs];
+    float corr[kLaneRows], mx_lane[kLaneRows];
+    bool grows = false;
 #pragma unroll
-    for (int r = 0; r < kRowRegs; ++r) {
+    for (int r = 0; r < kLaneRows; ++r) {
       float mx = kNegInf;
 #pragma unroll
       for (int s = 0; s < 2; ++s)
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int tok = int(base) + 8 * s + 2 * quad + j;
+        for (int j = 0; j < kTokens; ++j) {
+          const int tok = int(base) + 8 * s + (kKeysA ? grp : 2 * quad + j);
           const bool visible = tok <= pos_of_row[r] && tok >= lo_of_row[r];
-          float& v = sc[s][2 * r + j];
+          float& v = score(sc, s, r, j);
           v = visible ? v : kNegInf;
           mx = fmaxf(mx, v);
         }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      mx_lane[r] = mx;
+      grows |= mx > m[r];
+    }
+    const bool grown = __any_sync(0xffffffffu, grows);
+#pragma unroll
+    for (int r = 0; r < kLaneRows; ++r) {
+      float mx = mx_lane[r];
+      if (!grown) {
+        mx = m[r];
+      } else if constexpr (kKeysA) {
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+      } else {
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      }
       const float m_new = fmaxf(m[r], mx);
       const float m_use = m_new == kNegInf ? 0.0f : m_new;  // no token visible yet: all give 0
       corr[r] = m[r] == m_new ? 1.0f : fast_exp2(m[r] - m_new);  // 2^−∞ = 0
@@ -915,23 +1009,29 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
 #pragma unroll
       for (int s = 0; s < 2; ++s)
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const float e = fast_exp2(sc[s][2 * r + j] - m_use);
-          pr[s][2 * r + j] = e;
+        for (int j = 0; j < kTokens; ++j) {
+          const float e = fast_exp2(score(sc, s, r, j) - m_use);
+          score(pr, s, r, j) = e;
           sum += e;
         }
       l[r] = l[r] * corr[r] + sum;
       m[r] = m_new;
     }
-    // Rescale the accumulators only when some row's maximum moved (rare after the first tiles).
+    // Rescale the accumulators only when some row's maximum moved.
     bool moved = false;
 #pragma unroll
-    for (int r = 0; r < kRowRegs; ++r) moved |= corr[r] != 1.0f;
-    if (__any_sync(0xffffffffu, moved)) {
+    for (int r = 0; r < kLaneRows; ++r) moved |= corr[r] != 1.0f;
+    if (grown && __any_sync(0xffffffffu, moved)) {
       if constexpr (kValuesT) {
-        // Rows 2·quad + j: their corrections live in the lanes of group 2·quad + j.
-        const float c0 = __shfl_sync(0xffffffffu, corr[0], 8 * quad);
-        const float c1 = __shfl_sync(0xffffffffu, corr[0], 8 * quad + 4);
+        // Rows 2·quad + j: the lane's own (kKeysA), else those of the lanes of group 2·quad + j.
+        float c0, c1;
+        if constexpr (kKeysA) {
+          c0 = corr[0];
+          c1 = corr[1];
+        } else {
+          c0 = __shfl_sync(0xffffffffu, corr[0], 8 * quad);
+          c1 = __shfl_sync(0xffffffffu, corr[0], 8 * quad + 4);
+        }
 #pragma unroll
         for (int t = 0; t < kTerms; ++t)
 #pragma unroll
@@ -966,14 +1066,28 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
       const TermTables& x = vt[t];
       const Shape sh = value_shape(t);
       const uint32_t sel = value_sel + 4u * uint32_t(kCopies * t);
-      float sv[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) sv[j] = staged_scale<kDim>(c.value, x, sh.sign, buf, vtok[j], false);
       uint32_t pa[4];
-      pa[0] = pack_half2(pr[0][0] * sv[0], pr[0][1] * sv[1]);
-      pa[1] = kRows16 ? pack_half2(pr[0][2 * kRowRegs - 2] * sv[0], pr[0][2 * kRowRegs - 1] * sv[1]) : 0u;
-      pa[2] = pack_half2(pr[1][0] * sv[2], pr[1][1] * sv[3]);
-      pa[3] = kRows16 ? pack_half2(pr[1][2 * kRowRegs - 2] * sv[2], pr[1][2 * kRowRegs - 1] * sv[3]) : 0u;
+      if constexpr (kKeysA) {
+        // Tokens 8s + grp's probabilities of rows 2·quad + {0, 1}, scaled by the value norms,
+        // are row grp of an 8 × 8 matrix a half: transposed, tokens 8s + 2·quad + {0, 1} of row
+        // grp, the B fragment.
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+          const float n = staged_scale<kDim>(c.value, x, false, buf, uint32_t(8 * s + grp), false);
+          pa[2 * s] = transpose8x8(pack_half2(pr[s][0] * n, pr[s][1] * n));
+          pa[2 * s + 1] = 0u;
+        }
+      } else {
+        float sv[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          sv[j] = staged_scale<kDim>(c.value, x, sh.sign, buf, vtok[j], false);
+        constexpr int kHi = 2 * kRowRegs - 2;  // row grp + 8's first register (kRows16)
+        pa[0] = pack_half2(pr[0][0] * sv[0], pr[0][1] * sv[1]);
+        pa[1] = kRows16 ? pack_half2(pr[0][kHi] * sv[0], pr[0][kHi + 1] * sv[1]) : 0u;
+        pa[2] = pack_half2(pr[1][0] * sv[2], pr[1][1] * sv[3]);
+        pa[3] = kRows16 ? pack_half2(pr[1][kHi] * sv[2], pr[1][kHi + 1] * sv[3]) : 0u;
+      }
       const bool vector = sh.width == 4 && sh.per_lane == kWordsV && sh.bytes % 16 == 0;
       const uint8_t* rows[4];
 #pragma unroll
@@ -1059,23 +1173,32 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
   float* state = premerge ? reinterpret_cast<float*>(stages)
                           : p.partial + size_t(item) * kTileRows * size_t(4 + acc_dim);
 #pragma unroll
-  for (int r = 0; r < kRowRegs; ++r) {
+  for (int r = 0; r < kLaneRows; ++r) {
+    // l: summed over the lanes that share the row (its group; kKeysA: its quad).
     float lt = l[r];
-    lt += __shfl_xor_sync(0xffffffffu, lt, 1);
-    lt += __shfl_xor_sync(0xffffffffu, lt, 2);
-    const int rho = grp + 8 * r;
+    if constexpr (kKeysA) {
+      lt += __shfl_xor_sync(0xffffffffu, lt, 4);
+      lt += __shfl_xor_sync(0xffffffffu, lt, 8);
+      lt += __shfl_xor_sync(0xffffffffu, lt, 16);
+    } else {
+      lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+      lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+    }
+    const int rho = lane_row(r);
     float* row = state + size_t(rho) * (4 + acc_dim);
-    if (quad == 0) {
+    if ((kKeysA ? grp : quad) == 0) {
       row[0] = m[r];
       row[1] = lt;
     }
     if constexpr (kValuesT) {
-      // Rows 2·quad + j, words kWordsV·grp + k of each term (8 coordinates each).
+      // Rows 2·quad + j, words kWordsV·grp + k of each term (8 coordinates each): where kKeysA
+      // the lane's row r, else both (their m in the lanes of group 2·quad + j).
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        const int rj = 2 * quad + j;
-        if (__shfl_sync(0xffffffffu, m[0], 4 * rj) == kNegInf) continue;
-        float* out = state + size_t(rj) * (4 + acc_dim) + 4;
+        if (kKeysA && j != r) continue;
+        const float mj = kKeysA ? m[r] : __shfl_sync(0xffffffffu, m[0], 4 * (2 * quad + j));
+        if (mj == kNegInf) continue;
+        float* out = state + size_t(2 * quad + j) * (4 + acc_dim) + 4;
 #pragma unroll
         for (int t = 0; t < kTerms; ++t) {
           if (t >= nv) break;
