@@ -706,8 +706,18 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
   // nothing from it: their two terms a side take two transposes each, and the softmax's
   // reductions over 8 lanes for two rows a lane cost what the MMAs saved.)
   constexpr bool kKeysA = kValuesT && kDim == 128;
-  // The query rows a lane's softmax state (m, l) follows: lane_row(r).
+  static_assert(!kKeysA || (kKeyLanesPerWord == 4 && kWordsK == 4 && kKeyWidths >= 2 &&
+                            kKeyWidths <= 4),
+                "keys as A: a lane's four words of one term of width 2, 3 or 4, as in B");
+  // The query rows a lane's softmax state (m, l) follows: lane_row(r). A row's other lanes are
+  // those of its group (xor 1, 2) or, where kKeysA, the lanes of the same lane % 4 (xor 4, 8, 16).
   constexpr int kLaneRows = kKeysA ? 2 : kRowRegs;
+  auto row_reduce = [](float x, auto op) {
+#pragma unroll
+    for (int w = kKeysA ? 4 : 1; w < (kKeysA ? 32 : 4); w *= 2)
+      x = op(x, __shfl_xor_sync(0xffffffffu, x, w));
+    return x;
+  };
   constexpr int kCopies = lut_copies(kTerms);
   extern __shared__ __align__(16) uint8_t shared[];
   const CacheView& c = p.cache;
@@ -753,7 +763,7 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
   const uint32_t t_end = min(geo.hi, t_begin + per_split * 16);
 
   auto lane_row = [&](int r) { return kKeysA ? 2 * quad + r : grp + 8 * r; };
-  float m[kLaneRows], l[kLaneRows];  // l: this lane's tokens only where kKeysA (summed at the end)
+  float m[kLaneRows], l[kLaneRows];  // l: this lane's tokens only (summed over the row's lanes)
   float acc[kTerms][kWordsV][8][2 * kRowRegs] = {};
 #pragma unroll
   for (int r = 0; r < kLaneRows; ++r) {
@@ -870,7 +880,6 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
         if (t >= nk) break;
         const TermTables& x = kt[t];
         const Shape sh = key_shape(t);
-        static_assert(!kKeysA || kKeyLanesPerWord == 4, "a lane's words as in the B layout");
         // Tokens grp and grp + 8 (A's rows): 4-bit words by one vector load, packed terms' words
         // assembled from their planes.
         uint32_t kw[2][kWordsK];
@@ -962,9 +971,8 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
     // it, which each lane sees from its own scores: only then (one vote; rare after a split's
     // first tiles) does the warp reduce the tile's maxima and rescale, else m stays and the
     // correction is 1, as the reduction would have found.
-    // (A lane's scores of row r: sc[s][2r + j], tokens base + 8s + 2·quad + j, the row's other
-    // tokens in the lanes of its group; where kKeysA, sc[s][r], token base + 8s + grp, the
-    // others in the lanes of its quad.)
+    // (A lane's scores of row r: sc[s][2r + j], tokens base + 8s + 2·quad + j; where kKeysA,
+    // sc[s][r], token base + 8s + grp. The row's other tokens are in its other lanes.)
     constexpr int kTokens = kKeysA ? 1 : 2;  // a lane's tokens of a row in each half
     auto score = [&](float (&x)[2][2 * kRowRegs], int s, int r, int j) -> float& {
       return kKeysA ? x[s][r] : x[s][2 * r + j];
@@ -991,17 +999,8 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
     const bool grown = __any_sync(0xffffffffu, grows);
 #pragma unroll
     for (int r = 0; r < kLaneRows; ++r) {
-      float mx = mx_lane[r];
-      if (!grown) {
-        mx = m[r];
-      } else if constexpr (kKeysA) {
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
-      } else {
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      }
+      const float mx =
+          grown ? row_reduce(mx_lane[r], [](float a, float b) { return fmaxf(a, b); }) : m[r];
       const float m_new = fmaxf(m[r], mx);
       const float m_use = m_new == kNegInf ? 0.0f : m_new;  // no token visible yet: all give 0
       corr[r] = m[r] == m_new ? 1.0f : fast_exp2(m[r] - m_new);  // 2^−∞ = 0
@@ -1075,7 +1074,7 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
         for (int s = 0; s < 2; ++s) {
           const float n = staged_scale<kDim>(c.value, x, false, buf, uint32_t(8 * s + grp), false);
           pa[2 * s] = transpose8x8(pack_half2(pr[s][0] * n, pr[s][1] * n));
-          pa[2 * s + 1] = 0u;
+          pa[2 * s + 1] = 0u;  // unused: the transposed value MMAs take pa[0] and pa[2] as B
         }
       } else {
         float sv[4];
@@ -1174,16 +1173,7 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
                           : p.partial + size_t(item) * kTileRows * size_t(4 + acc_dim);
 #pragma unroll
   for (int r = 0; r < kLaneRows; ++r) {
-    // l: summed over the lanes that share the row (its group; kKeysA: its quad).
-    float lt = l[r];
-    if constexpr (kKeysA) {
-      lt += __shfl_xor_sync(0xffffffffu, lt, 4);
-      lt += __shfl_xor_sync(0xffffffffu, lt, 8);
-      lt += __shfl_xor_sync(0xffffffffu, lt, 16);
-    } else {
-      lt += __shfl_xor_sync(0xffffffffu, lt, 1);
-      lt += __shfl_xor_sync(0xffffffffu, lt, 2);
-    }
+    const float lt = row_reduce(l[r], [](float a, float b) { return a + b; });
     const int rho = lane_row(r);
     float* row = state + size_t(rho) * (4 + acc_dim);
     if ((kKeysA ? grp : quad) == 0) {
