@@ -427,15 +427,21 @@ std::string append_where(SequenceId seq, int layer, int side, size_t head) {
 // pairs are independent and run in parallel (each thread holds one pair's rows as float32, so
 // the threads are capped to keep those copies under 256 MB together); what fails is reported
 // for the first pair in (side, head) order that fails, as a serial loop would.
+// The (side, head) pairs of a layer whose codecs are not ready, in (side, head) order.
+static std::vector<std::pair<int, size_t>> uncalibrated(const KVCache::Impl& im, int layer) {
+  std::vector<std::pair<int, size_t>> pending;
+  for (int side = 0; side < 2; ++side)
+    for (size_t h = 0; h < size_t(im.config.kv_heads); ++h)
+      if (!(side == 0 ? im.key_codecs : im.value_codecs)[im.codec_index(layer, int(h))].ready())
+        pending.emplace_back(side, h);
+  return pending;
+}
+
 static std::vector<Calibrated> calibrate(const KVCache::Impl& im, SequenceId seq, int layer,
                                          const uint8_t* k, const uint8_t* v, size_t tokens,
                                          ScalarType type) {
   const size_t H = size_t(im.config.kv_heads), d = size_t(im.config.head_dim);
-  std::vector<std::pair<int, size_t>> pending;  // (side, head)
-  for (int side = 0; side < 2; ++side)
-    for (size_t h = 0; h < H; ++h)
-      if (!(side == 0 ? im.key_codecs : im.value_codecs)[im.codec_index(layer, int(h))].ready())
-        pending.emplace_back(side, h);
+  const std::vector<std::pair<int, size_t>> pending = uncalibrated(im, layer);
   if (pending.empty()) return {};  // (every append of a calibrated cache: no rows, no threads)
   std::vector<std::optional<Codec>> codecs(pending.size());
   std::vector<std::exception_ptr> errors(pending.size());
@@ -472,6 +478,83 @@ static std::vector<Calibrated> calibrate(const KVCache::Impl& im, SequenceId seq
   return calibrated;
 }
 
+// calibrate's choice for a GPU cache, from the device copy of the append's input: the device
+// computes each pending pair's channel statistics (offsets, energies, the first non-finite
+// element; gpu::CalibrationParams) with the CPU's arithmetic, so the choice is the CPU's, and a
+// bad element gets the CPU's message.
+static std::vector<Calibrated> calibrate_on_device(const KVCache::Impl& im, SequenceId seq,
+                                                   int layer, const void* k, const void* v,
+                                                   size_t tokens, ScalarType type) {
+  const std::vector<std::pair<int, size_t>> pending = uncalibrated(im, layer);
+  if (pending.empty()) return {};
+  const size_t H = size_t(im.config.kv_heads), d = size_t(im.config.head_dim);
+  const size_t pairs = pending.size();
+  auto codec_of = [&](size_t i) -> const Codec& {
+    const auto [side, h] = pending[i];
+    return (side == 0 ? im.key_codecs : im.value_codecs)[im.codec_index(layer, int(h))];
+  };
+  // One device buffer: jobs [pairs][3], offsets [pairs][d] floats, energies [pairs][d] doubles,
+  // first bad tokens [pairs][d].
+  std::vector<int32_t> jobs(3 * pairs);
+  std::vector<float> offsets(pairs * d, 0.0f);
+  for (size_t i = 0; i < pairs; ++i) {
+    const CodecSpec spec = codec_of(i).spec();
+    const bool fractional = codec_of(i).groups().size() > 1;
+    jobs[3 * i] = pending[i].first;
+    jobs[3 * i + 1] = int32_t(pending[i].second);
+    jobs[3 * i + 2] = (spec.center && spec.offset.empty() ? gpu::kCalibrateOffset : 0) |
+                      (spec.offset.empty() ? 0 : gpu::kCalibrateGivenOffset) |
+                      (fractional && spec.outlier_channels.empty() ? gpu::kCalibrateEnergies : 0);
+    if (!spec.offset.empty()) std::copy(spec.offset.begin(), spec.offset.end(), &offsets[i * d]);
+  }
+  const size_t jobs_bytes = (jobs.size() * 4 + 7) & ~size_t(7), n = pairs * d;
+  DeviceBuffer scratch(im.config.device, jobs_bytes + n * (8 + 4 + 4));
+  auto* base = scratch.as<uint8_t>();
+  gpu::CalibrationParams p;
+  p.k = k;
+  p.v = v;
+  p.type = int(type);
+  p.tokens = uint32_t(tokens);
+  p.kv_heads = int(H);
+  p.head_dim = int(d);
+  p.jobs = reinterpret_cast<const int32_t*>(base);
+  p.energies = reinterpret_cast<double*>(base + jobs_bytes);
+  p.offsets = reinterpret_cast<float*>(base + jobs_bytes + 8 * n);
+  p.first_bad = reinterpret_cast<uint32_t*>(base + jobs_bytes + 12 * n);
+  const CudaStream stream = im.gpu->stream;
+  gpu::upload(im.config.device, base, jobs.data(), jobs.size() * 4, stream);
+  gpu::upload(im.config.device, p.offsets, offsets.data(), n * 4, stream);
+  gpu::launch_calibration(im.config.device, p, int(pairs), stream);
+  std::vector<double> energies(n);
+  std::vector<uint32_t> first_bad(n);
+  gpu::download(im.config.device, energies.data(), p.energies, n * 8, stream);
+  gpu::download(im.config.device, offsets.data(), p.offsets, n * 4, stream);
+  gpu::download(im.config.device, first_bad.data(), p.first_bad, n * 4, stream);
+  std::vector<Calibrated> calibrated;
+  for (size_t i = 0; i < pairs; ++i) {
+    const auto [side, h] = pending[i];
+    // The first bad element in (token, index) order, as calibrate's check finds it.
+    const uint32_t* bad = &first_bad[i * d];
+    const size_t j = size_t(std::min_element(bad, bad + d) - bad);
+    if (bad[j] != 0xffffffffu) {
+      const size_t t = bad[j], elem = type == ScalarType::f32 ? 4 : 2;
+      uint8_t raw[4] = {};
+      gpu::download(im.config.device, raw,
+                    static_cast<const uint8_t*>(side == 0 ? k : v) + ((t * H + h) * d + j) * elem,
+                    elem, stream);
+      float x = 0.0f;
+      row_to_float(raw, type, 0, 1, &x);
+      throw Error(append_where(seq, layer, side, h) + detail::concat("token ", t,
+                  " has a non-finite element (", x, " at index ", j, ")"));
+    }
+    calibrated.push_back(
+        {side, h,
+         Codec(codec_of(i).calibrated_spec(std::span<const float>(&offsets[i * d], d),
+                                           std::span<const double>(&energies[i * d], d)))});
+  }
+  return calibrated;
+}
+
 void KVCache::append(SequenceId seq, int layer, const void* k, const void* v, size_t tokens,
                      ScalarType type) {
   auto& im = *impl_;
@@ -494,18 +577,13 @@ void KVCache::append(SequenceId seq, int layer, const void* k, const void* v, si
   if (im.on_gpu()) {
     TQKV_CHECK(tokens <= (size_t(1) << 31) / (2 * H), "append: ", tokens,
                " tokens in one GPU append is too many; append in chunks");
-    // Outlier channels, where still to choose, come from a host copy of the input.
+    // Outlier channels and offsets, where still to choose, come from the device's statistics.
     std::vector<Calibrated> calibrated;
     bool ready = true;
     for (size_t h = 0; h < H; ++h)
       ready &= im.key_codecs[im.codec_index(layer, int(h))].ready() &&
                im.value_codecs[im.codec_index(layer, int(h))].ready();
-    if (!ready) {
-      std::vector<uint8_t> hk(tokens * H * d * elem), hv(hk.size());
-      gpu::download(c.device, hk.data(), k, hk.size(), im.gpu->stream);
-      gpu::download(c.device, hv.data(), v, hv.size(), im.gpu->stream);
-      calibrated = calibrate(im, seq, layer, hk.data(), hv.data(), tokens, type);
-    }
+    if (!ready) calibrated = calibrate_on_device(im, seq, layer, k, v, tokens, type);
     // Kernels read channel lists and offsets from the device. A failed append puts the codecs
     // back as they were (not ready) and their lists with them.
     std::vector<Codec> previous;

@@ -241,6 +241,8 @@ struct Codec::Impl {
   void install(const CodecSpec& chosen);
   // The offset and outlier channels that batch x would give (as calibrated_spec describes).
   CodecSpec calibrated(const void* x, ScalarType t, size_t n) const;
+  // The same from the batch's offset and channel energies (Codec::calibrated_spec's second form).
+  CodecSpec from_statistics(std::span<const float> offset, std::span<const double> energy) const;
   void require_ready(const char* what) const {
     if (ready.load(std::memory_order_acquire)) return;
     throw Error(detail::concat(what, ": this codec has not chosen its ",
@@ -365,25 +367,42 @@ void Codec::Impl::decode_row(const uint8_t* rec, float* out, Scratch& s) const {
 CodecSpec Codec::Impl::calibrated(const void* x, ScalarType t, size_t n) const {
   TQKV_CHECK(n > 0, "calibrated_spec: the batch is empty");
   const int d = spec.dim;
-  CodecSpec out = spec;
-  std::vector<float> row(static_cast<size_t>(d)), buf(static_cast<size_t>(d));
+  std::vector<float> row(static_cast<size_t>(d)), buf(static_cast<size_t>(d)), offset;
   if (spec.center && spec.offset.empty()) {
     std::vector<double> sum(static_cast<size_t>(d), 0.0);
     for (size_t i = 0; i < n; ++i) {
       row_to_float(x, t, i, d, row.data());
       for (int j = 0; j < d; ++j) sum[size_t(j)] += double(row[size_t(j)]);
     }
-    out.offset.resize(size_t(d));
-    for (int j = 0; j < d; ++j) out.offset[size_t(j)] = float(sum[size_t(j)] / double(n));
+    offset.resize(size_t(d));
+    for (int j = 0; j < d; ++j) offset[size_t(j)] = float(sum[size_t(j)] / double(n));
   }
+  std::vector<double> energy;
   if (fractional && spec.outlier_channels.empty()) {
-    // The channels of largest mean square after centering.
-    std::vector<double> energy(static_cast<size_t>(d), 0.0);
+    const std::vector<float>& mu = spec.offset.empty() ? offset : spec.offset;
+    energy.assign(static_cast<size_t>(d), 0.0);
     for (size_t i = 0; i < n; ++i) {
       row_to_float(x, t, i, d, row.data());
-      const float* xc = centered(row.data(), out.offset, buf.data());
+      const float* xc = centered(row.data(), mu, buf.data());
       for (int j = 0; j < d; ++j) energy[size_t(j)] += double(xc[j]) * xc[j];
     }
+  }
+  return from_statistics(offset, energy);
+}
+
+CodecSpec Codec::Impl::from_statistics(std::span<const float> offset,
+                                       std::span<const double> energy) const {
+  const int d = spec.dim;
+  CodecSpec out = spec;
+  if (spec.center && spec.offset.empty()) {
+    TQKV_CHECK(offset.size() == size_t(d), "calibrated_spec: ", offset.size(),
+               " offsets for a codec of dim ", d);
+    out.offset.assign(offset.begin(), offset.end());
+  }
+  if (fractional && spec.outlier_channels.empty()) {
+    TQKV_CHECK(energy.size() == size_t(d), "calibrated_spec: ", energy.size(),
+               " channel energies for a codec of dim ", d);
+    // The channels of largest mean square after centering.
     std::vector<int> order(static_cast<size_t>(d));
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(),
@@ -545,6 +564,12 @@ CodecSpec Codec::calibrated_spec(const float* x, size_t n) const {
   TQKV_CHECK(x != nullptr || n == 0, "calibrated_spec: null input");
   std::lock_guard lock(impl_->calibrate_mutex);
   return impl_->calibrated(x, ScalarType::f32, n);
+}
+
+CodecSpec Codec::calibrated_spec(std::span<const float> offset,
+                                 std::span<const double> energy) const {
+  std::lock_guard lock(impl_->calibrate_mutex);
+  return impl_->from_statistics(offset, energy);
 }
 
 void Codec::encode(const void* x, ScalarType type, size_t n, uint8_t* records) const {

@@ -871,6 +871,48 @@ TEST(Codec, OutlierChannelsAreHighestEnergy) {
   EXPECT_EQ(codec.spec().outlier_channels, chosen);
 }
 
+// calibrated_spec from the batch's statistics (as a GPU cache computes them on the device) gives
+// what it gives from the rows, and refuses statistics of the wrong size.
+TEST(Codec, CalibrationFromStatisticsMatchesTheRows) {
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE(seed_msg(seed));
+  std::mt19937_64 rng(seed);
+  for (auto [bits, center] : {std::pair{3.5, true}, {2.5, false}, {4.0, true}}) {
+    SCOPED_TRACE("bits " + std::to_string(bits) + (center ? " centering" : ""));
+    const int d = 128;
+    const size_t n = 300;
+    const auto x = offset_vectors(rng, d, n);
+    auto spec = make_spec(d, bits, kMse);
+    spec.seed = rng();
+    spec.center = center;
+    const Codec codec(spec);
+    std::vector<float> offset;
+    if (center) {
+      offset.resize(size_t(d));
+      for (int j = 0; j < d; ++j) {
+        double sum = 0;
+        for (size_t i = 0; i < n; ++i) sum += x[i * size_t(d) + size_t(j)];
+        offset[size_t(j)] = float(sum / double(n));
+      }
+    }
+    std::vector<double> energy;
+    if (bits != std::floor(bits)) {
+      energy.assign(size_t(d), 0.0);
+      for (size_t i = 0; i < n; ++i)
+        for (int j = 0; j < d; ++j) {
+          const float c = x[i * size_t(d) + size_t(j)] - (center ? offset[size_t(j)] : 0.0f);
+          energy[size_t(j)] += double(c) * c;
+        }
+    }
+    const CodecSpec want = codec.calibrated_spec(x.data(), n);
+    EXPECT_EQ(codec.calibrated_spec(offset, energy), want);
+    EXPECT_FALSE(codec.ready());
+    if (center) EXPECT_THROW(codec.calibrated_spec(std::span(offset).first(5), energy), Error);
+    if (!energy.empty())
+      EXPECT_THROW(codec.calibrated_spec(offset, std::span(energy).first(100)), Error);
+  }
+}
+
 void expect_spec_error(const CodecSpec& spec, const std::string& needle) {
   try {
     Codec c(spec);

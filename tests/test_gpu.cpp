@@ -554,6 +554,90 @@ TEST(Gpu, RefusedFirstAppendChoosesNoOffset) {
   expect_same_codes(cpu, gpu, b, a, "after the refused append");
 }
 
+// A first append that calibrates (outlier channels, offsets) chooses on the device what the CPU
+// chooses from the same batch: long enough for many of the statistics kernel's stages and an
+// unfinished last one, at every input type, from 16-byte aligned and unaligned inputs, with
+// channel blocks of 128 and fewer (d = 64, 192). A non-finite element is refused with the CPU's
+// message, and nothing is chosen from that batch.
+TEST(Gpu, FirstAppendCalibratesAsTheCpuDoes) {
+  REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  std::mt19937_64 rng(seed);
+  auto setup = [&](int d, double kb, double vb, bool center, bool given_offset) {
+    GpuSetup s;
+    s.head_dim = d;
+    s.kv_heads = 3;
+    s.key = {d, kb, CodecKind::mse, RotationChoice::automatic, seed, NormFormat::f16, {}, center};
+    s.value = s.key;
+    s.value.bits = vb;
+    s.value.seed = seed ^ 0x5bd1e995u;
+    if (given_offset) {
+      std::normal_distribution<float> g(0.0f, 2.0f);
+      s.key.offset.resize(size_t(d));
+      for (float& x : s.key.offset) x = g(rng);
+    }
+    return s;
+  };
+  const GpuSetup cases[] = {
+      setup(128, 3.5, 2.5, false, false), setup(128, 3.5, 3.5, true, false),
+      setup(128, 4.0, 3.0, true, false),  setup(64, 2.5, 3.5, true, false),
+      setup(192, 3.5, 2.5, true, false),  setup(128, 3.5, 2.5, true, true)};
+  for (const GpuSetup& s : cases)
+    for (ScalarType type : {ScalarType::f32, ScalarType::f16, ScalarType::bf16})
+      for (bool aligned : {true, false}) {
+        SCOPED_TRACE(s.name() + " input type " + std::to_string(int(type)) +
+                     (aligned ? " aligned" : " unaligned") + " seed " + std::to_string(seed));
+        KVCache cpu(config_of(s, Device::cpu())), gpu(config_of(s, Device::cuda(0)));
+        const SequenceId a = cpu.add_sequence(), b = gpu.add_sequence();
+        const size_t tokens = 1000, n = tokens * size_t(s.kv_heads) * size_t(s.head_dim);
+        const size_t elem = type == ScalarType::f32 ? 4 : 2, at = aligned ? 0 : elem;
+        const auto k = random_rows(rng, n, type, true, 3.0f);
+        const auto v = random_rows(rng, n, type, false, 3.0f);
+        cpu.append(a, 0, k.data(), v.data(), tokens, type);
+        DeviceBuffer dk(Device::cuda(0), k.size() + at), dv(Device::cuda(0), v.size() + at);
+        dk.upload(k.data(), k.size(), at);
+        dv.upload(v.data(), v.size(), at);
+        gpu.append(b, 0, dk.as<uint8_t>() + at, dv.as<uint8_t>() + at, tokens, type);
+        expect_same_codes(cpu, gpu, a, b, s.name());
+      }
+  // Non-finite elements in a calibrating first append: an infinity in token 900's keys of KV
+  // head 2 and a NaN in token 700's values of KV head 0. Keys come first in the CPU's order.
+  const GpuSetup s = cases[1];
+  const size_t tokens = 1000, n = tokens * size_t(s.kv_heads) * size_t(s.head_dim);
+  auto k = random_rows(rng, n, ScalarType::f16, true);
+  auto v = random_rows(rng, n, ScalarType::f16, false);
+  const uint16_t inf = 0x7c00, nan = 0x7e00;
+  std::memcpy(&k[((900 * size_t(s.kv_heads) + 2) * size_t(s.head_dim) + 77) * 2], &inf, 2);
+  std::memcpy(&v[((700 * size_t(s.kv_heads) + 0) * size_t(s.head_dim) + 5) * 2], &nan, 2);
+  KVCache cpu(config_of(s, Device::cpu())), gpu(config_of(s, Device::cuda(0)));
+  const SequenceId a = cpu.add_sequence(), b = gpu.add_sequence();
+  const std::string expected =
+      error_of([&] { cpu.append(a, 0, k.data(), v.data(), tokens, ScalarType::f16); });
+  EXPECT_NE(expected.find("keys of KV head 2"), std::string::npos) << expected;
+  EXPECT_NE(expected.find("token 900"), std::string::npos) << expected;
+  EXPECT_NE(expected.find("inf at index 77"), std::string::npos) << expected;
+  const DeviceBuffer dk = on_gpu(k), dv = on_gpu(v);
+  const size_t free_before = gpu.pages_free();
+  EXPECT_EQ(error_of([&] { gpu.append(b, 0, dk.data(), dv.data(), tokens, ScalarType::f16); }),
+            expected);
+  EXPECT_EQ(gpu.length(b, 0), 0u);
+  EXPECT_EQ(gpu.pages_free(), free_before);
+  for (int h = 0; h < s.kv_heads; ++h) {
+    EXPECT_FALSE(gpu.key_codec(0, h).ready()) << h;
+    EXPECT_FALSE(gpu.value_codec(0, h).ready()) << h;
+  }
+  // Without the keys' infinity, the values' NaN is the first.
+  const uint16_t one = 0x3c00;
+  std::memcpy(&k[((900 * size_t(s.kv_heads) + 2) * size_t(s.head_dim) + 77) * 2], &one, 2);
+  const DeviceBuffer dk2 = on_gpu(k);
+  const std::string m =
+      error_of([&] { gpu.append(b, 0, dk2.data(), dv.data(), tokens, ScalarType::f16); });
+  EXPECT_NE(m.find("values of KV head 0"), std::string::npos) << m;
+  EXPECT_NE(m.find("token 700"), std::string::npos) << m;
+  EXPECT_NE(m.find("nan at index 5"), std::string::npos) << m;
+  EXPECT_EQ(m, error_of([&] { cpu.append(a, 0, k.data(), v.data(), tokens, ScalarType::f16); }));
+}
+
 TEST(Gpu, BadInputIsRefusedAndChangesNothing) {
   REQUIRE_GPU();
   const uint64_t seed = fresh_seed();

@@ -41,6 +41,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -142,6 +143,13 @@ class Codec {
   /// first: the offset (if centering and not given) and the outlier channels (if fractional and
   /// not given) chosen from it. Fixes nothing. Throws tqkv::Error for an empty batch.
   CodecSpec calibrated_spec(const float* x, size_t n) const;
+  /// The same from statistics of the batch computed where it lives (a GPU cache's device):
+  /// `offset`, the batch's offset float(Σ_i x_ij / n) (sums in double, rows in order), read if
+  /// the spec centers and gives no offset; `energy`, Σ_i (x_ij − μ_j)² with μ the spec's offset
+  /// or else `offset` (none where neither is; differences in float32, squares summed in double,
+  /// rows in order), read if fractional without outlier channels. What is not read may be
+  /// empty. Throws tqkv::Error if what is read does not have dim() entries.
+  CodecSpec calibrated_spec(std::span<const float> offset, std::span<const double> energy) const;
 
   struct Impl;
 

@@ -27,12 +27,6 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kTokens = 8;  // tokens a warp encodes
 
-__device__ float load_element(const void* x, int type, size_t i) {
-  if (type == 0) return static_cast<const float*>(x)[i];
-  const uint16_t bits = static_cast<const uint16_t*>(x)[i];
-  if (type == 1) return __half2float(__ushort_as_half(bits));
-  return __uint_as_float(uint32_t(bits) << 16);
-}
 
 // Σ a[j] b[j] in the canonical order: lane l sums j ≡ l (mod 32) in increasing j, then a halving
 // tree, which xor shuffles reproduce (addition is commutative). Every lane gets the result.

@@ -52,6 +52,9 @@ class Collective {
 std::unique_ptr<Collective> make_nccl_collective(const Device* devices, int world);
 
 void launch_append(Device device, const AppendParams& params, CudaStream stream);
+/// One block per (pair, 128 channels) of CalibrationParams' `pairs` jobs.
+void launch_calibration(Device device, const CalibrationParams& params, int pairs,
+                        CudaStream stream);
 void launch_attention(Device device, const AttentionParams& params, CudaStream stream);
 /// out[r] = the merge of states[s][r] over s = 0..count−1 (attend_partial's layout).
 void launch_merge_states(Device device, const float* states, int count, size_t rows, int head_dim,

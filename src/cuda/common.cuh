@@ -1,6 +1,7 @@
 // Helpers shared by the CUDA kernels: checked calls, the cache's page addressing.
 #pragma once
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "cuda/params.hpp"
@@ -49,6 +50,14 @@ __device__ __forceinline__ void cp_async_commit() {
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+/// Element i of x (ScalarType `type`: 0 float32, 1 float16, 2 bfloat16 bits) as a float, exactly.
+__device__ __forceinline__ float load_element(const void* x, int type, size_t i) {
+  if (type == 0) return static_cast<const float*>(x)[i];
+  const uint16_t bits = static_cast<const uint16_t*>(x)[i];
+  if (type == 1) return __half2float(__ushort_as_half(bits));
+  return __uint_as_float(uint32_t(bits) << 16);
 }
 
 /// Token t's page within its sequence and slot within that page: a shift and a mask for pages

@@ -36,6 +36,7 @@ void copy_2d(Device, void*, size_t, const void*, size_t, size_t, size_t, CudaStr
 }
 std::unique_ptr<Collective> make_nccl_collective(const Device*, int) { no_backend(); }
 void launch_append(Device, const AppendParams&, CudaStream) { no_backend(); }
+void launch_calibration(Device, const CalibrationParams&, int, CudaStream) { no_backend(); }
 void launch_attention(Device, const AttentionParams&, CudaStream) { no_backend(); }
 void launch_merge_states(Device, const float*, int, size_t, int, float*, CudaStream) {
   no_backend();

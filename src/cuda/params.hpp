@@ -185,6 +185,28 @@ struct AppendParams {
   uint32_t* first_invalid = nullptr;
 };
 
+/// The channel statistics that codecs calibrating on their first batch choose from
+/// (Codec::calibrated_spec), for `pairs` (side, KV head) pairs of an append's input, with the
+/// CPU's arithmetic: rows in order, sums in double, nothing contracted.
+struct CalibrationParams {
+  const void* k = nullptr;
+  const void* v = nullptr;  // [tokens][kv_heads][head_dim]
+  int type = 0;             // ScalarType: 0 f32, 1 f16, 2 bf16
+  uint32_t tokens = 0;
+  int kv_heads = 0, head_dim = 0;
+  /// Per pair: side, KV head, and what to compute (kCalibrate* flags).
+  const int32_t* jobs = nullptr;  // [pairs][3]
+  /// [pairs][head_dim]: in, the given offsets μ (kCalibrateGivenOffset); out, the batch's
+  /// offsets μ = float(Σ x / tokens) (kCalibrateOffset).
+  float* offsets = nullptr;
+  /// Out [pairs][head_dim] (kCalibrateEnergies): Σ (x − μ)², the differences in float (none
+  /// where there is no μ), their squares summed in double.
+  double* energies = nullptr;
+  /// Out [pairs][head_dim]: each channel's first token with a non-finite element, or 0xffffffff.
+  uint32_t* first_bad = nullptr;
+};
+inline constexpr int kCalibrateOffset = 1, kCalibrateGivenOffset = 2, kCalibrateEnergies = 4;
+
 /// Fused attention over one layer for up to kMaxLaunchBatch sequences.
 /// Work: units (sequence, KV head, tile of 16 query rows) × splits; a query row is
 /// (query token i, query head r of the KV head's group), row ρ = i · R + r within the sequence.
