@@ -555,6 +555,35 @@ static std::vector<Calibrated> calibrate_on_device(const KVCache::Impl& im, Sequ
   return calibrated;
 }
 
+// Says exactly why the GPU append kernel refused token `t` of input `x` ([tokens][kv_heads]
+// [head_dim] on the device) for (side, head h), from a host copy of its row encoded by the codec
+// the kernel used (ready: encoding one row calibrates nothing); the message names it as token
+// `named`.
+[[noreturn]] static void throw_refused(const KVCache::Impl& im, SequenceId seq, int layer,
+                                       int side, size_t h, const Codec& used, const void* x,
+                                       size_t t, size_t named, ScalarType type) {
+  const size_t H = size_t(im.config.kv_heads), d = size_t(im.config.head_dim);
+  const size_t elem = type == ScalarType::f32 ? 4 : 2;
+  std::vector<uint8_t> raw(d * elem);
+  gpu::download(im.config.device, raw.data(),
+                static_cast<const uint8_t*>(x) + (t * H + h) * d * elem, raw.size(),
+                im.gpu->stream);
+  std::vector<float> row(d);
+  row_to_float(raw.data(), type, 0, int(d), row.data());
+  std::vector<uint8_t> record(used.record_bytes());
+  try {
+    used.encode(row.data(), 1, record.data());
+  } catch (const Error& e) {
+    std::string what = e.what();
+    const std::string vector0 = "vector 0";
+    if (auto at = what.find(vector0); at != std::string::npos)
+      what.replace(at, vector0.size(), "token " + std::to_string(named));
+    throw Error(append_where(seq, layer, side, h) + what);
+  }
+  throw Error(append_where(seq, layer, side, h) + "token " + std::to_string(named) +
+              " cannot be encoded");
+}
+
 void KVCache::append(SequenceId seq, int layer, const void* k, const void* v, size_t tokens,
                      ScalarType type) {
   auto& im = *impl_;
@@ -631,30 +660,11 @@ void KVCache::append(SequenceId seq, int layer, const void* k, const void* v, si
     if (first_invalid != 0xffffffffu) {
       for (size_t i = s.pages.size(); i > first_new; --i) im.free_pages.push_back(s.pages[i - 1]);
       s.pages.resize(first_new);
-      // Say exactly what is wrong with the vector, from a host copy of it, encoded by the codec
-      // the kernel used (ready: encoding one row must not calibrate anything from it).
       const size_t t = first_invalid % tokens, h = (first_invalid / tokens) % H;
       const int side = int(first_invalid / (tokens * H));
       const Codec used = (side == 0 ? im.key_codecs : im.value_codecs)[im.codec_index(layer, int(h))];
       restore();
-      std::vector<uint8_t> raw(d * elem);
-      gpu::download(c.device, raw.data(),
-                    static_cast<const uint8_t*>(side == 0 ? k : v) + (t * H + h) * d * elem,
-                    raw.size(), im.gpu->stream);
-      std::vector<float> row(d);
-      row_to_float(raw.data(), type, 0, int(d), row.data());
-      std::vector<uint8_t> record(used.record_bytes());
-      try {
-        used.encode(row.data(), 1, record.data());
-      } catch (const Error& e) {
-        std::string what = e.what();
-        const std::string vector0 = "vector 0";
-        if (auto at = what.find(vector0); at != std::string::npos)
-          what.replace(at, vector0.size(), "token " + std::to_string(t));
-        throw Error(append_where(seq, layer, side, h) + what);
-      }
-      throw Error(append_where(seq, layer, side, h) + "token " + std::to_string(t) +
-                  " cannot be encoded");
+      throw_refused(im, seq, layer, side, h, used, side == 0 ? k : v, t, t, type);
     }
     s.lengths[size_t(layer)] = new_len;
     im.upload_lengths(s);
@@ -713,6 +723,123 @@ void KVCache::append(SequenceId seq, int layer, const void* k, const void* v, si
     }
   }
   s.lengths[size_t(layer)] = new_len;
+}
+
+void KVCache::append_step(int layer, std::span<const SequenceId> seqs, const void* k,
+                          const void* v, ScalarType type) {
+  auto& im = *impl_;
+  const CacheConfig& c = im.config;
+  im.check_layer(layer, "append_step");
+  if (seqs.empty()) return;
+  TQKV_CHECK(k != nullptr && v != nullptr, "append_step: null key or value pointer");
+  TQKV_CHECK(int(type) <= 2, "append_step: unknown scalar type ", int(type));
+  const size_t H = size_t(c.kv_heads), d = size_t(c.head_dim), P = size_t(c.page_tokens);
+  const size_t elem = type == ScalarType::f32 ? 4 : 2, B = seqs.size();
+  std::vector<SequenceId> sorted(seqs.begin(), seqs.end());
+  std::sort(sorted.begin(), sorted.end());
+  if (auto twice = std::adjacent_find(sorted.begin(), sorted.end()); twice != sorted.end())
+    throw Error(detail::concat("append_step: sequence ", *twice, " appears twice in one step"));
+  std::vector<Impl::Sequence*> ss;
+  size_t extra = 0;  // sequences whose token starts a page
+  for (SequenceId id : seqs) {
+    Impl::Sequence& s = im.find(id, "append_step");
+    TQKV_CHECK(s.lengths[size_t(layer)] < (size_t(1) << 32) - 1, "append_step: sequence ", id,
+               " is full");
+    extra += s.lengths[size_t(layer)] + 1 > s.pages.size() * P;
+    ss.push_back(&s);
+  }
+  TQKV_CHECK(extra <= im.free_pages.size(), "append_step: out of pages: ", B,
+             " sequences need ", extra, " new pages, but only ", im.free_pages.size(), " of ",
+             c.max_pages, " are free");
+  for (size_t h = 0; h < H; ++h)
+    TQKV_CHECK(im.key_codecs[im.codec_index(layer, int(h))].ready() &&
+                   im.value_codecs[im.codec_index(layer, int(h))].ready(),
+               "append_step: layer ", layer, "'s codecs still choose their outlier channels or "
+               "offsets from their first tokens; append each sequence's first tokens (its "
+               "prefill) with append");
+  const auto* k8 = static_cast<const uint8_t*>(k);
+  const auto* v8 = static_cast<const uint8_t*>(v);
+  if (!im.on_gpu()) {
+    // Check every vector first, in the GPU's order (side, head, sequence), then append.
+    for (int side = 0; side < 2; ++side)
+      for (size_t h = 0; h < H; ++h) {
+        const Codec& codec =
+            (side == 0 ? im.key_codecs : im.value_codecs)[im.codec_index(layer, int(h))];
+        std::vector<uint8_t> record(codec.record_bytes());
+        for (size_t i = 0; i < B; ++i) {
+          try {
+            codec.encode((side == 0 ? k8 : v8) + (i * H + h) * d * elem, type, 1, record.data());
+          } catch (const Error& e) {
+            std::string what = e.what();
+            const std::string vector0 = "vector 0";
+            if (auto at = what.find(vector0); at != std::string::npos)
+              what.replace(at, vector0.size(),
+                           "token " + std::to_string(ss[i]->lengths[size_t(layer)]));
+            throw Error(append_where(seqs[i], layer, side, h) + what);
+          }
+        }
+      }
+    for (size_t i = 0; i < B; ++i)
+      append(seqs[i], layer, k8 + i * H * d * elem, v8 + i * H * d * elem, 1, type);
+    return;
+  }
+  // GPU: the new pages first (zeroed, their page-table entries uploaded), then one launch per
+  // kMaxLaunchBatch sequences, which also write the new lengths on the device; one wait.
+  std::vector<size_t> first_new(B);
+  for (size_t i = 0; i < B; ++i) {
+    Impl::Sequence& s = *ss[i];
+    first_new[i] = s.pages.size();
+    if (s.lengths[size_t(layer)] + 1 > s.pages.size() * P) {
+      s.pages.push_back(im.free_pages.back());
+      im.free_pages.pop_back();
+      im.zero_pages(std::span<const uint32_t>(s.pages).subspan(first_new[i]));
+      im.upload_pages(s, first_new[i]);
+    }
+  }
+  auto undo = [&] {
+    for (size_t i = 0; i < B; ++i) {
+      Impl::Sequence& s = *ss[i];
+      for (size_t j = s.pages.size(); j > first_new[i]; --j) im.free_pages.push_back(s.pages[j - 1]);
+      s.pages.resize(first_new[i]);
+      im.upload_lengths(s);
+    }
+  };
+  gpu::AppendParams p;
+  p.cache = im.view(layer);
+  p.type = int(type);
+  p.step = 1;
+  p.step_total = uint32_t(B);
+  p.step_lengths = im.gpu->lengths.as<uint32_t>();
+  p.first_invalid = im.gpu->flag.as<uint32_t>();
+  uint32_t first_invalid = 0xffffffffu;
+  try {
+    gpu::fill(c.device, p.first_invalid, 0xff, 4, im.gpu->stream);
+    for (size_t i0 = 0; i0 < B; i0 += gpu::kMaxLaunchBatch) {
+      const size_t n = std::min(B - i0, size_t(gpu::kMaxLaunchBatch));
+      p.k = k8 + i0 * H * d * elem;
+      p.v = v8 + i0 * H * d * elem;
+      p.tokens = uint32_t(n);
+      p.step_base = uint32_t(i0);
+      for (size_t i = 0; i < n; ++i) {
+        p.step_slot[i] = ss[i0 + i]->slot;
+        p.step_position[i] = uint32_t(ss[i0 + i]->lengths[size_t(layer)]);
+      }
+      gpu::launch_append(c.device, p, im.gpu->stream);
+    }
+    gpu::download(c.device, &first_invalid, p.first_invalid, 4, im.gpu->stream);
+  } catch (...) {
+    undo();  // a CUDA error: undo, then rethrow
+    throw;
+  }
+  if (first_invalid != 0xffffffffu) {
+    undo();
+    const size_t i = first_invalid % B, h = (first_invalid / B) % H;
+    const int side = int(first_invalid / (B * H));
+    const Codec& used = (side == 0 ? im.key_codecs : im.value_codecs)[im.codec_index(layer, int(h))];
+    throw_refused(im, seqs[i], layer, side, h, used, side == 0 ? k : v, i,
+                  ss[i]->lengths[size_t(layer)], type);
+  }
+  for (Impl::Sequence* s : ss) ++s->lengths[size_t(layer)];
 }
 
 void KVCache::truncate(SequenceId seq, size_t tokens) {

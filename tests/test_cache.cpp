@@ -14,6 +14,7 @@
 #include "tqkv/attention.hpp"
 #include "tqkv/error.hpp"
 #include "tqkv/half.hpp"
+#include "test_support.hpp"
 
 namespace tqkv {
 namespace {
@@ -106,6 +107,74 @@ TEST(Cache, CodesDoNotDependOnChunking) {
       whole.key_codec(1, 0).encode(head0.data(), T, direct.data());
       const auto stored = all_records(whole, sw, 1);
       EXPECT_TRUE(std::equal(direct.begin(), direct.end(), stored.begin()));
+    }
+  }
+}
+
+// A decode step of several sequences gives each the codes one append of its token gives; bad
+// steps are refused whole, naming the first bad vector in (keys, values; head; sequence) order.
+TEST(Cache, AppendStepIsOneAppendASequence) {
+  using testing::error_of;
+  const uint64_t seed = fresh_seed();
+  SCOPED_TRACE("seed = " + std::to_string(seed));
+  std::mt19937_64 rng(seed);
+  for (double bits : {4.0, 3.5}) {
+    const CacheConfig c = config(rng, bits, bits);
+    KVCache a(c), b(c);
+    std::vector<SequenceId> sa, sb;
+    for (int i = 0; i < 5; ++i) {  // prefills of different lengths, 15 or 16 tokens: the steps
+      sa.push_back(a.add_sequence());  // cross page boundaries at different times
+      sb.push_back(b.add_sequence());
+      const size_t T = 14 + size_t(i % 3);
+      const auto k = gaussian(rng, T * 128), v = gaussian(rng, T * 128);
+      a.append(sa.back(), 2, k.data(), v.data(), T);
+      b.append(sb.back(), 2, k.data(), v.data(), T);
+    }
+    for (int step = 0; step < 3; ++step) {
+      const std::vector<size_t> order = {3, 0, 4, 1};  // a step of 4 of them, out of order
+      const auto k = gaussian(rng, order.size() * 128), v = gaussian(rng, order.size() * 128);
+      std::vector<SequenceId> ids;
+      for (size_t i = 0; i < order.size(); ++i) {
+        ids.push_back(sa[order[i]]);
+        b.append(sb[order[i]], 2, &k[i * 128], &v[i * 128], 1);
+      }
+      a.append_step(2, ids, k.data(), v.data());
+    }
+    for (int i = 0; i < 5; ++i) {
+      EXPECT_EQ(a.length(sa[size_t(i)], 2), b.length(sb[size_t(i)], 2)) << i;
+      EXPECT_EQ(all_records(a, sa[size_t(i)], 2), all_records(b, sb[size_t(i)], 2)) << i;
+    }
+    EXPECT_EQ(a.pages_free(), b.pages_free());
+    // Refused whole: a repeated or unknown sequence, a NaN (the values' NaN of sequence 0 comes
+    // after the keys' infinity of sequence 2, head 1), a layer whose codecs are not ready.
+    const size_t free_before = a.pages_free();
+    std::vector<size_t> lengths;
+    for (SequenceId id : sa) lengths.push_back(a.length(id, 2));
+    auto k = gaussian(rng, 3 * 128), v = gaussian(rng, 3 * 128);
+    const std::vector<SequenceId> twice = {sa[0], sa[1], sa[0]}, unknown = {sa[0], 999, sa[1]};
+    EXPECT_NE(error_of([&] { a.append_step(2, twice, k.data(), v.data()); }).find("twice"),
+              std::string::npos);
+    EXPECT_THROW(a.append_step(2, unknown, k.data(), v.data()), Error);
+    const std::vector<SequenceId> three = {sa[0], sa[1], sa[2]};
+    v[0 * 128 + 5] = std::numeric_limits<float>::quiet_NaN();
+    k[2 * 128 + 64 + 9] = std::numeric_limits<float>::infinity();
+    const std::string m = error_of([&] { a.append_step(2, three, k.data(), v.data()); });
+    EXPECT_NE(m.find("keys of KV head 1"), std::string::npos) << m;
+    EXPECT_NE(m.find("sequence " + std::to_string(sa[2])), std::string::npos) << m;
+    EXPECT_NE(m.find("token " + std::to_string(lengths[2])), std::string::npos) << m;
+    k[2 * 128 + 64 + 9] = 0.5f;
+    const std::string m2 = error_of([&] { a.append_step(2, three, k.data(), v.data()); });
+    EXPECT_NE(m2.find("values of KV head 0"), std::string::npos) << m2;
+    EXPECT_NE(m2.find("sequence " + std::to_string(sa[0])), std::string::npos) << m2;
+    for (size_t i = 0; i < sa.size(); ++i) EXPECT_EQ(a.length(sa[i], 2), lengths[i]) << i;
+    EXPECT_EQ(a.pages_free(), free_before);
+    v[0 * 128 + 5] = 0.5f;
+    if (bits == 3.5) {
+      const std::string m3 = error_of([&] { a.append_step(0, three, k.data(), v.data()); });
+      EXPECT_NE(m3.find("prefill"), std::string::npos) << m3;
+    } else {  // integer bits: ready from the start
+      a.append_step(0, three, k.data(), v.data());
+      EXPECT_EQ(a.length(sa[2], 0), 1u);
     }
   }
 }

@@ -554,6 +554,82 @@ TEST(Gpu, RefusedFirstAppendChoosesNoOffset) {
   expect_same_codes(cpu, gpu, b, a, "after the refused append");
 }
 
+// A decode step of several sequences on the GPU (one launch, lengths written on the device)
+// gives the codes the CPU gives each sequence's token appended alone, for every setup; with
+// more sequences than one launch takes; attention then sees the new tokens; a bad vector is
+// refused with the CPU's message and changes nothing.
+TEST(Gpu, AppendStepMatchesTheCpu) {
+  REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  std::mt19937_64 rng(seed);
+  for (GpuSetup s : setups(seed)) {
+    SCOPED_TRACE(s.name() + " seed " + std::to_string(seed));
+    CacheConfig cc = config_of(s, Device::cpu()), gc = config_of(s, Device::cuda(0));
+    cc.max_pages = gc.max_pages = 512;
+    KVCache cpu(cc), gpu(gc);
+    std::vector<SequenceId> sc, sg;
+    for (int i = 0; i < 6; ++i) {  // prefills of 37..62 tokens: the steps cross page ends
+      sc.push_back(cpu.add_sequence());
+      sg.push_back(gpu.add_sequence());
+      append_both(cpu, gpu, sc.back(), sg.back(), 0, 37 + 5 * size_t(i), ScalarType::f16, rng);
+    }
+    const size_t R = size_t(s.kv_heads) * size_t(s.head_dim);
+    for (int step = 0; step < 9; ++step) {
+      std::vector<size_t> order = {4, 1, 5, 0};
+      if (step % 3 == 2) order = {0, 1, 2, 3, 4, 5};
+      const auto k = random_rows(rng, order.size() * R, ScalarType::f16, true);
+      const auto v = random_rows(rng, order.size() * R, ScalarType::f16, false);
+      std::vector<SequenceId> ids;
+      for (size_t i = 0; i < order.size(); ++i) {
+        ids.push_back(sg[order[i]]);
+        cpu.append(sc[order[i]], 0, &k[i * R * 2], &v[i * R * 2], 1, ScalarType::f16);
+      }
+      const DeviceBuffer dk = on_gpu(k), dv = on_gpu(v);
+      gpu.append_step(0, ids, dk.data(), dv.data(), ScalarType::f16);
+    }
+    for (size_t i = 0; i < sc.size(); ++i)
+      expect_same_codes(cpu, gpu, sc[i], sg[i], s.name() + " sequence " + std::to_string(i));
+    EXPECT_EQ(cpu.pages_free(), gpu.pages_free());
+    const size_t decode[] = {1, 1, 1, 1, 1, 1};
+    check_attention(gpu, sg, decode, 4 * s.kv_heads, {}, rng, s.name() + " after the steps");
+  }
+  // More sequences than a launch takes (128), and a refused step.
+  const GpuSetup s = setups(seed)[0];
+  CacheConfig cc = config_of(s, Device::cpu()), gc = config_of(s, Device::cuda(0));
+  cc.max_sequences = gc.max_sequences = 140;
+  cc.max_pages = gc.max_pages = 300;
+  KVCache cpu(cc), gpu(gc);
+  std::vector<SequenceId> sc, sg;
+  for (int i = 0; i < 140; ++i) {
+    sc.push_back(cpu.add_sequence());
+    sg.push_back(gpu.add_sequence());
+    append_both(cpu, gpu, sc.back(), sg.back(), 0, 30 + size_t(i % 4), ScalarType::f32, rng);
+  }
+  const size_t R = size_t(s.kv_heads) * size_t(s.head_dim), B = sg.size();
+  auto k = random_rows(rng, B * R, ScalarType::f32, true);
+  auto v = random_rows(rng, B * R, ScalarType::f32, false);
+  {
+    const DeviceBuffer dk = on_gpu(k), dv = on_gpu(v);
+    gpu.append_step(0, sg, dk.data(), dv.data(), ScalarType::f32);
+    cpu.append_step(0, sc, k.data(), v.data(), ScalarType::f32);
+  }
+  for (size_t i = 0; i < B; ++i) expect_same_codes(cpu, gpu, sc[i], sg[i], std::to_string(i));
+  const size_t free_before = gpu.pages_free();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::memcpy(&v[(133 * R + 1 * size_t(s.head_dim) + 7) * 4], &nan, 4);  // values, head 1
+  std::memcpy(&v[(70 * R + 1 * size_t(s.head_dim) + 2) * 4], &nan, 4);   // the first of two
+  const DeviceBuffer dk = on_gpu(k), dv = on_gpu(v);
+  const std::string m =
+      error_of([&] { gpu.append_step(0, sg, dk.data(), dv.data(), ScalarType::f32); });
+  EXPECT_EQ(m, error_of([&] { cpu.append_step(0, sc, k.data(), v.data(), ScalarType::f32); }));
+  EXPECT_NE(m.find("sequence " + std::to_string(sg[70])), std::string::npos) << m;
+  EXPECT_NE(m.find("values of KV head 1"), std::string::npos) << m;
+  EXPECT_EQ(gpu.pages_free(), free_before);
+  for (size_t i = 0; i < B; ++i) ASSERT_EQ(gpu.length(sg[i], 0), cpu.length(sc[i], 0)) << i;
+  std::vector<size_t> decode(B, 1);
+  check_attention(gpu, sg, decode, 4 * s.kv_heads, {}, rng, "after a refused step");
+}
+
 // A first append that calibrates (outlier channels, offsets) chooses on the device what the CPU
 // chooses from the same batch: long enough for many of the statistics kernel's stages and an
 // unfinished last one, at every input type, from 16-byte aligned and unaligned inputs, with

@@ -117,6 +117,16 @@ class KVCache {
   void append(SequenceId seq, int layer, const float* k, const float* v, size_t tokens) {
     append(seq, layer, k, v, tokens, ScalarType::f32);
   }
+  /// One decode step of several sequences: appends one token to layer `layer` of each of `seqs`
+  /// (distinct); k and v are [seqs.size(), kv_heads, head_dim] (row i: seqs[i]'s token) of
+  /// `type`, in the cache's device memory. The same codes as appending each token with append;
+  /// on a GPU cache one launch (up to 128 sequences a launch) and one wait for the whole step,
+  /// instead of one of each a sequence. The layer's codecs must be ready (a calibrating codec
+  /// chooses from a sequence's first append, its prefill). Throws (changing nothing) on an
+  /// unknown or repeated sequence, NaN/Inf input (naming the first bad vector in (keys, values;
+  /// head; sequence) order), or when the pool has too few free pages.
+  void append_step(int layer, std::span<const SequenceId> seqs, const void* k, const void* v,
+                   ScalarType type = ScalarType::f32);
   /// Removes the last `tokens` tokens of every layer of `seq` (rollback); frees emptied pages.
   void truncate(SequenceId seq, size_t tokens);
   /// The same for one layer (undoes that layer's last append of `tokens` tokens).

@@ -84,8 +84,10 @@ struct BenchRow {
   double speedup_vs_fallback = 0, speedup_vs_dense = 0;
   // GPU rows: a device-to-device copy of compressed_bytes in the same run (bandwidth counts bytes
   // read and written), quantize + append (bytes read and written per second) and a cache's
-  // first append call, timed apart.
+  // first append call, timed apart; a decode step's append of one token to each sequence of the
+  // batch (one layer) by append_step, and by one append call a sequence.
   double memcpy_us = 0, memcpy_gbps = 0, append_gbps = 0, first_append_ms = 0;
+  double step_append_us = 0, seq_appends_us = 0;
 };
 
 /// Decode attention timed three ways (fused on the codes, dequantize-then-attend, dense float32)

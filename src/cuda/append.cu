@@ -352,13 +352,22 @@ __global__ void __launch_bounds__(kWarps * 32) append_kernel(const AppendParams 
   const size_t index = (size_t(c.layer) * c.kv_heads + head) * 2 + size_t(side);
   const int16_t* channels = c.channels + index * size_t(d);
   const float* offsets = codec.center ? c.offsets + index * size_t(d) : nullptr;
-  const uint32_t* pages = c.page_tables + size_t(p.slot) * c.page_table_stride;
   const void* src = side ? p.v : p.k;
-  // Token i of the warp: its row of the input, its block and slot in the cache.
+  // Token i of the warp: its row of the input, its sequence's page-table row and its position,
+  // its block and slot in the cache.
   auto token = [&](int i) { return t0 + uint32_t(i) * kWarps; };
   auto row_of = [&](int i) { return (size_t(token(i)) * c.kv_heads + head) * size_t(d); };
-  auto block_for = [&](int i) { return block_of(c, pages, p.first_token + token(i), head, side); };
-  auto slot_for = [&](int i) { return page_slot(c, p.first_token + token(i)); };
+  auto pages_for = [&](int i) {
+    return c.page_tables + size_t(p.step ? p.step_slot[token(i)] : p.slot) * c.page_table_stride;
+  };
+  auto position = [&](int i) {
+    return p.step ? uint64_t(p.step_position[token(i)]) : p.first_token + token(i);
+  };
+  auto block_for = [&](int i) { return block_of(c, pages_for(i), position(i), head, side); };
+  auto slot_for = [&](int i) { return page_slot(c, position(i)); };
+  if (p.step && head == 0 && side == 0 && lane == 0)
+    for (int i = 0; i < count; ++i)
+      p.step_lengths[size_t(p.step_slot[token(i)]) * c.layers + c.layer] = uint32_t(position(i)) + 1;
   uint32_t failed = 0;  // bit i: token i cannot be encoded
   int first = 0;
   for (int gi = 0; gi < codec.groups; ++gi) {
@@ -411,7 +420,8 @@ __global__ void __launch_bounds__(kWarps * 32) append_kernel(const AppendParams 
     first += g.dim;
   }
   // Vector order = the CPU's order of checks: side, then head, then token.
-  const uint32_t v0 = (uint32_t(side) * uint32_t(c.kv_heads) + uint32_t(head)) * p.tokens;
+  const uint32_t v0 = (uint32_t(side) * uint32_t(c.kv_heads) + uint32_t(head)) *
+                         (p.step ? p.step_total : p.tokens) + p.step_base;
   if (failed != 0 && lane == 0) atomicMin(p.first_invalid, v0 + token(__ffs(failed) - 1));
 }
 
@@ -905,10 +915,10 @@ void launch_append(Device device, const AppendParams& p, CudaStream stream) {
              p.cache.kv_heads);
   const int d = p.cache.head_dim;
   // The pair path takes appends of a warp's tokens or more whose groups are all register-path
-  // groups of at most 128 channels, from 16-byte aligned inputs; shorter ones (decode steps) and
-  // the rest take a warp a vector.
+  // groups of at most 128 channels, from 16-byte aligned inputs; shorter ones, decode steps of
+  // several sequences and the rest take a warp a vector.
   int widest = 1;
-  bool pairs = p.tokens >= uint32_t(kPairTokens) &&
+  bool pairs = !p.step && p.tokens >= uint32_t(kPairTokens) &&
                (reinterpret_cast<uintptr_t>(p.k) | reinterpret_cast<uintptr_t>(p.v)) % 16 == 0;
   for (const CodecTables* t : {&p.cache.key, &p.cache.value})
     for (int gi = 0; gi < t->groups; ++gi) {
