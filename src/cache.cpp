@@ -291,8 +291,30 @@ void KVCache::Impl::init_gpu() {
   m.lengths = DeviceBuffer(dev, S * L * 4);
   m.lengths.fill(0);
   m.flag = DeviceBuffer(dev, 4);
+  m.flag.fill(0xff);  // and so between appends: read_flag resets it after a refusal
+  m.flag_host = PinnedWord(true);
   m.free_slots.resize(S);
   for (size_t i = 0; i < S; ++i) m.free_slots[i] = uint32_t(S - 1 - i);
+}
+
+uint32_t KVCache::Impl::read_flag() {
+  uint32_t* host = gpu->flag_host.get();
+  gpu::download(config.device, host, gpu->flag.data(), 4, gpu->stream);
+  const uint32_t value = *host;
+  if (value != 0xffffffffu) gpu::fill(config.device, gpu->flag.data(), 0xff, 4, gpu->stream);
+  return value;
+}
+
+PinnedWord::PinnedWord(bool allocate)
+    : p_(allocate ? static_cast<uint32_t*>(gpu::allocate_host(4)) : nullptr) {}
+PinnedWord::~PinnedWord() { gpu::release_host(p_); }
+PinnedWord& PinnedWord::operator=(PinnedWord&& o) noexcept {
+  if (this != &o) {
+    gpu::release_host(p_);
+    p_ = o.p_;
+    o.p_ = nullptr;
+  }
+  return *this;
 }
 
 void KVCache::Impl::upload_channels(int layer, int head, int side) {
@@ -644,12 +666,12 @@ void KVCache::append(SequenceId seq, int layer, const void* k, const void* v, si
     p.slot = s.slot;
     p.first_token = old_len;
     p.tokens = uint32_t(tokens);
+    p.lengths = im.gpu->lengths.as<uint32_t>();
     p.first_invalid = im.gpu->flag.as<uint32_t>();
     uint32_t first_invalid = 0;
     try {
-      gpu::fill(c.device, p.first_invalid, 0xff, 4, im.gpu->stream);
       gpu::launch_append(c.device, p, im.gpu->stream);
-      gpu::download(c.device, &first_invalid, p.first_invalid, 4, im.gpu->stream);
+      first_invalid = im.read_flag();
     } catch (...) {
       first_invalid = 0;  // a CUDA error: undo, then rethrow
       for (size_t i = first_new; i < s.pages.size(); ++i) im.free_pages.push_back(s.pages[i]);
@@ -660,14 +682,14 @@ void KVCache::append(SequenceId seq, int layer, const void* k, const void* v, si
     if (first_invalid != 0xffffffffu) {
       for (size_t i = s.pages.size(); i > first_new; --i) im.free_pages.push_back(s.pages[i - 1]);
       s.pages.resize(first_new);
+      im.upload_lengths(s);  // the kernel wrote the new one
       const size_t t = first_invalid % tokens, h = (first_invalid / tokens) % H;
       const int side = int(first_invalid / (tokens * H));
       const Codec used = (side == 0 ? im.key_codecs : im.value_codecs)[im.codec_index(layer, int(h))];
       restore();
       throw_refused(im, seq, layer, side, h, used, side == 0 ? k : v, t, t, type);
     }
-    s.lengths[size_t(layer)] = new_len;
-    im.upload_lengths(s);
+    s.lengths[size_t(layer)] = new_len;  // (the kernel wrote it on the device)
     return;
   }
 
@@ -809,11 +831,10 @@ void KVCache::append_step(int layer, std::span<const SequenceId> seqs, const voi
   p.type = int(type);
   p.step = 1;
   p.step_total = uint32_t(B);
-  p.step_lengths = im.gpu->lengths.as<uint32_t>();
+  p.lengths = im.gpu->lengths.as<uint32_t>();
   p.first_invalid = im.gpu->flag.as<uint32_t>();
   uint32_t first_invalid = 0xffffffffu;
   try {
-    gpu::fill(c.device, p.first_invalid, 0xff, 4, im.gpu->stream);
     for (size_t i0 = 0; i0 < B; i0 += gpu::kMaxLaunchBatch) {
       const size_t n = std::min(B - i0, size_t(gpu::kMaxLaunchBatch));
       p.k = k8 + i0 * H * d * elem;
@@ -826,7 +847,7 @@ void KVCache::append_step(int layer, std::span<const SequenceId> seqs, const voi
       }
       gpu::launch_append(c.device, p, im.gpu->stream);
     }
-    gpu::download(c.device, &first_invalid, p.first_invalid, 4, im.gpu->stream);
+    first_invalid = im.read_flag();
   } catch (...) {
     undo();  // a CUDA error: undo, then rethrow
     throw;

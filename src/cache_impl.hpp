@@ -24,6 +24,21 @@ class PagePool {
   uint8_t* data_ = nullptr;
 };
 
+/// A page-locked host word: what append reads back from the device after each call (its error
+/// flag) comes by one DMA instead of a staging copy.
+class PinnedWord {
+ public:
+  PinnedWord() = default;
+  explicit PinnedWord(bool allocate);
+  ~PinnedWord();
+  PinnedWord(PinnedWord&& o) noexcept : p_(o.p_) { o.p_ = nullptr; }
+  PinnedWord& operator=(PinnedWord&& o) noexcept;
+  uint32_t* get() const { return p_; }
+
+ private:
+  uint32_t* p_ = nullptr;
+};
+
 /// The device-side mirror of a GPU cache: codec tables, page tables, lengths, channel lists.
 struct GpuMirror {
   DeviceBuffer tables;    // rotations, codebooks, code-pair tables, QJL matrices
@@ -31,7 +46,8 @@ struct GpuMirror {
   DeviceBuffer offsets;   // float [layers][kv_heads][2][head_dim]: centering offsets (or 0)
   DeviceBuffer page_tables;  // uint32 [max_sequences][max_pages]
   DeviceBuffer lengths;      // uint32 [max_sequences][layers]
-  DeviceBuffer flag;         // uint32: append's first invalid vector
+  DeviceBuffer flag;         // uint32: append's first invalid vector, 0xffffffff between appends
+  PinnedWord flag_host;      // where it is read back
   gpu::CodecTables key, value;
   std::vector<uint32_t> free_slots;  // a stack
   CudaStream stream = nullptr;
@@ -78,6 +94,9 @@ struct KVCache::Impl {
   void upload_channels(int layer, int head, int side);
   void upload_pages(const Sequence& s, size_t first);  // page table entries [first, end)
   void upload_lengths(const Sequence& s);
+  /// Reads append's error flag (waits for the stream) and, where a kernel lowered it, resets it
+  /// to 0xffffffff for the next append.
+  uint32_t read_flag();
   void zero_pages(std::span<const uint32_t> pages);
   /// The kernels' view of layer `layer`.
   gpu::CacheView view(int layer) const;

@@ -367,7 +367,9 @@ __global__ void __launch_bounds__(kWarps * 32) append_kernel(const AppendParams 
   auto slot_for = [&](int i) { return page_slot(c, position(i)); };
   if (p.step && head == 0 && side == 0 && lane == 0)
     for (int i = 0; i < count; ++i)
-      p.step_lengths[size_t(p.step_slot[token(i)]) * c.layers + c.layer] = uint32_t(position(i)) + 1;
+      p.lengths[size_t(p.step_slot[token(i)]) * c.layers + c.layer] = uint32_t(position(i)) + 1;
+  else if (!p.step && blockIdx.x == 0 && head == 0 && side == 0 && threadIdx.x == 0)
+    p.lengths[size_t(p.slot) * c.layers + c.layer] = uint32_t(p.first_token + p.tokens);
   uint32_t failed = 0;  // bit i: token i cannot be encoded
   int first = 0;
   for (int gi = 0; gi < codec.groups; ++gi) {
@@ -860,6 +862,8 @@ __global__ void __launch_bounds__(kWarps * 32, kPairBlocks)
   }
   const uint32_t* pages = c.page_tables + size_t(p.slot) * c.page_table_stride;
   const int element = p.type == 0 ? 4 : 2;
+  if (blockIdx.x == 0 && head == 0 && side == 0 && threadIdx.x == 0)
+    p.lengths[size_t(p.slot) * c.layers + c.layer] = uint32_t(p.first_token + p.tokens);
   uint32_t failed = 0xffffffffu;
   for (; batch < batches; batch += stride) {
     const uint32_t t = batch * kPairTokens + uint32_t(token_lane);

@@ -14,6 +14,10 @@ namespace tqkv::gpu {
 
 void* allocate(Device device, size_t bytes);
 void release(Device device, void* p) noexcept;
+/// Page-locked host memory: a copy from the device into it is one DMA, without the staging copy
+/// (and wait) that ordinary memory takes.
+void* allocate_host(size_t bytes);
+void release_host(void* p) noexcept;
 /// Host → device from ordinary (pageable) memory: the host buffer may be reused on return.
 void upload(Device device, void* dst, const void* src, size_t bytes, CudaStream stream);
 /// Device → host; waits for the stream.

@@ -65,6 +65,21 @@ void release(Device device, void* p) noexcept {
   cudaSetDevice(previous);
 }
 
+void* allocate_host(size_t bytes) {
+  void* p = nullptr;
+  const cudaError_t status = cudaMallocHost(&p, bytes);
+  if (status != cudaSuccess) {
+    cudaGetLastError();
+    throw Error(detail::concat("cannot allocate ", bytes, " bytes of page-locked host memory: ",
+                               cudaGetErrorString(status)));
+  }
+  return p;
+}
+
+void release_host(void* p) noexcept {
+  if (p != nullptr) cudaFreeHost(p);
+}
+
 void upload(Device device, void* dst, const void* src, size_t bytes, CudaStream stream) {
   if (bytes == 0) return;
   DeviceGuard guard(device);

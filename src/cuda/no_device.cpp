@@ -24,6 +24,8 @@ void synchronize(Device device, CudaStream) {
 namespace gpu {
 void* allocate(Device, size_t) { no_backend(); }
 void release(Device, void*) noexcept {}
+void* allocate_host(size_t) { no_backend(); }
+void release_host(void*) noexcept {}
 void upload(Device, void*, const void*, size_t, CudaStream) { no_backend(); }
 void download(Device, void*, const void*, size_t, CudaStream) { no_backend(); }
 void copy(Device, void*, const void*, size_t, CudaStream) { no_backend(); }

@@ -180,16 +180,17 @@ struct AppendParams {
   uint32_t slot = 0;
   uint64_t first_token = 0;  // position of the first new token
   uint32_t tokens = 0;
-  /// Out: the smallest (side · kv_heads + head) · tokens + token of a vector that cannot be
-  /// encoded (non-finite element or norm too large), or 0xffffffff. A step counts its tokens as
-  /// step_base + token of step_total.
+  /// Lowered (atomicMin) to (side · kv_heads + head) · tokens + token of a vector that cannot be
+  /// encoded (non-finite element or norm too large), if any: it must hold 0xffffffff before. A
+  /// step counts its tokens as step_base + token of step_total.
   uint32_t* first_invalid = nullptr;
+  /// The device's sequence lengths ([slot][layers], CacheView::lengths): the kernel writes the
+  /// new length of this layer of every sequence it appends to.
+  uint32_t* lengths = nullptr;
   /// A decode step of several sequences (KVCache::append_step) instead of one sequence's tokens:
-  /// token t is one token of the sequence in page-table row step_slot[t], at step_position[t],
-  /// and the kernel writes that sequence's new length into step_lengths ([slot][layers]).
+  /// token t is one token of the sequence in page-table row step_slot[t], at step_position[t].
   int step = 0;
   uint32_t step_base = 0, step_total = 0;
-  uint32_t* step_lengths = nullptr;
   uint32_t step_slot[kMaxLaunchBatch];
   uint32_t step_position[kMaxLaunchBatch];
 };
