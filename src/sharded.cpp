@@ -164,17 +164,25 @@ void ShardedCache::free_sequence(SequenceId seq) {
   impl_->sequences.erase(seq);
 }
 
+// The checks append and append_step share: the layer, one key and one value pointer a shard,
+// the scalar type.
+static void check_append_call(const char* what, const CacheConfig& c, int layer, size_t W,
+                              std::span<const void* const> k, std::span<const void* const> v,
+                              ScalarType type) {
+  TQKV_CHECK(layer >= 0 && layer < c.layers, what, ": layer ", layer, " is outside 0..",
+             c.layers - 1);
+  TQKV_CHECK(k.size() == W && v.size() == W, what, ": ", k.size(), " key and ", v.size(),
+             " value pointers for ", W, " shards (one of each per shard)");
+  TQKV_CHECK(int(type) <= 2, what, ": unknown scalar type ", int(type));
+}
+
 void ShardedCache::append(SequenceId seq, int layer, std::span<const void* const> k,
                           std::span<const void* const> v, size_t tokens, ScalarType type) {
   auto& im = *impl_;
   Impl::Sequence& s = im.find(seq, "append");
   const CacheConfig& c = im.config.cache;
-  TQKV_CHECK(layer >= 0 && layer < c.layers, "append: layer ", layer, " is outside 0..",
-             c.layers - 1);
   const size_t W = size_t(world());
-  TQKV_CHECK(k.size() == W && v.size() == W, "append: ", k.size(), " key and ", v.size(),
-             " value pointers for ", W, " shards (one of each per shard)");
-  TQKV_CHECK(int(type) <= 2, "append: unknown scalar type ", int(type));
+  check_append_call("append", c, layer, W, k, v, type);
   if (tokens == 0) return;
   const size_t H = size_t(c.kv_heads), d = size_t(c.head_dim), P = size_t(c.page_tokens);
   const size_t row = H * d * element_bytes(type);  // bytes of one token's keys (or values)
@@ -248,6 +256,103 @@ void ShardedCache::append(SequenceId seq, int layer, std::span<const void* const
     throw;
   }
   s.share = share;
+}
+
+void ShardedCache::append_step(int layer, std::span<const SequenceId> seqs,
+                               std::span<const void* const> k, std::span<const void* const> v,
+                               ScalarType type) {
+  auto& im = *impl_;
+  const CacheConfig& c = im.config.cache;
+  const size_t W = size_t(world());
+  check_append_call("append_step", c, layer, W, k, v, type);
+  if (seqs.empty()) return;
+  const size_t B = seqs.size(), H = size_t(c.kv_heads), d = size_t(c.head_dim);
+  const size_t P = size_t(c.page_tokens), row = H * d * element_bytes(type);
+  std::vector<SequenceId> sorted(seqs.begin(), seqs.end());
+  std::sort(sorted.begin(), sorted.end());
+  if (auto twice = std::adjacent_find(sorted.begin(), sorted.end()); twice != sorted.end())
+    throw Error(detail::concat("append_step: sequence ", *twice, " appears twice in one step"));
+  // Each shard's rows of the step: sequence placement, the sequences whose token falls in its
+  // share (a sequence's first token chooses the share an append of one token would); head
+  // placement, every sequence, its heads.
+  std::vector<Impl::Sequence*> ss;
+  std::vector<size_t> shares(B);
+  std::vector<std::vector<size_t>> rows(W);
+  for (size_t i = 0; i < B; ++i) {
+    Impl::Sequence& s = im.find(seqs[i], "append_step");
+    ss.push_back(&s);
+    if (im.config.placement == Placement::heads) {
+      for (size_t r = 0; r < W; ++r) rows[r].push_back(i);
+      continue;
+    }
+    shares[i] = s.share != 0 ? s.share : P;
+    rows[std::min(W - 1, length(seqs[i], layer) / shares[i])].push_back(i);
+  }
+  // Pages first, on every shard: nothing is stored where one shard is short of them.
+  for (size_t r = 0; r < W; ++r) {
+    if (rows[r].empty()) continue;
+    TQKV_CHECK(k[r] != nullptr && v[r] != nullptr,
+               "append_step: null key or value pointer for shard ", r);
+    const KVCache& sh = im.shards[r];
+    size_t extra = 0;
+    for (size_t i : rows[r]) {
+      const SequenceId id = ss[i]->ids[r];
+      extra += sh.length(id, layer) + 1 > sh.page_table(id).size() * P;
+    }
+    TQKV_CHECK(extra <= sh.pages_free(), "append_step: out of pages on shard ", r, ": ",
+               rows[r].size(), " sequences need ", extra, " new pages, but only ",
+               sh.pages_free(), " are free");
+  }
+  std::vector<size_t> done;
+  std::vector<uint8_t> packed;
+  try {
+    for (size_t r = 0; r < W; ++r) {
+      if (rows[r].empty()) continue;
+      KVCache& sh = im.shards[r];
+      std::vector<SequenceId> ids;
+      for (size_t i : rows[r]) ids.push_back(ss[i]->ids[r]);
+      const Range h = im.heads[r];
+      const size_t width = h.count * d * element_bytes(type);
+      const size_t skip = h.first * d * element_bytes(type);
+      const auto* kr = static_cast<const uint8_t*>(k[r]);
+      const auto* vr = static_cast<const uint8_t*>(v[r]);
+      const size_t n = rows[r].size();
+      if (n == B && width == row) {  // every row, whole: the input as it is
+        sh.append_step(layer, ids, kr, vr, type);
+      } else if (im.gpu) {
+        // The shard's rows and heads, packed [n][heads][d]: one copy a run of consecutive rows.
+        DeviceBuffer& buf = im.staging[r];
+        if (buf.bytes() < 2 * n * width) buf = DeviceBuffer(sh.device(), 2 * n * width);
+        uint8_t* kp = buf.as<uint8_t>();
+        uint8_t* vp = kp + n * width;
+        for (size_t a = 0; a < n;) {
+          size_t b = a + 1;
+          while (b < n && rows[r][b] == rows[r][b - 1] + 1) ++b;
+          const size_t from = rows[r][a] * row + skip;
+          gpu::copy_2d(sh.device(), kp + a * width, width, kr + from, row, width, b - a,
+                       sh.stream());
+          gpu::copy_2d(sh.device(), vp + a * width, width, vr + from, row, width, b - a,
+                       sh.stream());
+          a = b;
+        }
+        sh.append_step(layer, ids, kp, vp, type);
+      } else {
+        packed.resize(2 * n * width);
+        for (size_t a = 0; a < n; ++a) {
+          std::memcpy(&packed[a * width], kr + rows[r][a] * row + skip, width);
+          std::memcpy(&packed[(n + a) * width], vr + rows[r][a] * row + skip, width);
+        }
+        sh.append_step(layer, ids, packed.data(), packed.data() + n * width, type);
+      }
+      done.push_back(r);
+    }
+  } catch (...) {
+    for (size_t r : done)
+      for (size_t i : rows[r]) im.shards[r].truncate_layer(ss[i]->ids[r], layer, 1);
+    throw;
+  }
+  if (im.config.placement == Placement::sequence)
+    for (size_t i = 0; i < B; ++i) ss[i]->share = shares[i];
 }
 
 void ShardedCache::attend_decode(int layer, std::span<const SequenceId> seqs,

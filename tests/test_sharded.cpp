@@ -107,6 +107,28 @@ TEST(Sharded, PlacesTokensAndHeads) {
 }
 
 // Every shard's records are byte-identical to the single cache's for the same tokens and heads.
+void expect_records_of_single_cache(const Pair& p, const std::string& what) {
+  const int W = p.sharded.world();
+  for (size_t b = 0; b < p.seqs.size(); ++b)
+    for (int r = 0; r < W; ++r)
+      for (int layer = 0; layer < p.single.config().layers; ++layer) {
+        const auto tokens = p.sharded.tokens_of(r, p.sseqs[b], layer);
+        const auto heads = p.sharded.heads_of(r);
+        const KVCache& shard = p.sharded.shard(r);
+        for (size_t h = 0; h < heads.count; ++h)
+          for (bool values : {false, true}) {
+            const size_t bytes = (values ? shard.value_layout() : shard.key_layout()).record_bytes;
+            std::vector<uint8_t> mine(tokens.count * bytes), ref(tokens.count * bytes);
+            shard.read_records(shard.sequences()[b], layer, int(h), values, 0, tokens.count,
+                               mine.data());
+            p.single.read_records(p.seqs[b], layer, int(heads.first + h), values, tokens.first,
+                                  tokens.count, ref.data());
+            EXPECT_EQ(mine, ref) << what << " shard " << r << " seq " << b << " layer " << layer
+                                 << " head " << h;
+          }
+      }
+}
+
 TEST(Sharded, StoresTheCodesOfASingleCache) {
   const uint64_t seed = fresh_seed();
   std::mt19937_64 rng(seed);
@@ -115,26 +137,74 @@ TEST(Sharded, StoresTheCodesOfASingleCache) {
     c.key.kind = CodecKind::prod;
     Pair p{ShardedCache(sharded(c, 3, placement)), KVCache(c), {}, {}};
     fill(p, rng, {{90, 7}, {5}});
-    for (size_t b = 0; b < p.seqs.size(); ++b)
-      for (int r = 0; r < 3; ++r)
-        for (int layer = 0; layer < 2; ++layer) {
-          const auto tokens = p.sharded.tokens_of(r, p.sseqs[b], layer);
-          const auto heads = p.sharded.heads_of(r);
-          const KVCache& shard = p.sharded.shard(r);
-          for (size_t h = 0; h < heads.count; ++h)
-            for (bool values : {false, true}) {
-              const size_t bytes =
-                  (values ? shard.value_layout() : shard.key_layout()).record_bytes;
-              std::vector<uint8_t> mine(tokens.count * bytes), ref(tokens.count * bytes);
-              shard.read_records(p.sharded.shard(r).sequences()[b], layer, int(h), values, 0,
-                                 tokens.count, mine.data());
-              p.single.read_records(p.seqs[b], layer, int(heads.first + h), values, tokens.first,
-                                    tokens.count, ref.data());
-              EXPECT_EQ(mine, ref) << "placement " << int(placement) << " shard " << r
-                                   << " seq " << b << " layer " << layer << " head " << h
-                                   << " seed " << seed;
-            }
+    expect_records_of_single_cache(p, "placement " + std::to_string(int(placement)) + " seed " +
+                                          std::to_string(seed));
+  }
+}
+
+// A decode step of several sequences stores, on each shard, what one append a token stores:
+// sequence placement sends each token to the shard whose share holds it (here tokens on three
+// shards in one step, and a sequence whose first token is its step's), head placement every
+// shard its heads of every row.
+TEST(Sharded, AppendStepIsOneAppendAToken) {
+  const uint64_t seed = fresh_seed();
+  std::mt19937_64 rng(seed);
+  for (Placement placement : {Placement::sequence, Placement::heads}) {
+    const std::string what = "placement " + std::to_string(int(placement)) + " seed " +
+                             std::to_string(seed);
+    const CacheConfig c = base_config(3, 64, 4);
+    Pair p{ShardedCache(sharded(c, 3, placement)), KVCache(c), {}, {}};
+    fill(p, rng, {{40}, {10}, {25}, {}});  // shares of 16: tokens 40 on shard 2, 10 on 0, 25 on 1
+    const size_t row = size_t(c.kv_heads) * size_t(c.head_dim);
+    for (int step = 0; step < 8; ++step)
+      for (int layer = 0; layer < c.layers; ++layer) {
+        const std::vector<size_t> order = {3, 1, 0, 2};
+        const auto k = gaussian(rng, order.size() * row), v = gaussian(rng, order.size() * row);
+        std::vector<SequenceId> ids;
+        for (size_t i = 0; i < order.size(); ++i) {
+          ids.push_back(p.sseqs[order[i]]);
+          p.single.append(p.seqs[order[i]], layer, &k[i * row], &v[i * row], 1);
         }
+        const std::vector<const void*> ks(3, k.data()), vs(3, v.data());
+        p.sharded.append_step(layer, ids, ks, vs);
+      }
+    expect_records_of_single_cache(p, what);
+    // Placement: each token went where one append of it goes.
+    ShardedCache one_by_one(sharded(c, 3, placement));
+    const size_t prefill[] = {40, 10, 25, 0};
+    for (size_t b = 0; b < 4; ++b) {
+      const SequenceId id = one_by_one.add_sequence();
+      for (int layer = 0; layer < c.layers; ++layer) {
+        if (prefill[b] > 0) {
+          const auto k = gaussian(rng, prefill[b] * row), v = gaussian(rng, prefill[b] * row);
+          one_by_one.append(id, layer, std::vector<const void*>(3, k.data()),
+                            std::vector<const void*>(3, v.data()), prefill[b]);
+        }
+        for (int step = 0; step < 8; ++step) {
+          const auto k = gaussian(rng, row), v = gaussian(rng, row);
+          one_by_one.append(id, layer, std::vector<const void*>(3, k.data()),
+                            std::vector<const void*>(3, v.data()), 1);
+        }
+      }
+      for (int r = 0; r < 3; ++r)
+        for (int layer = 0; layer < c.layers; ++layer) {
+          EXPECT_EQ(p.sharded.tokens_of(r, p.sseqs[b], layer).first,
+                    one_by_one.tokens_of(r, id, layer).first) << what << " seq " << b;
+          EXPECT_EQ(p.sharded.tokens_of(r, p.sseqs[b], layer).count,
+                    one_by_one.tokens_of(r, id, layer).count) << what << " seq " << b;
+        }
+    }
+    // Refused whole: a NaN in the last row (on whichever shard takes it).
+    std::vector<size_t> lengths;
+    for (SequenceId id : p.sseqs) lengths.push_back(p.sharded.length(id, 0));
+    auto k = gaussian(rng, 4 * row), v = gaussian(rng, 4 * row);
+    v[3 * row + 5] = std::numeric_limits<float>::quiet_NaN();
+    const std::vector<const void*> ks(3, k.data()), vs(3, v.data());
+    EXPECT_THROW(p.sharded.append_step(0, p.sseqs, ks, vs), Error) << what;
+    for (size_t b = 0; b < p.sseqs.size(); ++b)
+      EXPECT_EQ(p.sharded.length(p.sseqs[b], 0), lengths[b]) << what << b;
+    const std::vector<SequenceId> twice = {p.sseqs[0], p.sseqs[0]};
+    EXPECT_THROW(p.sharded.append_step(0, twice, ks, vs), Error) << what;
   }
 }
 

@@ -82,6 +82,14 @@ class ShardedCache {
   /// it again; a codec that calibrated on it keeps its choice).
   void append(SequenceId seq, int layer, std::span<const void* const> k,
               std::span<const void* const> v, size_t tokens, ScalarType type = ScalarType::f32);
+  /// One decode step: a token to layer `layer` of each of `seqs` (distinct), as
+  /// KVCache::append_step. k[r] and v[r] are the same input, [seqs.size(), kv_heads, head_dim]
+  /// of `type`, in shard r's memory; each shard takes its sequences' rows (sequence placement:
+  /// those whose token falls in its share) or its heads of every row (head placement) in one
+  /// append_step. Throws as append does (on bad input the shards that took their rows already
+  /// drop them again).
+  void append_step(int layer, std::span<const SequenceId> seqs, std::span<const void* const> k,
+                   std::span<const void* const> v, ScalarType type = ScalarType::f32);
   /// Tokens stored for `seq` at `layer` over all shards.
   size_t length(SequenceId seq, int layer = 0) const;
   bool contains(SequenceId seq) const;
