@@ -126,11 +126,12 @@ std::vector<uint8_t> random_rows(std::mt19937_64& rng, size_t n, ScalarType type
   return out;
 }
 
-DeviceBuffer on_gpu(const std::vector<uint8_t>& host) {
-  DeviceBuffer b(Device::cuda(0), host.size());
+DeviceBuffer on_gpu_at(const std::vector<uint8_t>& host, int gpu) {
+  DeviceBuffer b(Device::cuda(gpu), host.size());
   b.upload(host.data(), host.size());
   return b;
 }
+DeviceBuffer on_gpu(const std::vector<uint8_t>& host) { return on_gpu_at(host, 0); }
 
 // Appends the same tokens, in the same chunks, to a CPU and a GPU cache.
 void append_both(KVCache& cpu, KVCache& gpu, SequenceId sc, SequenceId sg, int layer,
@@ -384,6 +385,24 @@ TEST(Gpu, ShardedDecodeMatchesOneCache) {
           }
           sharded.append(sseqs.back(), 0, ks, vs, T, ScalarType::f32);
           single.append(seqs.back(), 0, dk[0].data(), dv[0].data(), T, ScalarType::f32);
+        }
+        for (int step = 0; step < 3; ++step) {  // decode steps of two of the sequences
+          const size_t order[] = {2, 0};
+          const std::vector<uint8_t> k = random_rows(rng, 2 * H * d, ScalarType::f32, true, 0.0f);
+          const std::vector<uint8_t> v = random_rows(rng, 2 * H * d, ScalarType::f32, false, 0.0f);
+          std::vector<DeviceBuffer> dk, dv;
+          std::vector<const void*> ks, vs;
+          for (int g = 0; g < world; ++g) {
+            dk.push_back(on_gpu_at(k, g));
+            dv.push_back(on_gpu_at(v, g));
+            ks.push_back(dk.back().data());
+            vs.push_back(dv.back().data());
+          }
+          const SequenceId ids[] = {sseqs[order[0]], sseqs[order[1]]};
+          sharded.append_step(0, ids, ks, vs, ScalarType::f32);
+          for (size_t i = 0; i < 2; ++i)
+            single.append(seqs[order[i]], 0, dk[0].as<uint8_t>() + i * H * d * 4,
+                          dv[0].as<uint8_t>() + i * H * d * 4, 1, ScalarType::f32);
         }
         const int R = 4, q_heads = R * c.kv_heads;
         const size_t B = seqs.size();
