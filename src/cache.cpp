@@ -444,11 +444,6 @@ std::string append_where(SequenceId seq, int layer, int side, size_t head) {
 
 }  // namespace
 
-// Chooses what the (layer, head) codecs that are not ready lack (outlier channels, offsets) from
-// host copies of this append's keys and values; nothing is installed here. The (side, head)
-// pairs are independent and run in parallel (each thread holds one pair's rows as float32, so
-// the threads are capped to keep those copies under 256 MB together); what fails is reported
-// for the first pair in (side, head) order that fails, as a serial loop would.
 // The (side, head) pairs of a layer whose codecs are not ready, in (side, head) order.
 static std::vector<std::pair<int, size_t>> uncalibrated(const KVCache::Impl& im, int layer) {
   std::vector<std::pair<int, size_t>> pending;
@@ -459,6 +454,11 @@ static std::vector<std::pair<int, size_t>> uncalibrated(const KVCache::Impl& im,
   return pending;
 }
 
+// Chooses what the (layer, head) codecs that are not ready lack (outlier channels, offsets) from
+// host copies of this append's keys and values; nothing is installed here. The (side, head)
+// pairs are independent and run in parallel (each thread holds one pair's rows as float32, so
+// the threads are capped to keep those copies under 256 MB together); what fails is reported
+// for the first pair in (side, head) order that fails, as a serial loop would.
 static std::vector<Calibrated> calibrate(const KVCache::Impl& im, SequenceId seq, int layer,
                                          const uint8_t* k, const uint8_t* v, size_t tokens,
                                          ScalarType type) {
