@@ -577,6 +577,14 @@ static std::vector<Calibrated> calibrate_on_device(const KVCache::Impl& im, Sequ
   return calibrated;
 }
 
+// A codec's message about the one vector it was given ("vector 0") about token `token` instead.
+static std::string as_token(std::string what, size_t token) {
+  const std::string vector0 = "vector 0";
+  if (auto at = what.find(vector0); at != std::string::npos)
+    what.replace(at, vector0.size(), "token " + std::to_string(token));
+  return what;
+}
+
 // Says exactly why the GPU append kernel refused token `t` of input `x` ([tokens][kv_heads]
 // [head_dim] on the device) for (side, head h), from a host copy of its row encoded by the codec
 // the kernel used (ready: encoding one row calibrates nothing); the message names it as token
@@ -596,11 +604,7 @@ static std::vector<Calibrated> calibrate_on_device(const KVCache::Impl& im, Sequ
   try {
     used.encode(row.data(), 1, record.data());
   } catch (const Error& e) {
-    std::string what = e.what();
-    const std::string vector0 = "vector 0";
-    if (auto at = what.find(vector0); at != std::string::npos)
-      what.replace(at, vector0.size(), "token " + std::to_string(named));
-    throw Error(append_where(seq, layer, side, h) + what);
+    throw Error(append_where(seq, layer, side, h) + as_token(e.what(), named));
   }
   throw Error(append_where(seq, layer, side, h) + "token " + std::to_string(named) +
               " cannot be encoded");
@@ -730,21 +734,22 @@ void KVCache::append(SequenceId seq, int layer, const void* k, const void* v, si
   }
   im.zero_pages(std::span<const uint32_t>(s.pages).subspan(first_new));
   for (int side = 0; side < 2; ++side) {
-    const BlockLayout& layout = side == 0 ? im.key_layout : im.value_layout;
-    for (size_t h = 0; h < H; ++h) {
-      const uint8_t* rec = records[size_t(side) * H + h].data();
-      for (size_t t = 0; t < tokens; ++t, rec += layout.record_bytes) {
-        const size_t pos = old_len + t;
-        uint8_t* blk = im.block(layer, s.pages[pos / P], int(h), side == 1);
-        const size_t slot = pos % P;
-        for_each_section(layout, [&](const SectionLayout& sec) {
-          std::memcpy(blk + sec.block_offset + slot * sec.bytes, rec + sec.record_offset,
-                      sec.bytes);
-        });
-      }
-    }
+    const size_t rb = (side == 0 ? im.key_layout : im.value_layout).record_bytes;
+    for (size_t h = 0; h < H; ++h)
+      for (size_t t = 0; t < tokens; ++t)
+        im.store_record(layer, s, int(h), side, old_len + t,
+                        records[size_t(side) * H + h].data() + t * rb);
   }
   s.lengths[size_t(layer)] = new_len;
+}
+
+void KVCache::Impl::store_record(int layer, const Sequence& s, int head, int side, size_t pos,
+                                 const uint8_t* record) {
+  const size_t P = size_t(config.page_tokens), slot = pos % P;
+  uint8_t* blk = block(layer, s.pages[pos / P], head, side == 1);
+  for_each_section(side == 0 ? key_layout : value_layout, [&](const SectionLayout& sec) {
+    std::memcpy(blk + sec.block_offset + slot * sec.bytes, record + sec.record_offset, sec.bytes);
+  });
 }
 
 void KVCache::append_step(int layer, std::span<const SequenceId> seqs, const void* k,
@@ -781,47 +786,61 @@ void KVCache::append_step(int layer, std::span<const SequenceId> seqs, const voi
                "prefill) with append");
   const auto* k8 = static_cast<const uint8_t*>(k);
   const auto* v8 = static_cast<const uint8_t*>(v);
+  // A page for each sequence whose token starts one (zeroed; on a GPU, its page-table entry
+  // uploaded); first_new[i]: sequence i's page count before.
+  std::vector<size_t> first_new(B);
+  auto take_pages = [&] {
+    for (size_t i = 0; i < B; ++i) {
+      Impl::Sequence& s = *ss[i];
+      first_new[i] = s.pages.size();
+      if (s.lengths[size_t(layer)] + 1 <= s.pages.size() * P) continue;
+      s.pages.push_back(im.free_pages.back());
+      im.free_pages.pop_back();
+      im.zero_pages(std::span<const uint32_t>(s.pages).subspan(first_new[i]));
+      if (im.on_gpu()) im.upload_pages(s, first_new[i]);
+    }
+  };
   if (!im.on_gpu()) {
-    // Check every vector first, in the GPU's order (side, head, sequence), then append.
+    // Encode every vector first (this validates them, in the GPU's order: side, head,
+    // sequence), then take pages and store the records.
+    std::vector<std::vector<uint8_t>> records(2 * H);
     for (int side = 0; side < 2; ++side)
       for (size_t h = 0; h < H; ++h) {
         const Codec& codec =
             (side == 0 ? im.key_codecs : im.value_codecs)[im.codec_index(layer, int(h))];
-        std::vector<uint8_t> record(codec.record_bytes());
+        const size_t rb = (side == 0 ? im.key_layout : im.value_layout).record_bytes;
+        auto& out = records[size_t(side) * H + h];
+        out.resize(B * rb);
         for (size_t i = 0; i < B; ++i) {
           try {
-            codec.encode((side == 0 ? k8 : v8) + (i * H + h) * d * elem, type, 1, record.data());
+            codec.encode((side == 0 ? k8 : v8) + (i * H + h) * d * elem, type, 1, &out[i * rb]);
           } catch (const Error& e) {
-            std::string what = e.what();
-            const std::string vector0 = "vector 0";
-            if (auto at = what.find(vector0); at != std::string::npos)
-              what.replace(at, vector0.size(),
-                           "token " + std::to_string(ss[i]->lengths[size_t(layer)]));
-            throw Error(append_where(seqs[i], layer, side, h) + what);
+            throw Error(append_where(seqs[i], layer, side, h) +
+                        as_token(e.what(), ss[i]->lengths[size_t(layer)]));
           }
         }
       }
-    for (size_t i = 0; i < B; ++i)
-      append(seqs[i], layer, k8 + i * H * d * elem, v8 + i * H * d * elem, 1, type);
+    take_pages();
+    for (size_t i = 0; i < B; ++i) {
+      size_t& length = ss[i]->lengths[size_t(layer)];
+      for (int side = 0; side < 2; ++side) {
+        const size_t rb = (side == 0 ? im.key_layout : im.value_layout).record_bytes;
+        for (size_t h = 0; h < H; ++h)
+          im.store_record(layer, *ss[i], int(h), side, length,
+                          records[size_t(side) * H + h].data() + i * rb);
+      }
+      ++length;
+    }
     return;
   }
-  // GPU: the new pages first (zeroed, their page-table entries uploaded), then one launch per
-  // kMaxLaunchBatch sequences, which also write the new lengths on the device; one wait.
-  std::vector<size_t> first_new(B);
-  for (size_t i = 0; i < B; ++i) {
-    Impl::Sequence& s = *ss[i];
-    first_new[i] = s.pages.size();
-    if (s.lengths[size_t(layer)] + 1 > s.pages.size() * P) {
-      s.pages.push_back(im.free_pages.back());
-      im.free_pages.pop_back();
-      im.zero_pages(std::span<const uint32_t>(s.pages).subspan(first_new[i]));
-      im.upload_pages(s, first_new[i]);
-    }
-  }
+  // GPU: the new pages first, then one launch per kMaxLaunchBatch sequences, which also write
+  // the new lengths on the device; one wait.
+  take_pages();
   auto undo = [&] {
     for (size_t i = 0; i < B; ++i) {
       Impl::Sequence& s = *ss[i];
-      for (size_t j = s.pages.size(); j > first_new[i]; --j) im.free_pages.push_back(s.pages[j - 1]);
+      for (size_t j = s.pages.size(); j > first_new[i]; --j)
+        im.free_pages.push_back(s.pages[j - 1]);
       s.pages.resize(first_new[i]);
       im.upload_lengths(s);
     }
@@ -856,7 +875,8 @@ void KVCache::append_step(int layer, std::span<const SequenceId> seqs, const voi
     undo();
     const size_t i = first_invalid % B, h = (first_invalid / B) % H;
     const int side = int(first_invalid / (B * H));
-    const Codec& used = (side == 0 ? im.key_codecs : im.value_codecs)[im.codec_index(layer, int(h))];
+    const Codec& used =
+        (side == 0 ? im.key_codecs : im.value_codecs)[im.codec_index(layer, int(h))];
     throw_refused(im, seqs[i], layer, side, h, used, side == 0 ? k : v, i,
                   ss[i]->lengths[size_t(layer)], type);
   }

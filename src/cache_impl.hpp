@@ -87,6 +87,10 @@ struct KVCache::Impl {
     return const_cast<Impl*>(this)->find(id, what);
   }
   void check_layer(int layer, const char* what) const;
+  /// Writes a record (a codec's encoding of one vector) into its sections of the block of
+  /// (layer, head, side) that holds token `pos` of `s` (CPU caches; the page must be taken).
+  void store_record(int layer, const Sequence& s, int head, int side, size_t pos,
+                    const uint8_t* record);
   void release_pages_beyond(Sequence& s);
 
   // GPU caches.
