@@ -456,11 +456,15 @@ __device__ __forceinline__ uint32_t pair_word(uint32_t own, uint32_t select) {
 }
 
 // Where a pair-path group's code search looks: (boundaries[below], below) for each bucket, so a
-// code is one load and one comparison.
+// code is one load and one comparison. A block holds kBucketCopies interleaved copies of each
+// group's table (entry b of copy k at b · kBucketCopies + k), and pair lane l reads copy l % 16:
+// a warp's 8-byte loads are served a half-warp at a time, so its lanes' lookups never share a
+// bank, wherever the coordinates fall.
 struct BucketEntry {
   float boundary;
   uint32_t below;
 };
+constexpr int kBucketCopies = 16;
 
 // Stores N words at dst (4-byte aligned: fields and records are multiples of 4 bytes, as
 // D = 32 · E), as 16-byte stores where dst allows.
@@ -500,12 +504,18 @@ __device__ __forceinline__ BucketEntry bucket_of(float x, float inv, const Group
                                                  const BucketEntry* table, float& y) {
   y = __fmul_rn(x, inv);
   const uint32_t b = __float2uint_rd(__fmaf_rn(y, g.bucket_scale, g.bucket_offset));
-  return table[min(b, uint32_t(kBuckets - 1))];
+  return table[min(b, uint32_t(kBuckets - 1)) * kBucketCopies];
+}
+// below + (boundary < y), the comparison read off the sign bit of boundary − y: negative exactly
+// where boundary < y, as the boundaries are stored with +0 for 0 (+0 − (±0) = +0; a NaN y, of a
+// vector that is refused anyway, gives either).
+__device__ __forceinline__ uint32_t count_below(const BucketEntry& e, float y) {
+  return e.below + (__float_as_uint(__fsub_rn(e.boundary, y)) >> 31);
 }
 __device__ __forceinline__ uint32_t bucket_code(float x, float inv, const GroupTables& g,
                                                 const BucketEntry* table, float& y) {
   const BucketEntry e = bucket_of(x, inv, g, table, y);
-  return e.below + (e.boundary < y ? 1u : 0u);
+  return count_below(e, y);
 }
 
 // The codes of B = 2, 3 or 4 bits of a pair lane's L = D / 2 coordinates through the bucket
@@ -526,12 +536,10 @@ __device__ __forceinline__ void store_pair_codes(const float (&x)[16 * E], float
     float y;
     const uint32_t at = uint32_t(u * kWide % 32);
     uint32_t& w = wide[u * kWide / 32];
+    const uint32_t c = bucket_code(x[u], inv, g, table, y);
     if (B != 3) {
-      // The code (< 2^B: at most 2^B − 2 boundaries below, + 1) added in place: below, then 1.
-      const BucketEntry e = bucket_of(x[u], inv, g, table, y);
-      w = (at ? w : 0u) + (e.below << at) + (e.boundary < y ? 1u << at : 0u);
+      w = (at ? w : 0u) + (c << at);
     } else {
-      const uint32_t c = bucket_code(x[u], inv, g, table, y);
       w = at ? w | (c & 3u) << at : c & 3u;
       low[u / 32] = u % 32 ? low[u / 32] | (c >> 2) << (u % 32) : c >> 2;
     }
@@ -770,13 +778,13 @@ __global__ void __launch_bounds__(kWarps * 32, kPairBlocks)
   const size_t index = (size_t(c.layer) * c.kv_heads + head) * 2 + size_t(side);
   const int16_t* channels = c.channels + index * size_t(d);
   const float* offsets = codec.center ? c.offsets + index * size_t(d) : nullptr;
-  // Shared: the groups' bucket tables [group][kBuckets] and boundaries [group][256]; for each
-  // coordinate of the concatenated groups its sign s, s · its offset and its channel, and for
-  // each coordinate pair the sign bits; then each warp's stage of 16 input rows.
+  // Shared: the groups' bucket tables [group][kBuckets][kBucketCopies] and boundaries
+  // [group][256]; for each coordinate of the concatenated groups its sign s, s · its offset and
+  // its channel, and for each coordinate pair the sign bits; then each warp's stage of 16 rows.
   const uint32_t row_bytes = uint32_t(d) * (p.type == 0 ? 4u : 2u);
   const uint32_t row_stride = row_bytes + 16;  // 16-byte reads of 8 lanes hit distinct banks
   BucketEntry* tables = reinterpret_cast<BucketEntry*>(smem);
-  float* boundaries = reinterpret_cast<float*>(tables + kMaxGroups * kBuckets);
+  float* boundaries = reinterpret_cast<float*>(tables + kMaxGroups * kBuckets * kBucketCopies);
   float* shift = boundaries + kMaxGroups * 256;
   float* sign = shift + d;
   uint32_t* flip = reinterpret_cast<uint32_t*>(sign + d);
@@ -832,10 +840,12 @@ __global__ void __launch_bounds__(kWarps * 32, kPairBlocks)
     const int n = (1 << g.mse_bits) - 1;
     for (int i = int(threadIdx.x); i < n; i += kWarps * 32)
       boundaries[256 * gi + i] = g.boundaries[i];
-    if (g.buckets != nullptr && threadIdx.x < kBuckets) {
-      const uint32_t below = g.buckets[threadIdx.x];
-      tables[kBuckets * gi + threadIdx.x] = {g.boundaries[below], below};
-    }
+    if (g.buckets != nullptr)
+      for (int i = int(threadIdx.x); i < kBuckets * kBucketCopies; i += kWarps * 32) {
+        const uint32_t below = g.buckets[i / kBucketCopies];
+        tables[kBuckets * kBucketCopies * gi + i] = {__fadd_rn(g.boundaries[below], 0.0f),
+                                                     below};
+      }
     // Lane 1's coordinates (bit 3 of j set) take negated signs (encode_pair_vector).
     auto sign_of = [&](int j) { return j & 8 ? -g.signs[j] : g.signs[j]; };
     for (int j = int(threadIdx.x); j < g.dim; j += kWarps * 32) {
@@ -891,7 +901,8 @@ __global__ void __launch_bounds__(kWarps * 32, kPairBlocks)
             g, in_order ? row + size_t(ch[half]) * element : row, p.type,
             in_order ? nullptr : ch + half, shift + half, sign + half, flip + half / 2,
             codec.center != 0,
-            g.buckets != nullptr ? tables + kBuckets * gi : nullptr, boundaries + 256 * gi,
+            g.buckets != nullptr ? tables + kBuckets * kBucketCopies * gi + token_lane : nullptr,
+            boundaries + 256 * gi,
             codec.norm_f16, block, slot, h, mine, read);
       };
       // Hadamard sizes are powers of two, at most 32 · kMaxE (launch_append picks kMaxE).
@@ -949,7 +960,8 @@ void launch_append(Device device, const AppendParams& p, CudaStream stream) {
   };
   if (pairs) {
     const size_t row_bytes = size_t(d) * (p.type == 0 ? 4 : 2);
-    const size_t smem = kMaxGroups * kBuckets * 8 + kMaxGroups * 256 * 4 + size_t(d) * 10 +
+    const size_t smem = kMaxGroups * kBuckets * kBucketCopies * 8 + kMaxGroups * 256 * 4 +
+                        size_t(d) * 10 +
                         ((2 * size_t(d) + 15) & ~size_t(15)) +
                         size_t(kWarps) * kPairTokens * (row_bytes + 16);
     if (widest == 1) launch(append_pair_kernel<1>, smem, 0);
