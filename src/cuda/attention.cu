@@ -103,6 +103,14 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
   return y;
 }
 
+// The bits of a where m is set and of b where it is clear, in one LOP3: written as
+// (a & m) | (b & ~m) the compiler emits two, the mask first.
+__device__ __forceinline__ uint32_t bit_select(uint32_t a, uint32_t m, uint32_t b) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xE2;\n" : "=r"(d) : "r"(a), "r"(m), "r"(b));
+  return d;
+}
+
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
   const __half2 h = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&h);
@@ -196,7 +204,7 @@ __device__ __forceinline__ uint32_t spread_crumbs(uint32_t x) {
   return (x & 0x33u) * 0x110u + (x & 0xccu) * 0x440000u;
 }
 __device__ __forceinline__ uint32_t merge_planes(uint32_t lo, uint32_t hi) {
-  return (lo & 0x0f0f0f0fu) | (hi & 0xf0f0f0f0u);
+  return bit_select(lo, 0x0f0f0f0fu, hi);
 }
 // Loads kBytes (1, 2, 4 or 8, aligned to their size) bytes as one word or two, little-endian;
 // bytes past kBytes read as 0.
@@ -248,14 +256,14 @@ __device__ __forceinline__ void load_packed_values(const uint8_t* row0, const ui
   const uint32_t l0 = load_word_of<2 * N>(row0 + 2 * first);
   const uint32_t l1 = load_word_of<2 * N>(row1 + 2 * first);
   // Nibble i: the two tokens' 2-bit low codes of coordinate 2i (even) or 2i + 1 (odd).
-  const uint32_t even = (l0 & 0x33333333u) | ((l1 << 2) & 0xccccccccu);
-  const uint32_t odd = ((l0 >> 2) & 0x33333333u) | (l1 & 0xccccccccu);
+  const uint32_t even = bit_select(l0, 0x33333333u, l1 << 2);
+  const uint32_t odd = bit_select(l0 >> 2, 0x33333333u, l1);
   uint32_t hi_even = 0u, hi_odd = 0u;
   if (width == 3) {
     const uint32_t h0 = load_word_of<N>(row0 + kDim / 4 + first);
     const uint32_t h1 = load_word_of<N>(row1 + kDim / 4 + first);
-    hi_even = (h0 & 0x5555u) | ((h1 << 1) & 0xaaaau);  // 2-bit piece i: coordinate 2i
-    hi_odd = ((h0 >> 1) & 0x5555u) | (h1 & 0xaaaau);
+    hi_even = bit_select(h0, 0x55555555u, h1 << 1);  // 2-bit piece i: coordinate 2i
+    hi_odd = bit_select(h0 >> 1, 0x55555555u, h1);
   }
 #pragma unroll
   for (int m = 0; m < N; ++m) {
@@ -1116,10 +1124,10 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
           if (!vector && word < sh.words)
 #pragma unroll
             for (int j = 0; j < 4; ++j) w[j] = load_word(rows[j], sh.width, sh.dim, word);
-          ab[k][0] = (w[0] & 0x0f0f0f0fu) | ((w[1] & 0x0f0f0f0fu) << 4);
-          ab[k][1] = ((w[0] >> 4) & 0x0f0f0f0fu) | (w[1] & 0xf0f0f0f0u);
-          cd[k][0] = (w[2] & 0x0f0f0f0fu) | ((w[3] & 0x0f0f0f0fu) << 4);
-          cd[k][1] = ((w[2] >> 4) & 0x0f0f0f0fu) | (w[3] & 0xf0f0f0f0u);
+          ab[k][0] = bit_select(w[0], 0x0f0f0f0fu, w[1] << 4);
+          ab[k][1] = bit_select(w[0] >> 4, 0x0f0f0f0fu, w[1]);
+          cd[k][0] = bit_select(w[2], 0x0f0f0f0fu, w[3] << 4);
+          cd[k][1] = bit_select(w[2] >> 4, 0x0f0f0f0fu, w[3]);
         }
       }
       // Coordinate e of a word: parity e % 2, byte of pair e / 2.
