@@ -292,7 +292,11 @@ void KVCache::Impl::init_gpu() {
   m.lengths.fill(0);
   m.flag = DeviceBuffer(dev, 4);
   m.flag.fill(0xff);  // and so between appends: read_flag resets it after a refusal
-  m.flag_host = PinnedWord(true);
+  m.flag_host = PinnedWords(1);
+  m.step_flags = DeviceBuffer(dev, kQueuedSteps * 4);
+  m.step_flags.fill(0xff);
+  m.step_flags_host = PinnedWords(kQueuedSteps);
+  m.queued_done = GpuEvent(config.device);
   m.free_slots.resize(S);
   for (size_t i = 0; i < S; ++i) m.free_slots[i] = uint32_t(S - 1 - i);
 }
@@ -305,14 +309,24 @@ uint32_t KVCache::Impl::read_flag() {
   return value;
 }
 
-PinnedWord::PinnedWord(bool allocate)
-    : p_(allocate ? static_cast<uint32_t*>(gpu::allocate_host(4)) : nullptr) {}
-PinnedWord::~PinnedWord() { gpu::release_host(p_); }
-PinnedWord& PinnedWord::operator=(PinnedWord&& o) noexcept {
+PinnedWords::PinnedWords(size_t n) : p_(static_cast<uint32_t*>(gpu::allocate_host(4 * n))) {}
+PinnedWords::~PinnedWords() { gpu::release_host(p_); }
+PinnedWords& PinnedWords::operator=(PinnedWords&& o) noexcept {
   if (this != &o) {
     gpu::release_host(p_);
     p_ = o.p_;
     o.p_ = nullptr;
+  }
+  return *this;
+}
+
+GpuEvent::GpuEvent(Device device) : e_(gpu::create_event(device)) {}
+GpuEvent::~GpuEvent() { gpu::destroy_event(e_); }
+GpuEvent& GpuEvent::operator=(GpuEvent&& o) noexcept {
+  if (this != &o) {
+    gpu::destroy_event(e_);
+    e_ = o.e_;
+    o.e_ = nullptr;
   }
   return *this;
 }
@@ -391,6 +405,7 @@ gpu::CacheView KVCache::Impl::view(int layer) const {
 
 void KVCache::set_stream(CudaStream stream) {
   TQKV_CHECK(impl_->on_gpu(), "set_stream: this cache lives on the CPU");
+  impl_->settle();
   impl_->gpu->stream = stream;
 }
 CudaStream KVCache::stream() const { return impl_->on_gpu() ? impl_->gpu->stream : nullptr; }
@@ -420,6 +435,7 @@ bool KVCache::contains(SequenceId seq) const { return impl_->sequences.count(seq
 
 size_t KVCache::length(SequenceId seq, int layer) const {
   impl_->check_layer(layer, "length");
+  impl_->settle();
   return impl_->find(seq, "length").lengths[size_t(layer)];
 }
 
@@ -613,6 +629,7 @@ static std::string as_token(std::string what, size_t token) {
 void KVCache::append(SequenceId seq, int layer, const void* k, const void* v, size_t tokens,
                      ScalarType type) {
   auto& im = *impl_;
+  im.settle();
   const CacheConfig& c = im.config;
   im.check_layer(layer, "append");
   Impl::Sequence& s = im.find(seq, "append");
@@ -753,9 +770,15 @@ void KVCache::Impl::store_record(int layer, const Sequence& s, int head, int sid
 }
 
 void KVCache::append_step(int layer, std::span<const SequenceId> seqs, const void* k,
-                          const void* v, ScalarType type) {
+                          const void* v, ScalarType type, StepCheck check) {
   auto& im = *impl_;
   const CacheConfig& c = im.config;
+  TQKV_CHECK(check == StepCheck::now || check == StepCheck::deferred,
+             "append_step: unknown StepCheck ", int(check));
+  const bool deferred = check == StepCheck::deferred && im.on_gpu();
+  // Earlier deferred steps first (a refusal among them is this call's error); a deferred step
+  // leaves them queued unless the queue is full.
+  if (!deferred || im.queued.size() == kQueuedSteps) im.settle();
   im.check_layer(layer, "append_step");
   if (seqs.empty()) return;
   TQKV_CHECK(k != nullptr && v != nullptr, "append_step: null key or value pointer");
@@ -851,7 +874,8 @@ void KVCache::append_step(int layer, std::span<const SequenceId> seqs, const voi
   p.step = 1;
   p.step_total = uint32_t(B);
   p.lengths = im.gpu->lengths.as<uint32_t>();
-  p.first_invalid = im.gpu->flag.as<uint32_t>();
+  const size_t q = im.queued.size();  // a deferred step's flag word
+  p.first_invalid = deferred ? im.gpu->step_flags.as<uint32_t>() + q : im.gpu->flag.as<uint32_t>();
   uint32_t first_invalid = 0xffffffffu;
   try {
     for (size_t i0 = 0; i0 < B; i0 += gpu::kMaxLaunchBatch) {
@@ -866,7 +890,11 @@ void KVCache::append_step(int layer, std::span<const SequenceId> seqs, const voi
       }
       gpu::launch_append(c.device, p, im.gpu->stream);
     }
-    first_invalid = im.read_flag();
+    if (deferred) {
+      gpu::record_event(c.device, im.gpu->queued_done.get(), im.gpu->stream);  // the queue's end
+    } else {
+      first_invalid = im.read_flag();
+    }
   } catch (...) {
     undo();  // a CUDA error: undo, then rethrow
     throw;
@@ -880,11 +908,66 @@ void KVCache::append_step(int layer, std::span<const SequenceId> seqs, const voi
     throw_refused(im, seqs[i], layer, side, h, used, side == 0 ? k : v, i,
                   ss[i]->lengths[size_t(layer)], type);
   }
+  if (deferred) {
+    Impl::QueuedStep step{layer, std::vector<SequenceId>(seqs.begin(), seqs.end()), {}};
+    for (size_t i = 0; i < B; ++i) step.took_page.push_back(ss[i]->pages.size() > first_new[i]);
+    im.queued.push_back(std::move(step));
+  }
   for (Impl::Sequence* s : ss) ++s->lengths[size_t(layer)];
+}
+
+void KVCache::check() { impl_->settle(); }
+
+void KVCache::Impl::settle() {
+  if (queued.empty()) return;
+  gpu::wait_event(gpu->queued_done.get());
+  uint32_t* flags = gpu->step_flags_host.get();
+  gpu::download(config.device, flags, gpu->step_flags.data(), 4 * queued.size(), gpu->stream);
+  size_t bad = 0;
+  while (bad < queued.size() && flags[bad] == 0xffffffffu) ++bad;
+  if (bad == queued.size()) {
+    queued.clear();
+    return;
+  }
+  // Undo the refused step and every one after it, the last first: a token less in each of
+  // their sequences' layer, and the pages they took back to the pool. The device lengths, which
+  // the kernels raised, are uploaded again; the flag words reset for the next queue.
+  const QueuedStep refused = queued[bad];
+  const uint32_t first_invalid = flags[bad];
+  const size_t after = queued.size() - bad - 1;
+  std::vector<SequenceId> touched;
+  for (size_t j = queued.size(); j-- > bad;) {
+    const QueuedStep& st = queued[j];
+    for (size_t i = 0; i < st.seqs.size(); ++i) {
+      Sequence& s = sequences.at(st.seqs[i]);
+      --s.lengths[size_t(st.layer)];
+      if (st.took_page[i]) {
+        free_pages.push_back(s.pages.back());
+        s.pages.pop_back();
+      }
+      touched.push_back(st.seqs[i]);
+    }
+  }
+  queued.clear();
+  std::sort(touched.begin(), touched.end());
+  touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
+  for (SequenceId id : touched) upload_lengths(sequences.at(id));
+  gpu::fill(config.device, gpu->step_flags.data(), 0xff, kQueuedSteps * 4, gpu->stream);
+  // The vector order of AppendParams::first_invalid: side, then head, then the step's sequence.
+  const size_t B = refused.seqs.size(), H = size_t(config.kv_heads);
+  const size_t i = first_invalid % B, h = (first_invalid / B) % H;
+  const int side = int(first_invalid / (B * H));
+  const SequenceId seq = refused.seqs[i];
+  throw Error(append_where(seq, refused.layer, side, h) +
+              detail::concat("token ", sequences.at(seq).lengths[size_t(refused.layer)],
+                             " of a deferred append_step cannot be encoded (a non-finite element, "
+                             "or a norm outside the norms' range); that step and the ", after,
+                             " queued after it were undone"));
 }
 
 void KVCache::truncate(SequenceId seq, size_t tokens) {
   auto& im = *impl_;
+  im.settle();
   Impl::Sequence& s = im.find(seq, "truncate");
   const size_t shortest = *std::min_element(s.lengths.begin(), s.lengths.end());
   TQKV_CHECK(tokens <= shortest, "truncate: cannot remove ", tokens, " tokens from sequence ",
@@ -896,6 +979,7 @@ void KVCache::truncate(SequenceId seq, size_t tokens) {
 
 void KVCache::truncate_layer(SequenceId seq, int layer, size_t tokens) {
   auto& im = *impl_;
+  im.settle();
   im.check_layer(layer, "truncate_layer");
   Impl::Sequence& s = im.find(seq, "truncate_layer");
   size_t& n = s.lengths[size_t(layer)];
@@ -908,6 +992,7 @@ void KVCache::truncate_layer(SequenceId seq, int layer, size_t tokens) {
 
 void KVCache::free_sequence(SequenceId seq) {
   auto& im = *impl_;
+  im.settle();
   Impl::Sequence& s = im.find(seq, "free_sequence");
   std::fill(s.lengths.begin(), s.lengths.end(), 0);
   im.release_pages_beyond(s);
@@ -933,8 +1018,12 @@ size_t KVCache::page_bytes() const {
   return impl_->layer_page_bytes * size_t(impl_->config.layers);
 }
 size_t KVCache::pages_total() const { return impl_->config.max_pages; }
-size_t KVCache::pages_free() const { return impl_->free_pages.size(); }
+size_t KVCache::pages_free() const {
+  impl_->settle();
+  return impl_->free_pages.size();
+}
 size_t KVCache::stored_bytes() const {
+  impl_->settle();
   size_t tokens = 0;
   for (const auto& [id, s] : impl_->sequences)
     for (size_t n : s.lengths) tokens += n;
@@ -960,6 +1049,7 @@ const BlockLayout& KVCache::key_layout() const { return impl_->key_layout; }
 const BlockLayout& KVCache::value_layout() const { return impl_->value_layout; }
 
 std::span<const uint32_t> KVCache::page_table(SequenceId seq) const {
+  impl_->settle();
   return impl_->find(seq, "page_table").pages;
 }
 const uint8_t* KVCache::key_block(int layer, uint32_t page, int head) const {
@@ -971,6 +1061,7 @@ const uint8_t* KVCache::value_block(int layer, uint32_t page, int head) const {
 
 void KVCache::read_records(SequenceId seq, int layer, int head, bool values, size_t first,
                            size_t count, uint8_t* records) const {
+  impl_->settle();
   const auto& im = *impl_;
   im.check_layer(layer, "read_records");
   const Impl::Sequence& s = im.find(seq, "read_records");
@@ -1006,6 +1097,7 @@ void KVCache::read_records(SequenceId seq, int layer, int head, bool values, siz
 // --- files ---------------------------------------------------------------------------------------
 
 std::vector<uint8_t> KVCache::serialize() const {
+  impl_->settle();
   const auto& im = *impl_;
   file::SavedCache saved;
   saved.layers = im.config.layers;

@@ -24,20 +24,37 @@ class PagePool {
   uint8_t* data_ = nullptr;
 };
 
-/// A page-locked host word: what append reads back from the device after each call (its error
-/// flag) comes by one DMA instead of a staging copy.
-class PinnedWord {
+/// Page-locked host words: what append reads back from the device (its error flags) comes by
+/// one DMA instead of a staging copy.
+class PinnedWords {
  public:
-  PinnedWord() = default;
-  explicit PinnedWord(bool allocate);
-  ~PinnedWord();
-  PinnedWord(PinnedWord&& o) noexcept : p_(o.p_) { o.p_ = nullptr; }
-  PinnedWord& operator=(PinnedWord&& o) noexcept;
+  PinnedWords() = default;
+  explicit PinnedWords(size_t n);
+  ~PinnedWords();
+  PinnedWords(PinnedWords&& o) noexcept : p_(o.p_) { o.p_ = nullptr; }
+  PinnedWords& operator=(PinnedWords&& o) noexcept;
   uint32_t* get() const { return p_; }
 
  private:
   uint32_t* p_ = nullptr;
 };
+
+/// A CUDA event (gpu::create_event), destroyed with its owner.
+class GpuEvent {
+ public:
+  GpuEvent() = default;
+  explicit GpuEvent(Device device);
+  ~GpuEvent();
+  GpuEvent(GpuEvent&& o) noexcept : e_(o.e_) { o.e_ = nullptr; }
+  GpuEvent& operator=(GpuEvent&& o) noexcept;
+  void* get() const { return e_; }
+
+ private:
+  void* e_ = nullptr;
+};
+
+/// Steps append_step may hold queued (StepCheck::deferred) before one is checked.
+inline constexpr size_t kQueuedSteps = 64;
 
 /// The device-side mirror of a GPU cache: codec tables, page tables, lengths, channel lists.
 struct GpuMirror {
@@ -47,7 +64,13 @@ struct GpuMirror {
   DeviceBuffer page_tables;  // uint32 [max_sequences][max_pages]
   DeviceBuffer lengths;      // uint32 [max_sequences][layers]
   DeviceBuffer flag;         // uint32: append's first invalid vector, 0xffffffff between appends
-  PinnedWord flag_host;      // where it is read back
+  PinnedWords flag_host;     // where it is read back
+  /// Deferred steps: step q of the queue lowers word q as append lowers `flag` (each 0xffffffff
+  /// until a refusal is reported), read back into step_flags_host once the queue is checked;
+  /// `queued_done` is recorded after the last queued step.
+  DeviceBuffer step_flags;
+  PinnedWords step_flags_host;
+  GpuEvent queued_done;
   gpu::CodecTables key, value;
   std::vector<uint32_t> free_slots;  // a stack
   CudaStream stream = nullptr;
@@ -69,6 +92,15 @@ struct KVCache::Impl {
   };
   std::map<SequenceId, Sequence> sequences;
   SequenceId next_id = 0;
+  /// GPU caches: the steps append_step queued unchecked (StepCheck::deferred), in order, with
+  /// what each did on the host: one token more in `layer` of each of `seqs`, and a page taken
+  /// for those marked in `took_page`.
+  struct QueuedStep {
+    int layer = 0;
+    std::vector<SequenceId> seqs;
+    std::vector<uint8_t> took_page;
+  };
+  std::vector<QueuedStep> queued;
 
   bool on_gpu() const { return gpu != nullptr; }
   size_t codec_index(int layer, int head) const {
@@ -101,6 +133,9 @@ struct KVCache::Impl {
   /// Reads append's error flag (waits for the stream) and, where a kernel lowered it, resets it
   /// to 0xffffffff for the next append.
   uint32_t read_flag();
+  /// Waits for the queued steps; if one was refused, undoes it and every step after it, then
+  /// throws its refusal.
+  void settle();
   void zero_pages(std::span<const uint32_t> pages);
   /// The kernels' view of layer `layer`.
   gpu::CacheView view(int layer) const;

@@ -165,6 +165,16 @@ TEST(Cache, AppendStepIsOneAppendASequence) {
     k[2 * 128 + 64 + 9] = 0.5f;
     const std::string m2 = error_of([&] { a.append_step(2, three, k.data(), v.data()); });
     EXPECT_NE(m2.find("values of KV head 0"), std::string::npos) << m2;
+    // A CPU cache checks a deferred step at once: the same refusal, from the call itself.
+    EXPECT_EQ(error_of([&] {
+                a.append_step(2, three, k.data(), v.data(), ScalarType::f32, StepCheck::deferred);
+              }),
+              m2);
+    EXPECT_NO_THROW(a.check());
+    EXPECT_NE(error_of([&] {
+                a.append_step(2, three, k.data(), v.data(), ScalarType::f32, StepCheck(7));
+              }).find("unknown StepCheck 7"),
+              std::string::npos);
     EXPECT_NE(m2.find("sequence " + std::to_string(sa[0])), std::string::npos) << m2;
     for (size_t i = 0; i < sa.size(); ++i) EXPECT_EQ(a.length(sa[i], 2), lengths[i]) << i;
     EXPECT_EQ(a.pages_free(), free_before);

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <random>
 #include <string>
@@ -142,6 +143,27 @@ void append_both(KVCache& cpu, KVCache& gpu, SequenceId sc, SequenceId sg, int l
   cpu.append(sc, layer, k.data(), v.data(), tokens, type);
   const DeviceBuffer dk = on_gpu(k), dv = on_gpu(v);
   gpu.append(sg, layer, dk.data(), dv.data(), tokens, type);
+}
+
+// A CPU and a GPU cache of setup s (pools of max_pages, max_sequences sequences) holding n
+// sequences, sequence i prefilled in layer 0 with the same tokens(i) rows of `type` in both.
+struct CachePair {
+  KVCache cpu, gpu;
+  std::vector<SequenceId> sc, sg;
+};
+CachePair paired_caches(const GpuSetup& s, size_t max_pages, size_t max_sequences, int n,
+                        const std::function<size_t(int)>& tokens, ScalarType type,
+                        std::mt19937_64& rng) {
+  CacheConfig cc = config_of(s, Device::cpu()), gc = config_of(s, Device::cuda(0));
+  cc.max_pages = gc.max_pages = max_pages;
+  cc.max_sequences = gc.max_sequences = max_sequences;
+  CachePair c{KVCache(cc), KVCache(gc), {}, {}};
+  for (int i = 0; i < n; ++i) {
+    c.sc.push_back(c.cpu.add_sequence());
+    c.sg.push_back(c.gpu.add_sequence());
+    append_both(c.cpu, c.gpu, c.sc.back(), c.sg.back(), 0, tokens(i), type, rng);
+  }
+  return c;
 }
 
 void expect_same_codes(const KVCache& cpu, const KVCache& gpu, SequenceId sc, SequenceId sg,
@@ -583,15 +605,9 @@ TEST(Gpu, AppendStepMatchesTheCpu) {
   std::mt19937_64 rng(seed);
   for (GpuSetup s : setups(seed)) {
     SCOPED_TRACE(s.name() + " seed " + std::to_string(seed));
-    CacheConfig cc = config_of(s, Device::cpu()), gc = config_of(s, Device::cuda(0));
-    cc.max_pages = gc.max_pages = 512;
-    KVCache cpu(cc), gpu(gc);
-    std::vector<SequenceId> sc, sg;
-    for (int i = 0; i < 6; ++i) {  // prefills of 37..62 tokens: the steps cross page ends
-      sc.push_back(cpu.add_sequence());
-      sg.push_back(gpu.add_sequence());
-      append_both(cpu, gpu, sc.back(), sg.back(), 0, 37 + 5 * size_t(i), ScalarType::f16, rng);
-    }
+    // Prefills of 37..62 tokens: the steps cross page ends.
+    auto [cpu, gpu, sc, sg] = paired_caches(
+        s, 512, 64, 6, [](int i) { return 37 + 5 * size_t(i); }, ScalarType::f16, rng);
     const size_t R = size_t(s.kv_heads) * size_t(s.head_dim);
     for (int step = 0; step < 9; ++step) {
       std::vector<size_t> order = {4, 1, 5, 0};
@@ -614,16 +630,8 @@ TEST(Gpu, AppendStepMatchesTheCpu) {
   }
   // More sequences than a launch takes (128), and a refused step.
   const GpuSetup s = setups(seed)[0];
-  CacheConfig cc = config_of(s, Device::cpu()), gc = config_of(s, Device::cuda(0));
-  cc.max_sequences = gc.max_sequences = 140;
-  cc.max_pages = gc.max_pages = 300;
-  KVCache cpu(cc), gpu(gc);
-  std::vector<SequenceId> sc, sg;
-  for (int i = 0; i < 140; ++i) {
-    sc.push_back(cpu.add_sequence());
-    sg.push_back(gpu.add_sequence());
-    append_both(cpu, gpu, sc.back(), sg.back(), 0, 30 + size_t(i % 4), ScalarType::f32, rng);
-  }
+  auto [cpu, gpu, sc, sg] = paired_caches(
+      s, 300, 140, 140, [](int i) { return 30 + size_t(i % 4); }, ScalarType::f32, rng);
   const size_t R = size_t(s.kv_heads) * size_t(s.head_dim), B = sg.size();
   auto k = random_rows(rng, B * R, ScalarType::f32, true);
   auto v = random_rows(rng, B * R, ScalarType::f32, false);
@@ -647,6 +655,80 @@ TEST(Gpu, AppendStepMatchesTheCpu) {
   for (size_t i = 0; i < B; ++i) ASSERT_EQ(gpu.length(sg[i], 0), cpu.length(sc[i], 0)) << i;
   std::vector<size_t> decode(B, 1);
   check_attention(gpu, sg, decode, 4 * s.kv_heads, {}, rng, "after a refused step");
+}
+
+// Deferred steps (StepCheck::deferred) store what checked ones store, across page ends and past
+// the queue's 64 steps; a refused one is reported by check() or any call that reads the
+// sequences, which undoes it and the steps queued after it: lengths, pages and codes are then
+// those of the steps before it.
+TEST(Gpu, DeferredStepsStoreTheSameAndUndoARefusal) {
+  REQUIRE_GPU();
+  const uint64_t seed = fresh_seed();
+  std::mt19937_64 rng(seed);
+  for (const GpuSetup& s : {setups(seed)[0], setups(seed).back()}) {
+    SCOPED_TRACE(s.name() + " seed " + std::to_string(seed));
+    auto [cpu, gpu, sc, sg] = paired_caches(
+        s, 400, 64, 5, [](int i) { return 20 + 7 * size_t(i); }, ScalarType::f16, rng);
+    const size_t R = size_t(s.kv_heads) * size_t(s.head_dim), B = sg.size();
+    std::vector<DeviceBuffer> inputs;  // a deferred step reads them after the call returns
+    // One step to every sequence: the CPU's at once, the GPU's deferred (or checked).
+    auto step = [&](std::vector<uint8_t> k, std::vector<uint8_t> v, StepCheck check) {
+      inputs.push_back(on_gpu(k));
+      inputs.push_back(on_gpu(v));
+      gpu.append_step(0, sg, inputs[inputs.size() - 2].data(), inputs.back().data(),
+                      ScalarType::f16, check);
+    };
+    auto rows = [&](bool keys) { return random_rows(rng, B * R, ScalarType::f16, keys); };
+    for (int n = 0; n < 70; ++n) {  // more than the queue holds: the 65th waits for the first
+      auto k = rows(true), v = rows(false);
+      cpu.append_step(0, sc, k.data(), v.data(), ScalarType::f16);
+      step(k, v, StepCheck::deferred);
+    }
+    gpu.check();
+    for (size_t i = 0; i < B; ++i) expect_same_codes(cpu, gpu, sc[i], sg[i], std::to_string(i));
+    EXPECT_EQ(gpu.pages_free(), cpu.pages_free());
+
+    // A good step, a refused one (a NaN in sequence 3's values, KV head 1), two more.
+    auto k = rows(true), v = rows(false);
+    cpu.append_step(0, sc, k.data(), v.data(), ScalarType::f16);
+    step(k, v, StepCheck::deferred);
+    auto bad = rows(false);
+    const uint16_t nan16 = 0x7e00;
+    std::memcpy(&bad[(3 * R + size_t(s.head_dim) + 5) * 2], &nan16, 2);
+    step(rows(true), bad, StepCheck::deferred);
+    for (int n = 0; n < 2; ++n) step(rows(true), rows(false), StepCheck::deferred);
+    const std::string m = error_of([&] { gpu.check(); });
+    EXPECT_NE(m.find("sequence " + std::to_string(sg[3]) + ", layer 0, values of KV head 1"),
+              std::string::npos) << m;
+    EXPECT_NE(m.find("token " + std::to_string(cpu.length(sc[3], 0)) + " of a deferred"),
+              std::string::npos) << m;
+    EXPECT_NE(m.find("the 2 queued after it were undone"), std::string::npos) << m;
+    EXPECT_NO_THROW(gpu.check());  // reported once
+    for (size_t i = 0; i < B; ++i) {
+      ASSERT_EQ(gpu.length(sg[i], 0), cpu.length(sc[i], 0)) << i;
+      expect_same_codes(cpu, gpu, sc[i], sg[i], "after the refusal " + std::to_string(i));
+    }
+    EXPECT_EQ(gpu.pages_free(), cpu.pages_free());
+
+    // A later deferred step leaves a refused one queued, done or not; a call that reads the
+    // sequences (here length) reports it and undoes both.
+    step(rows(true), bad, StepCheck::deferred);
+    synchronize(Device::cuda(0), gpu.stream());
+    step(rows(true), rows(false), StepCheck::deferred);
+    const std::string again = error_of([&] { (void)gpu.length(sg[0], 0); });
+    EXPECT_NE(again.find("that step and the 1 queued after it were undone"), std::string::npos)
+        << again;
+    // Steps after a reported refusal are taken again, checked or deferred.
+    for (StepCheck check : {StepCheck::deferred, StepCheck::now}) {
+      k = rows(true), v = rows(false);
+      cpu.append_step(0, sc, k.data(), v.data(), ScalarType::f16);
+      step(k, v, check);
+    }
+    for (size_t i = 0; i < B; ++i) expect_same_codes(cpu, gpu, sc[i], sg[i], "at the end");
+    EXPECT_EQ(gpu.pages_free(), cpu.pages_free());
+    const std::vector<size_t> decode(B, 1);
+    check_attention(gpu, sg, decode, 4 * s.kv_heads, {}, rng, s.name() + " after the steps");
+  }
 }
 
 // A first append that calibrates (outlier channels, offsets) chooses on the device what the CPU

@@ -69,6 +69,13 @@ struct CacheConfig {
 
 using SequenceId = uint64_t;
 
+/// When KVCache::append_step on a GPU cache reports input it refuses (CPU caches always check
+/// at once).
+enum class StepCheck {
+  now,      ///< waits for the step's kernel and throws before returning
+  deferred  ///< returns once the step is queued (no wait); see append_step
+};
+
 /// Where a section of the codec record sits in a page block.
 struct SectionLayout {
   size_t record_offset = 0;  ///< in the codec record
@@ -125,8 +132,20 @@ class KVCache {
   /// chooses from a sequence's first append, its prefill). Throws (changing nothing) on an
   /// unknown or repeated sequence, NaN/Inf input (naming the first bad vector in (keys, values;
   /// head; sequence) order), or when the pool has too few free pages.
+  ///
+  /// With StepCheck::deferred a GPU cache returns as soon as the step is queued on its stream,
+  /// so that a decode loop does not wait for each layer's append; k and v must stay valid until
+  /// the step has run (until check(), or anything that waits for the stream). Deferred steps
+  /// are checked together by check(), by any other call that reads or changes the sequences
+  /// (a checked append_step, append, truncate, length, page_table, save, to, ...; attention
+  /// aside), or when 64 are queued: a refusal among them is thrown there, after undoing the
+  /// refused step and every step queued after it, so that the cache holds what it held before
+  /// the refused step. Attention queued in between sees the refused step's tokens.
   void append_step(int layer, std::span<const SequenceId> seqs, const void* k, const void* v,
-                   ScalarType type = ScalarType::f32);
+                   ScalarType type = ScalarType::f32, StepCheck check = StepCheck::now);
+  /// Waits for the steps queued with StepCheck::deferred and throws if one was refused (see
+  /// append_step); does nothing otherwise, and on CPU caches.
+  void check();
   /// Removes the last `tokens` tokens of every layer of `seq` (rollback); frees emptied pages.
   void truncate(SequenceId seq, size_t tokens);
   /// The same for one layer (undoes that layer's last append of `tokens` tokens).

@@ -155,6 +155,7 @@ nlohmann::json to_json(const BenchRow& r) {
           {"append_gbps", gpu_only(r.append_gbps)},
           {"first_append_ms", gpu_only(r.first_append_ms)},
           {"step_append_us", gpu_only(r.step_append_us)},
+          {"deferred_step_us", gpu_only(r.deferred_step_us)},
           {"seq_appends_us", gpu_only(r.seq_appends_us)}};
 }
 
@@ -195,13 +196,14 @@ std::vector<BenchRow> bench_decode_cuda(const BenchDecodeArgs& a, Device device,
         << "), H_q " << Hq << ", H_kv " << H << ", d " << d << ", " << to_string(kind)
         << " keys and values, CUDA graph replays, median of " << a.repeats << "\n"
         << "batch  context  bits  fused us  memcpy us  compressed MB  fused GB/s  memcpy GB/s"
-           "  fused/memcpy  append GB/s  first append ms  step append us  seq appends us\n";
+           "  fused/memcpy  append GB/s  first append ms  step append us  deferred step us"
+           "  seq appends us\n";
   for (const size_t B : batches)
     for (const size_t T : contexts)
       for (const double b : bits) {
         CacheConfig config = cache_config(a.kv_heads, a.dim, b, kind);
         // (Room for the timed decode steps after the context.)
-        const std::vector<size_t> lengths(B, T + 2 * kSteps * size_t(a.repeats));
+        const std::vector<size_t> lengths(B, T + 3 * kSteps * size_t(a.repeats));
         // A cache's first append also does what is done once (fractional bits choose their
         // outlier channels from it; the process's first append loads the kernels): it is timed
         // on a sequence of its own, freed before the appends whose rate the row reports.
@@ -262,12 +264,15 @@ std::vector<BenchRow> bench_decode_cuda(const BenchDecodeArgs& a, Device device,
                                gpu::time_stream_us(device, copy, a.repeats, 20));
         r.fused_gbps = double(r.compressed_bytes) / (r.fused_us * 1e3);
         r.memcpy_gbps = 2.0 * double(r.compressed_bytes) / (r.memcpy_us * 1e3);
-        // A decode step's append: the mean of kSteps steps, the median over the repeats.
-        auto time_steps = [&](const std::function<void()>& step) {
+        // A decode step's append: the mean of kSteps steps (and what `finish` waits for after
+        // them), the median over the repeats.
+        auto time_steps = [&](const std::function<void()>& step,
+                              const std::function<void()>& finish = [] {}) {
           std::vector<double> times;
           for (int rep = 0; rep < a.repeats; ++rep) {
             const auto t0 = std::chrono::steady_clock::now();
             for (int i = 0; i < kSteps; ++i) step();
+            finish();
             times.push_back(
                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() /
                 kSteps);
@@ -278,6 +283,12 @@ std::vector<BenchRow> bench_decode_cuda(const BenchDecodeArgs& a, Device device,
         r.step_append_us = time_steps([&] {
           cache.append_step(0, seqs, block_k.data(), block_v.data(), ScalarType::f16);
         });
+        r.deferred_step_us = time_steps(
+            [&] {
+              cache.append_step(0, seqs, block_k.data(), block_v.data(), ScalarType::f16,
+                                StepCheck::deferred);
+            },
+            [&] { cache.check(); });
         r.seq_appends_us = time_steps([&] {
           for (size_t s = 0; s < B; ++s)
             cache.append(seqs[s], 0, block_k.as<uint8_t>() + s * H * d * 2,
@@ -291,10 +302,11 @@ std::vector<BenchRow> bench_decode_cuda(const BenchDecodeArgs& a, Device device,
           char line[256];
           std::snprintf(line, sizeof line,
                         "%5zu  %7zu  %4.3g  %8.1f  %9.1f  %13.2f  %10.0f  %11.0f  %11.2f  %11.0f"
-                        "  %15.2f  %14.1f  %14.1f\n",
+                        "  %15.2f  %14.1f  %16.1f  %14.1f\n",
                         B, T, b, r.fused_us, r.memcpy_us, double(r.compressed_bytes) / 1e6,
                         r.fused_gbps, r.memcpy_gbps, r.fused_gbps / r.memcpy_gbps, r.append_gbps,
-                        r.first_append_ms, r.step_append_us, r.seq_appends_us);
+                        r.first_append_ms, r.step_append_us, r.deferred_step_us,
+                        r.seq_appends_us);
           out << line << std::flush;
         }
         rows.push_back(r);
@@ -308,7 +320,9 @@ std::vector<BenchRow> bench_decode_cuda(const BenchDecodeArgs& a, Device device,
         << " tokens or the context), with what is done once\n(outlier channels, kernel "
            "loading), not in the append rate;\nstep append: a decode step's append of one "
            "token to each sequence of the batch (one layer,\nhost call to return) by "
-           "append_step; seq appends: the same by one append call a sequence.\n";
+           "append_step; deferred step: the same with StepCheck::deferred, steps queued\n"
+           "back to back and the time to check them included; seq appends: the same by one "
+           "append call a\nsequence.\n";
   return rows;
 }
 

@@ -87,7 +87,7 @@ struct BenchRow {
   // first append call, timed apart; a decode step's append of one token to each sequence of the
   // batch (one layer) by append_step, and by one append call a sequence.
   double memcpy_us = 0, memcpy_gbps = 0, append_gbps = 0, first_append_ms = 0;
-  double step_append_us = 0, seq_appends_us = 0;
+  double step_append_us = 0, deferred_step_us = 0, seq_appends_us = 0;
 };
 
 /// Decode attention timed three ways (fused on the codes, dequantize-then-attend, dense float32)

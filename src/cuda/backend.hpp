@@ -23,6 +23,12 @@ void upload(Device device, void* dst, const void* src, size_t bytes, CudaStream 
 /// Device → host; waits for the stream.
 void download(Device device, void* dst, const void* src, size_t bytes, CudaStream stream);
 void copy(Device device, void* dst, const void* src, size_t bytes, CudaStream stream);
+/// A CUDA event (created without timing): recorded after what a stream has queued so far, then
+/// waited for. destroy_event waits for it first.
+void* create_event(Device device);
+void destroy_event(void* event) noexcept;
+void record_event(Device device, void* event, CudaStream stream);
+void wait_event(void* event);
 void fill(Device device, void* p, uint8_t value, size_t bytes, CudaStream stream);
 int multiprocessors(Device device);
 

@@ -93,6 +93,28 @@ void download(Device device, void* dst, const void* src, size_t bytes, CudaStrea
   TQKV_CUDA_CHECK(cudaStreamSynchronize(stream));
 }
 
+void* create_event(Device device) {
+  DeviceGuard guard(device);
+  cudaEvent_t event = nullptr;
+  TQKV_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+  return event;
+}
+
+void destroy_event(void* event) noexcept {
+  if (event == nullptr) return;
+  cudaEventSynchronize(static_cast<cudaEvent_t>(event));  // what it marks may read its owner's
+  cudaEventDestroy(static_cast<cudaEvent_t>(event));
+}
+
+void record_event(Device device, void* event, CudaStream stream) {
+  DeviceGuard guard(device);
+  TQKV_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(event), stream));
+}
+
+void wait_event(void* event) {
+  TQKV_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(event)));
+}
+
 void copy(Device device, void* dst, const void* src, size_t bytes, CudaStream stream) {
   if (bytes == 0) return;
   DeviceGuard guard(device);

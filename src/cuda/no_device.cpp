@@ -29,6 +29,10 @@ void release_host(void*) noexcept {}
 void upload(Device, void*, const void*, size_t, CudaStream) { no_backend(); }
 void download(Device, void*, const void*, size_t, CudaStream) { no_backend(); }
 void copy(Device, void*, const void*, size_t, CudaStream) { no_backend(); }
+void* create_event(Device) { no_backend(); }
+void destroy_event(void*) noexcept {}
+void record_event(Device, void*, CudaStream) { no_backend(); }
+void wait_event(void*) { no_backend(); }
 void fill(Device, void*, uint8_t, size_t, CudaStream) { no_backend(); }
 int multiprocessors(Device) { no_backend(); }
 double time_graph_us(Device, const std::function<void(CudaStream)>&, int, int) { no_backend(); }
