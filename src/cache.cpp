@@ -435,7 +435,6 @@ bool KVCache::contains(SequenceId seq) const { return impl_->sequences.count(seq
 
 size_t KVCache::length(SequenceId seq, int layer) const {
   impl_->check_layer(layer, "length");
-  impl_->settle();
   return impl_->find(seq, "length").lengths[size_t(layer)];
 }
 
@@ -897,6 +896,13 @@ void KVCache::append_step(int layer, std::span<const SequenceId> seqs, const voi
     }
   } catch (...) {
     undo();  // a CUDA error: undo, then rethrow
+    if (deferred) {
+      // Launches queued before the error may still lower the step's word: reset it behind them.
+      try {
+        gpu::fill(c.device, p.first_invalid, 0xff, 4, im.gpu->stream);
+      } catch (...) {
+      }
+    }
     throw;
   }
   if (first_invalid != 0xffffffffu) {
@@ -949,10 +955,10 @@ void KVCache::Impl::settle() {
     }
   }
   queued.clear();
+  gpu::fill(config.device, gpu->step_flags.data(), 0xff, kQueuedSteps * 4, gpu->stream);
   std::sort(touched.begin(), touched.end());
   touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
   for (SequenceId id : touched) upload_lengths(sequences.at(id));
-  gpu::fill(config.device, gpu->step_flags.data(), 0xff, kQueuedSteps * 4, gpu->stream);
   // The vector order of AppendParams::first_invalid: side, then head, then the step's sequence.
   const size_t B = refused.seqs.size(), H = size_t(config.kv_heads);
   const size_t i = first_invalid % B, h = (first_invalid / B) % H;
@@ -1018,12 +1024,8 @@ size_t KVCache::page_bytes() const {
   return impl_->layer_page_bytes * size_t(impl_->config.layers);
 }
 size_t KVCache::pages_total() const { return impl_->config.max_pages; }
-size_t KVCache::pages_free() const {
-  impl_->settle();
-  return impl_->free_pages.size();
-}
+size_t KVCache::pages_free() const { return impl_->free_pages.size(); }
 size_t KVCache::stored_bytes() const {
-  impl_->settle();
   size_t tokens = 0;
   for (const auto& [id, s] : impl_->sequences)
     for (size_t n : s.lengths) tokens += n;
@@ -1049,7 +1051,6 @@ const BlockLayout& KVCache::key_layout() const { return impl_->key_layout; }
 const BlockLayout& KVCache::value_layout() const { return impl_->value_layout; }
 
 std::span<const uint32_t> KVCache::page_table(SequenceId seq) const {
-  impl_->settle();
   return impl_->find(seq, "page_table").pages;
 }
 const uint8_t* KVCache::key_block(int layer, uint32_t page, int head) const {
@@ -1061,7 +1062,6 @@ const uint8_t* KVCache::value_block(int layer, uint32_t page, int head) const {
 
 void KVCache::read_records(SequenceId seq, int layer, int head, bool values, size_t first,
                            size_t count, uint8_t* records) const {
-  impl_->settle();
   const auto& im = *impl_;
   im.check_layer(layer, "read_records");
   const Impl::Sequence& s = im.find(seq, "read_records");

@@ -652,15 +652,23 @@ TEST(Gpu, AppendStepMatchesTheCpu) {
   EXPECT_NE(m.find("sequence " + std::to_string(sg[70])), std::string::npos) << m;
   EXPECT_NE(m.find("values of KV head 1"), std::string::npos) << m;
   EXPECT_EQ(gpu.pages_free(), free_before);
+  // The same step deferred (two launches on one flag word) names the same vector.
+  gpu.append_step(0, sg, dk.data(), dv.data(), ScalarType::f32, StepCheck::deferred);
+  const std::string md = error_of([&] { gpu.check(); });
+  const std::string named = "sequence " + std::to_string(sg[70]) +
+                            ", layer 0, values of KV head 1: token " +
+                            std::to_string(gpu.length(sg[70], 0)) + " of a deferred";
+  EXPECT_NE(md.find(named), std::string::npos) << md;
+  EXPECT_EQ(gpu.pages_free(), free_before);
   for (size_t i = 0; i < B; ++i) ASSERT_EQ(gpu.length(sg[i], 0), cpu.length(sc[i], 0)) << i;
   std::vector<size_t> decode(B, 1);
   check_attention(gpu, sg, decode, 4 * s.kv_heads, {}, rng, "after a refused step");
 }
 
 // Deferred steps (StepCheck::deferred) store what checked ones store, across page ends and past
-// the queue's 64 steps; a refused one is reported by check() or any call that reads the
-// sequences, which undoes it and the steps queued after it: lengths, pages and codes are then
-// those of the steps before it.
+// the queue's 64 steps, and attention sees them before they are checked; a refused one is
+// reported by check() or the next call that changes or copies the sequences, which undoes it and
+// the steps queued after it: lengths, pages and codes are then those of the steps before it.
 TEST(Gpu, DeferredStepsStoreTheSameAndUndoARefusal) {
   REQUIRE_GPU();
   const uint64_t seed = fresh_seed();
@@ -684,6 +692,8 @@ TEST(Gpu, DeferredStepsStoreTheSameAndUndoARefusal) {
       cpu.append_step(0, sc, k.data(), v.data(), ScalarType::f16);
       step(k, v, StepCheck::deferred);
     }
+    const std::vector<size_t> decode(B, 1);
+    check_attention(gpu, sg, decode, 4 * s.kv_heads, {}, rng, s.name() + " steps queued");
     gpu.check();
     for (size_t i = 0; i < B; ++i) expect_same_codes(cpu, gpu, sc[i], sg[i], std::to_string(i));
     EXPECT_EQ(gpu.pages_free(), cpu.pages_free());
@@ -710,14 +720,21 @@ TEST(Gpu, DeferredStepsStoreTheSameAndUndoARefusal) {
     }
     EXPECT_EQ(gpu.pages_free(), cpu.pages_free());
 
-    // A later deferred step leaves a refused one queued, done or not; a call that reads the
-    // sequences (here length) reports it and undoes both.
+    // A later deferred step leaves a refused one queued, done or not, and the cache reads as if
+    // both were taken; a call that changes the sequences (here a checked step, itself not taken
+    // then) reports it and undoes both.
+    const size_t before = gpu.length(sg[0], 0);
     step(rows(true), bad, StepCheck::deferred);
     synchronize(Device::cuda(0), gpu.stream());
     step(rows(true), rows(false), StepCheck::deferred);
-    const std::string again = error_of([&] { (void)gpu.length(sg[0], 0); });
+    EXPECT_EQ(gpu.length(sg[0], 0), before + 2);
+    const std::string again = error_of([&] { step(rows(true), rows(false), StepCheck::now); });
     EXPECT_NE(again.find("that step and the 1 queued after it were undone"), std::string::npos)
         << again;
+    EXPECT_EQ(gpu.length(sg[0], 0), before);
+    // Or one that copies them.
+    step(rows(true), bad, StepCheck::deferred);
+    EXPECT_NE(error_of([&] { (void)gpu.serialize(); }).find("deferred"), std::string::npos);
     // Steps after a reported refusal are taken again, checked or deferred.
     for (StepCheck check : {StepCheck::deferred, StepCheck::now}) {
       k = rows(true), v = rows(false);
@@ -726,7 +743,6 @@ TEST(Gpu, DeferredStepsStoreTheSameAndUndoARefusal) {
     }
     for (size_t i = 0; i < B; ++i) expect_same_codes(cpu, gpu, sc[i], sg[i], "at the end");
     EXPECT_EQ(gpu.pages_free(), cpu.pages_free());
-    const std::vector<size_t> decode(B, 1);
     check_attention(gpu, sg, decode, 4 * s.kv_heads, {}, rng, s.name() + " after the steps");
   }
 }

@@ -136,11 +136,13 @@ class KVCache {
   /// With StepCheck::deferred a GPU cache returns as soon as the step is queued on its stream,
   /// so that a decode loop does not wait for each layer's append; k and v must stay valid until
   /// the step has run (until check(), or anything that waits for the stream). Deferred steps
-  /// are checked together by check(), by any other call that reads or changes the sequences
-  /// (a checked append_step, append, truncate, length, page_table, save, to, ...; attention
-  /// aside), or when 64 are queued: a refusal among them is thrown there, after undoing the
-  /// refused step and every step queued after it, so that the cache holds what it held before
-  /// the refused step. Attention queued in between sees the refused step's tokens.
+  /// are checked together by check(), by the next call that changes the sequences (a checked
+  /// append_step, append, truncate, truncate_layer, free_sequence, set_stream) or copies them
+  /// (serialize, save, to), or when 64 are queued: a refusal among them is thrown there, after
+  /// undoing the refused step and every step queued after it, so that the cache holds what it
+  /// held before the refused step. Until then the cache reads as if the queued steps were taken
+  /// (length, page_table, read_records, attention), refused or not; a cache destroyed with
+  /// steps queued reports nothing.
   void append_step(int layer, std::span<const SequenceId> seqs, const void* k, const void* v,
                    ScalarType type = ScalarType::f32, StepCheck check = StepCheck::now);
   /// Waits for the steps queued with StepCheck::deferred and throws if one was refused (see
