@@ -292,11 +292,11 @@ void KVCache::Impl::init_gpu() {
   m.lengths.fill(0);
   m.flag = DeviceBuffer(dev, 4);
   m.flag.fill(0xff);  // and so between appends: read_flag resets it after a refusal
-  m.flag_host = PinnedWords(1);
+  m.flag_host = pinned_words(1);
   m.step_flags = DeviceBuffer(dev, kQueuedSteps * 4);
   m.step_flags.fill(0xff);
-  m.step_flags_host = PinnedWords(kQueuedSteps);
-  m.queued_done = GpuEvent(config.device);
+  m.step_flags_host = pinned_words(kQueuedSteps);
+  m.queued_done = GpuEvent(gpu::create_event(config.device));
   m.free_slots.resize(S);
   for (size_t i = 0; i < S; ++i) m.free_slots[i] = uint32_t(S - 1 - i);
 }
@@ -307,28 +307,6 @@ uint32_t KVCache::Impl::read_flag() {
   const uint32_t value = *host;
   if (value != 0xffffffffu) gpu::fill(config.device, gpu->flag.data(), 0xff, 4, gpu->stream);
   return value;
-}
-
-PinnedWords::PinnedWords(size_t n) : p_(static_cast<uint32_t*>(gpu::allocate_host(4 * n))) {}
-PinnedWords::~PinnedWords() { gpu::release_host(p_); }
-PinnedWords& PinnedWords::operator=(PinnedWords&& o) noexcept {
-  if (this != &o) {
-    gpu::release_host(p_);
-    p_ = o.p_;
-    o.p_ = nullptr;
-  }
-  return *this;
-}
-
-GpuEvent::GpuEvent(Device device) : e_(gpu::create_event(device)) {}
-GpuEvent::~GpuEvent() { gpu::destroy_event(e_); }
-GpuEvent& GpuEvent::operator=(GpuEvent&& o) noexcept {
-  if (this != &o) {
-    gpu::destroy_event(e_);
-    e_ = o.e_;
-    o.e_ = nullptr;
-  }
-  return *this;
 }
 
 void KVCache::Impl::upload_channels(int layer, int head, int side) {

@@ -5,6 +5,7 @@
 #include <memory>
 #include <vector>
 
+#include "cuda/backend.hpp"
 #include "cuda/params.hpp"
 #include "tqkv/cache.hpp"
 
@@ -24,34 +25,21 @@ class PagePool {
   uint8_t* data_ = nullptr;
 };
 
-/// Page-locked host words: what append reads back from the device (its error flags) comes by
-/// one DMA instead of a staging copy.
-class PinnedWords {
- public:
-  PinnedWords() = default;
-  explicit PinnedWords(size_t n);
-  ~PinnedWords();
-  PinnedWords(PinnedWords&& o) noexcept : p_(o.p_) { o.p_ = nullptr; }
-  PinnedWords& operator=(PinnedWords&& o) noexcept;
-  uint32_t* get() const { return p_; }
-
- private:
-  uint32_t* p_ = nullptr;
+/// Page-locked host words (gpu::allocate_host): what append reads back from the device (its
+/// error flags) comes by one DMA instead of a staging copy.
+struct HostRelease {
+  void operator()(uint32_t* p) const noexcept { gpu::release_host(p); }
 };
+using PinnedWords = std::unique_ptr<uint32_t[], HostRelease>;
+inline PinnedWords pinned_words(size_t n) {
+  return PinnedWords(static_cast<uint32_t*>(gpu::allocate_host(4 * n)));
+}
 
-/// A CUDA event (gpu::create_event), destroyed with its owner.
-class GpuEvent {
- public:
-  GpuEvent() = default;
-  explicit GpuEvent(Device device);
-  ~GpuEvent();
-  GpuEvent(GpuEvent&& o) noexcept : e_(o.e_) { o.e_ = nullptr; }
-  GpuEvent& operator=(GpuEvent&& o) noexcept;
-  void* get() const { return e_; }
-
- private:
-  void* e_ = nullptr;
+/// A CUDA event (gpu::create_event), destroyed with its owner once what it marks is done.
+struct EventRelease {
+  void operator()(void* e) const noexcept { gpu::destroy_event(e); }
 };
+using GpuEvent = std::unique_ptr<void, EventRelease>;
 
 /// Steps append_step may hold queued (StepCheck::deferred) before one is checked.
 inline constexpr size_t kQueuedSteps = 64;
@@ -67,7 +55,8 @@ struct GpuMirror {
   PinnedWords flag_host;     // where it is read back
   /// Deferred steps: step q of the queue lowers word q as append lowers `flag` (each 0xffffffff
   /// until a refusal is reported), read back into step_flags_host once the queue is checked;
-  /// `queued_done` is recorded after the last queued step.
+  /// `queued_done` is recorded after the last queued step (declared after the buffers, it is
+  /// destroyed, and so waited for, before them).
   DeviceBuffer step_flags;
   PinnedWords step_flags_host;
   GpuEvent queued_done;
