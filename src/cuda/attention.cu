@@ -15,7 +15,8 @@
 //   values (B = V, 16 tokens × 8 coords): lane (tokens 2i, 2i+1, 2i+8, 2i+9; column lane / 4)
 //          owns words [n·Wv, (n+1)·Wv); bytes pair the same coordinate of two tokens.
 // (The decode kernels built for fixed shapes multiply values transposed, and those for one
-// 128-coordinate term per side keys as A as well: the same words, other fragments; see there.)
+// 128-coordinate term per side keys as A as well: the same words, other fragments; see there.
+// The one for 2-bit terms of 128 coordinates looks up four codes a byte: quad_entry.)
 // A "term" is one group's codes or one group's sign bits; each has its own per-token scale
 // (n, or n·γ·√(π/2)/d for QJL) applied to the score or folded into the probabilities.
 // A prepare kernel rotates (and projects by S) each unit's query rows once, normalized per row
@@ -52,7 +53,8 @@ constexpr int kStages = 4;  // a warp's stage buffers: tiles in flight while one
 // 64 words), which holds lut_copies interleaved copies of each of the kernel's 2·kTerms tables.
 // A lane reads its own copy, so lanes spread over the banks (32 copies: bank = lane, no
 // conflicts), and a lookup's address, entry · 256 + the lane's word · 4, is one byte permute
-// of the code word (lut in the kernel). The warps' stage buffers follow.
+// of the code word (lut in the kernel). Quad lookups' 8-byte entries come in 16 copies (a
+// half-warp's lanes, one 8-byte read each, meet no bank twice). The warps' stage buffers follow.
 constexpr uint32_t kTableBytes = 256u * 256u;
 __host__ __device__ constexpr int lut_copies(int terms) { return 64 / (2 * terms); }
 constexpr float kNegInf = -__builtin_huge_valf();
@@ -202,6 +204,14 @@ __device__ __forceinline__ uint32_t spread_nibbles(uint32_t x) {
 // piece).
 __device__ __forceinline__ uint32_t spread_crumbs(uint32_t x) {
   return (x & 0x33u) * 0x110u + (x & 0xccu) * 0x440000u;
+}
+// Quad lookups (the kernel built for 2-bit terms of 128 coordinates a side): a byte of four 2-bit
+// codes indexes a table of four float16 (8 bytes), so that one lookup yields two A registers of
+// an MMA where a code pair yields one. A key byte is one token's coordinates 4i..4i+3, as
+// stored; a value byte holds two tokens' codes of two coordinates (quad_values). Entry e:
+// (c[e & 3], c[e >> 2 & 3]) and (c[e >> 4 & 3], c[e >> 6]), read from the nibble-word pairs.
+__device__ __forceinline__ uint2 quad_entry(const uint32_t* pairs, uint32_t e) {
+  return make_uint2(pairs[(e & 3u) | ((e >> 2 & 3u) << 4)], pairs[(e >> 4 & 3u) | ((e >> 6) << 4)]);
 }
 __device__ __forceinline__ uint32_t merge_planes(uint32_t lo, uint32_t hi) {
   return bit_select(lo, 0x0f0f0f0fu, hi);
@@ -726,7 +736,10 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
       x = op(x, __shfl_xor_sync(0xffffffffu, x, w));
     return x;
   };
-  constexpr int kCopies = lut_copies(kTerms);
+  // 2-bit terms of 128 coordinates a side: quad lookups (quad_entry), 16 copies of 8-byte entries.
+  constexpr bool kQuad = kKeysA && kKeyWidths == 2 && kValueWidths == 2;
+  constexpr int kEntryBytes = kQuad ? 8 : 4;
+  constexpr int kCopies = kQuad ? 16 : lut_copies(kTerms);
   extern __shared__ __align__(16) uint8_t shared[];
   const CacheView& c = p.cache;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -748,11 +761,18 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
     const CodecTables& ct = t < nk ? c.key : c.value;
     const int width =
         kDim > 0 ? term_width(t < nk ? kKeyWidths : kValueWidths, t < nk ? t : t - nk) : 0;
-    const uint32_t from = packed_width(width) ? packed_entry(uint32_t(e), width) : uint32_t(e);
-    const uint32_t v = (x.sign ? ct.g[x.group].sign_pairs : ct.g[x.group].code_pairs)[from];
-    uint4* row = reinterpret_cast<uint4*>(shared + 256 * e + 4 * kCopies * t);
+    const uint32_t* pairs = x.sign ? ct.g[x.group].sign_pairs : ct.g[x.group].code_pairs;
+    uint4* row = reinterpret_cast<uint4*>(shared + 256 * e + kEntryBytes * kCopies * t);
+    if constexpr (kQuad) {
+      const uint2 v = quad_entry(pairs, uint32_t(e));
 #pragma unroll
-    for (int r = 0; r < kCopies / 4; ++r) row[r] = make_uint4(v, v, v, v);
+      for (int r = 0; r < kCopies / 2; ++r) row[r] = make_uint4(v.x, v.y, v.x, v.y);
+    } else {
+      const uint32_t v =
+          pairs[packed_width(width) ? packed_entry(uint32_t(e), width) : uint32_t(e)];
+#pragma unroll
+      for (int r = 0; r < kCopies / 4; ++r) row[r] = make_uint4(v, v, v, v);
+    }
   }
   __syncthreads();
 
@@ -782,11 +802,16 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
   // Lookups: the entry of byte `byte` of code word w in the table whose lane word is `sel`
   // (byte 0 of sel; its other bytes are 0): the permute puts the code byte in byte 1, which
   // makes the row's offset, beside sel in byte 0.
-  const uint32_t key_sel = 4u * uint32_t(lane % kCopies);  // key term t: + 4 · kCopies · t
-  const uint32_t value_sel = key_sel + 4u * uint32_t(kCopies * nk);
+  // key term t: + kEntryBytes · kCopies · t
+  const uint32_t key_sel = uint32_t(kEntryBytes) * uint32_t(lane % kCopies);
+  const uint32_t value_sel = key_sel + uint32_t(kEntryBytes * kCopies * nk);
   auto lut = [&](uint32_t sel, uint32_t w, int byte) {
     const uint32_t offset = __byte_perm(w, sel, 0x5504u | (uint32_t(byte) << 4));
     return *reinterpret_cast<const uint32_t*>(shared + offset);
+  };
+  auto lut_quad = [&](uint32_t sel, uint32_t w, int byte) {
+    const uint32_t offset = __byte_perm(w, sel, 0x5504u | (uint32_t(byte) << 4));
+    return *reinterpret_cast<const uint2*>(shared + offset);
   };
   const uint32_t last = geo.hi - 1;
 
@@ -842,7 +867,8 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
                                                 size_t(rho) * (sh.dim / 2) + 4 * word);
           // Lookup byte 2h + i of a word pairs coordinates 2·o and 2·o + 1, o = i + 2h or, for
           // packed terms, packed_order(2h + i).
-          const bool packed = kDim > 0 && packed_width(key_shape(t < nk ? t : 0).width);
+          const bool packed =
+              kDim > 0 && !kQuad && packed_width(key_shape(t < nk ? t : 0).width);
           qa[t][k][0][2 * r] = v.x;
           qa[t][k][0][2 * r + 1] = packed ? v.z : v.y;
           qa[t][k][1][2 * r] = packed ? v.y : v.z;
@@ -890,25 +916,44 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
         const Shape sh = key_shape(t);
         // Tokens grp and grp + 8 (A's rows): 4-bit words by one vector load, packed terms' words
         // assembled from their planes.
-        uint32_t kw[2][kWordsK];
-#pragma unroll
-        for (int s = 0; s < 2; ++s) {
-          const uint8_t* codes = buf + x.stage_codes + uint32_t(8 * s + grp) * sh.bytes;
-          if (packed_width(sh.width))
-            load_packed_keys<kWordsK, kDim>(codes, sh.width, quad * kWordsK, kw[s]);
-          else
-            load_words4<kWordsK, true>(codes, quad * kWordsK, sh.words, kw[s]);
-        }
         // Two accumulator chains (the word halves), summed at the end.
         float cf[2][4] = {};
-        const uint32_t sel = key_sel + 4u * uint32_t(kCopies * t);
+        const uint32_t sel = key_sel + uint32_t(kEntryBytes * kCopies * t);
+        if constexpr (kQuad) {
+          // A token's 8 code bytes (the lane's words 4·quad..4·quad + 3), byte 2k + h of them
+          // coordinates 4h..4h + 3 of word k: the two pairs of a byte 2h and 2h + 1 above.
+          uint2 kq[2];
 #pragma unroll
-        for (int k = 0; k < kWordsK; ++k)
+          for (int s = 0; s < 2; ++s)
+            kq[s] = *reinterpret_cast<const uint2*>(buf + x.stage_codes +
+                                                    uint32_t(8 * s + grp) * sh.bytes + 8 * quad);
 #pragma unroll
-          for (int h = 0; h < 2; ++h)
-            mma16816(cf[h], lut(sel, kw[0][k], 2 * h), lut(sel, kw[1][k], 2 * h),
-                     lut(sel, kw[0][k], 2 * h + 1), lut(sel, kw[1][k], 2 * h + 1),
-                     qa[t][k][h][0], qa[t][k][h][1]);
+          for (int k = 0; k < kWordsK; ++k)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int byte = (2 * k + h) % 4;
+              const uint2 a = lut_quad(sel, k < 2 ? kq[0].x : kq[0].y, byte);
+              const uint2 b = lut_quad(sel, k < 2 ? kq[1].x : kq[1].y, byte);
+              mma16816(cf[h], a.x, b.x, a.y, b.y, qa[t][k][h][0], qa[t][k][h][1]);
+            }
+        } else {
+          uint32_t kw[2][kWordsK];
+#pragma unroll
+          for (int s = 0; s < 2; ++s) {
+            const uint8_t* codes = buf + x.stage_codes + uint32_t(8 * s + grp) * sh.bytes;
+            if (packed_width(sh.width))
+              load_packed_keys<kWordsK, kDim>(codes, sh.width, quad * kWordsK, kw[s]);
+            else
+              load_words4<kWordsK, true>(codes, quad * kWordsK, sh.words, kw[s]);
+          }
+#pragma unroll
+          for (int k = 0; k < kWordsK; ++k)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+              mma16816(cf[h], lut(sel, kw[0][k], 2 * h), lut(sel, kw[1][k], 2 * h),
+                       lut(sel, kw[0][k], 2 * h + 1), lut(sel, kw[1][k], 2 * h + 1),
+                       qa[t][k][h][0], qa[t][k][h][1]);
+        }
 #pragma unroll
         for (int s = 0; s < 2; ++s) {
           const float n = staged_scale<kDim>(c.key, x, false, buf, uint32_t(8 * s + grp), true);
@@ -948,7 +993,7 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
                                : word < sh.words ? load_word(codes, sh.width, sh.dim, word) : 0u;
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-              const uint32_t sel = key_sel + 4u * uint32_t(kCopies * t);
+              const uint32_t sel = key_sel + uint32_t(kEntryBytes * kCopies * t);
               const uint32_t b0 = lut(sel, w, 2 * h);
               const uint32_t b1 = lut(sel, w, 2 * h + 1);
               float (&chain)[4] = cf4[2 * (k & 1) + h];
@@ -1072,7 +1117,7 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
       if (t >= nv) break;
       const TermTables& x = vt[t];
       const Shape sh = value_shape(t);
-      const uint32_t sel = value_sel + 4u * uint32_t(kCopies * t);
+      const uint32_t sel = value_sel + uint32_t(kEntryBytes * kCopies * t);
       uint32_t pa[4];
       if constexpr (kKeysA) {
         // Tokens 8s + grp's probabilities of rows 2·quad + {0, 1}, scaled by the value norms,
@@ -1099,6 +1144,30 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
       const uint8_t* rows[4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) rows[j] = buf + x.stage_codes + vtok[j] * sh.bytes;
+      if constexpr (kQuad) {
+        // The lane's two words of each token (4 bytes: coordinate i at bits 2i). Byte b of
+        // pair[p] (tokens 0, 1) holds both tokens' codes of coordinates 4b + p and 4b + p + 2
+        // (b = 0, 1: word 0; b = 2, 3: word 1), so its lookup is A's registers for both.
+        uint32_t w[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) w[j] = *reinterpret_cast<const uint32_t*>(rows[j] + 4 * grp);
+        const uint32_t pair[2][2] = {
+            {bit_select(w[0], 0x33333333u, w[1] << 2), bit_select(w[0] >> 2, 0x33333333u, w[1])},
+            {bit_select(w[2], 0x33333333u, w[3] << 2), bit_select(w[2] >> 2, 0x33333333u, w[3])}};
+#pragma unroll
+        for (int b = 0; b < 2; ++b)
+#pragma unroll
+          for (int par = 0; par < 2; ++par) {
+            const uint2 a0 = lut_quad(sel, pair[0][par], b), a1 = lut_quad(sel, pair[0][par], b + 2);
+            const uint2 a2 = lut_quad(sel, pair[1][par], b), a3 = lut_quad(sel, pair[1][par], b + 2);
+            const int e = 4 * b + par;
+            mma16816(acc[t][0][e][0], acc[t][0][e][1], acc[t][1][e][0], acc[t][1][e][1], a0.x,
+                     a1.x, a2.x, a3.x, pa[0], pa[2]);
+            mma16816(acc[t][0][e + 2][0], acc[t][0][e + 2][1], acc[t][1][e + 2][0],
+                     acc[t][1][e + 2][1], a0.y, a1.y, a2.y, a3.y, pa[0], pa[2]);
+          }
+        continue;
+      }
       // Lookup words by (word, parity): byte b of ab[k][p] pairs coordinate 2·o + p of word k
       // of tokens 0 and 1 (cd: tokens 2 and 3), o = b or, for packed terms, packed_order(b).
       uint32_t ab[kWordsV][2] = {}, cd[kWordsV][2] = {};
