@@ -195,6 +195,46 @@ DenseKvStore::DenseKvStore(int layers, int kv_heads, int head_dim, BlockFormat f
              "DenseKvStore: block formats need head_dim a multiple of 32, got ", head_dim);
 }
 
+DenseKvStore::DenseKvStore(int layers, int kv_heads, int head_dim, const GaussianBound& bound)
+    : DenseKvStore(layers, kv_heads, head_dim) {
+  TQKV_CHECK(std::isfinite(bound.bits) && bound.bits > 0 && bound.bits <= 16,
+             "DenseKvStore: the bound's bits must be in (0, 16], got ", bound.bits);
+  bound_ = bound;
+  rng_.seed(bound.seed);
+  for (auto& side : offsets_) side.resize(size_t(layers));
+}
+
+void DenseKvStore::apply_bound(int layer, int side, float* x, size_t tokens) {
+  const size_t d = size_t(head_dim_), row = size_t(kv_heads_) * d;
+  std::vector<float>& mu = offsets_[side].at(size_t(layer));
+  if (bound_.center && mu.empty()) {  // the first batch's per-channel mean
+    std::vector<double> sum(row, 0.0);
+    for (size_t t = 0; t < tokens; ++t)
+      for (size_t j = 0; j < row; ++j) sum[j] += x[t * row + j];
+    mu.resize(row);
+    for (size_t j = 0; j < row; ++j) mu[j] = float(sum[j] / double(tokens));
+  }
+  const double delta = std::pow(4.0, -bound_.bits);
+  const double keep = 1.0 - delta, spread = std::sqrt(delta * (1.0 - delta) / double(d));
+  std::normal_distribution<double> g(0.0, 1.0);
+  std::vector<double> u(d);
+  for (size_t t = 0; t < tokens; ++t)
+    for (size_t h = 0; h < size_t(kv_heads_); ++h) {
+      float* v = x + t * row + h * d;
+      const float* m = mu.empty() ? nullptr : mu.data() + h * d;
+      double r2 = 0.0;
+      for (size_t j = 0; j < d; ++j) {
+        u[j] = double(v[j]) - (m ? m[j] : 0.0f);
+        r2 += u[j] * u[j];
+      }
+      const double r = std::sqrt(r2), inv = r > 0 ? 1.0 / r : 0.0;
+      for (size_t j = 0; j < d; ++j) {
+        const double noisy = keep * u[j] * inv + spread * g(rng_);
+        v[j] = float(r * noisy + (m ? m[j] : 0.0f));
+      }
+    }
+}
+
 size_t DenseKvStore::length(int layer) const {
   return k_.at(size_t(layer)).size() / (size_t(kv_heads_) * size_t(head_dim_));
 }
@@ -210,6 +250,10 @@ void DenseKvStore::append_and_attend(int layer, size_t tokens, const float* k, c
   V.insert(V.end(), v, v + tokens * row);
   round_trip_blocks(format_, K.data() + K.size() - tokens * row, tokens * row);
   round_trip_blocks(format_, V.data() + V.size() - tokens * row, tokens * row);
+  if (bound_.bits > 0) {
+    apply_bound(layer, 0, K.data() + K.size() - tokens * row, tokens);
+    apply_bound(layer, 1, V.data() + V.size() - tokens * row, tokens);
+  }
   const size_t T = K.size() / row, first = T - tokens;
   const int R = heads / kv_heads_;
   const float scale = 1.0f / std::sqrt(float(d));
@@ -241,7 +285,10 @@ void DenseKvStore::append_and_attend(int layer, size_t tokens, const float* k, c
 }
 
 double DenseKvStore::bytes_per_token() const {
-  return double(k_.size()) * 2.0 * block_bytes(format_, size_t(kv_heads_) * size_t(head_dim_));
+  const size_t n = size_t(kv_heads_) * size_t(head_dim_);
+  if (bound_.bits > 0)  // bits a coordinate and a float16 norm a vector
+    return double(k_.size()) * 2.0 * (double(n) * bound_.bits / 8.0 + 2.0 * kv_heads_);
+  return double(k_.size()) * 2.0 * block_bytes(format_, n);
 }
 
 CompressedKvStore::CompressedKvStore(const CacheConfig& config)

@@ -592,12 +592,23 @@ TEST_F(CliTest, EvalModelReportsEveryConfig) {
   const auto bad = run({"eval", "model", "--model", model.string(), "--configs", "k4x4"});
   EXPECT_EQ(bad.status, 1);
   EXPECT_NE(bad.err.find("'k4x4'"), std::string::npos) << bad.err;
+  for (const char* name : {"bound", "bound0", "bound17", "boundx", "bound3-dense"}) {
+    const auto b = run({"eval", "model", "--model", model.string(), "--configs", name});
+    EXPECT_EQ(b.status, 1) << name;
+    EXPECT_NE(b.err.find(std::string("'") + name + "'"), std::string::npos) << b.err;
+  }
   const auto r = run({"eval", "model", "--model", model.string(), "--tokens", "24",
                       "--sequences", "2", "--seed", std::to_string(seed_), "--configs",
-                      "full,k8v8,q8_0,k2v2,k3v3-dense-center", "--json"});
+                      "full,k8v8,q8_0,k2v2,k3v3-dense-center,bound3.5-center,bound12", "--json"});
   ASSERT_EQ(r.status, 0) << r.err;
   const auto rows = nlohmann::json::parse(r.out);
-  ASSERT_EQ(rows.size(), 5u);
+  ASSERT_EQ(rows.size(), 7u);
+  // The bound: 3.5 bits a coordinate and an f16 norm a vector; at 12 bits next to lossless.
+  EXPECT_EQ(rows[5]["bytes_per_token"], 4 * 2 * 3 * (28 + 2));
+  EXPECT_EQ(rows[5]["key_bits"], 3.5);
+  EXPECT_EQ(rows[5]["value_bits"], 3.5);
+  EXPECT_GT(rows[5]["kl_mean"].get<double>(), rows[6]["kl_mean"].get<double>());
+  EXPECT_LT(rows[6]["kl_mean"].get<double>(), 1e-5);
   EXPECT_EQ(rows[4]["config"], "k3v3-dense-center");
   EXPECT_EQ(rows[4]["bytes_per_token"], 4 * 2 * 3 * (24 + 2));  // 3-bit codes and an f16 norm
   const double coords = 4 * 2 * 3 * 64;  // layers × (K, V) × KV heads × head_dim

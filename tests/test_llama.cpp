@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <random>
+#include <span>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -165,6 +166,85 @@ TEST(Llama, DenseStoreAttendsCausally) {
           EXPECT_NEAR(out[(i * heads + size_t(h)) * d + size_t(j)], o, 1e-5) << i << " " << h;
         }
       }
+  }
+}
+
+// The bound's rounding: the unit vectors' mean squared error is 4^−bits (the test channel's
+// δ), the norm is kept, a centered store's error scales with the distance from the first
+// batch's mean (not with the offset), and its bytes count bits and a float16 norm a vector.
+TEST(Llama, GaussianBoundHasTheDistortionOfItsRate) {
+  const uint32_t seed = fresh_seed();
+  SCOPED_TRACE("seed = " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> g;
+  const int kvh = 2, heads = 2, d = 64, layers = 2;
+  const size_t tokens = 512;
+  for (const double bits : {2.0, 3.5}) {
+    for (const bool center : {false, true}) {
+      SCOPED_TRACE("bits " + std::to_string(bits) + (center ? ", centered" : ""));
+      GaussianBound bound;
+      bound.bits = bits;
+      bound.center = center;
+      bound.seed = rng();
+      DenseKvStore store(layers, kvh, d, bound);
+      EXPECT_DOUBLE_EQ(store.bytes_per_token(),
+                       layers * 2.0 * (kvh * d * bits / 8.0 + 2.0 * kvh));
+      // Keys with a common offset of 20 per channel (10× a vector's spread); values without.
+      std::vector<float> k(tokens * kvh * d), v(k.size()), q(tokens * heads * d), out(q.size());
+      for (auto& x : k) x = 20.0f + g(rng);
+      for (auto* a : {&v, &q})
+        for (auto& x : *a) x = g(rng);
+      store.append_and_attend(1, tokens, k.data(), v.data(), q.data(), heads, out.data());
+      const double delta = std::pow(4.0, -bits);
+      for (int side = 0; side < 2; ++side) {
+        const std::vector<float>& x = side ? v : k;
+        const std::span<const float> got = side ? store.values(1) : store.keys(1);
+        ASSERT_EQ(got.size(), x.size());
+        std::vector<double> mu(size_t(kvh * d), 0.0);  // the batch's per-channel mean
+        for (size_t i = 0; i < x.size(); ++i) mu[i % mu.size()] += x[i] / double(tokens);
+        double unit_err = 0, norm_err = 0;
+        for (size_t r = 0; r < tokens * kvh; ++r) {
+          const float* a = x.data() + r * d;
+          const float* b = got.data() + r * d;
+          const double* m = mu.data() + (r % kvh) * d;
+          double na = 0, nb = 0;
+          for (int j = 0; j < d; ++j) {
+            const double off = center ? m[j] : 0.0;
+            na += (a[j] - off) * (a[j] - off);
+            nb += (b[j] - off) * (b[j] - off);
+          }
+          na = std::sqrt(na);
+          nb = std::sqrt(nb);
+          double e = 0;
+          for (int j = 0; j < d; ++j) {
+            const double off = center ? m[j] : 0.0;
+            const double u = (a[j] - off) / na;
+            const double uh = (b[j] - off) / na;  // the kept norm: û = (x̂ − μ) / ‖x − μ‖
+            e += (u - uh) * (u - uh);
+          }
+          unit_err += e;
+          norm_err = std::max(norm_err, std::abs(nb - na) / na);
+        }
+        // 1 024 vectors of 64 coordinates: the mean's relative standard error is ~2 %.
+        EXPECT_NEAR(unit_err / double(tokens * kvh), delta, 0.1 * delta) << "side " << side;
+        // ‖û‖² = (1 − δ)² + δ (1 − δ) χ²_d / d ≈ 1 − δ: the norm shrinks by ~δ / 2, no more.
+        EXPECT_LT(norm_err, 2.0 * delta + 0.05) << "side " << side;
+      }
+      // Centered, the keys' error is δ of their spread; uncentered δ of their whole norm, which
+      // the offset makes ~400× as large.
+      double key_err = 0;
+      const std::span<const float> got = store.keys(1);
+      for (size_t i = 0; i < k.size(); ++i) key_err += (got[i] - k[i]) * double(got[i] - k[i]);
+      const double spread = double(k.size()), whole = 401.0 * double(k.size());
+      EXPECT_NEAR(key_err, delta * (center ? spread : whole),
+                  0.15 * delta * (center ? spread : whole));
+      EXPECT_EQ(store.length(0), 0u);
+    }
+  }
+  GaussianBound bad;
+  for (const double bits : {0.0, -1.0, 17.0, double(NAN)}) {
+    bad.bits = bits;
+    EXPECT_THROW(DenseKvStore(1, 1, 8, bad), Error) << bits;
   }
 }
 

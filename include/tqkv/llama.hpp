@@ -73,10 +73,25 @@ void round_trip_blocks(BlockFormat format, float* x, size_t n);
 /// Bytes of n coordinates (n a multiple of 32) in `format`.
 double block_bytes(BlockFormat format, size_t n);
 
-/// Keys and values in float32 (the reference), or rounded through a block format.
+/// The distortion-rate bound for Gaussian coordinates, as a KV store's rounding: what no
+/// quantizer of a vector's rotated coordinates at `bits` bits a coordinate could beat on Gaussian
+/// data (Shannon: a mean squared error of 4^−bits of the variance), simulated by the optimal
+/// test channel. Each appended vector x (less its per-channel offset μ where `center`: the mean
+/// of its layer's first batch, as the centering codecs take it), x = r·u with ‖u‖ = 1, becomes
+/// r·((1 − δ)·u + √(δ·(1 − δ) / d)·g) (+ μ), with δ = 4^−bits and g fresh standard normal
+/// draws, so that E‖u − û‖² = δ. The norm r is kept, and counted as a float16, as TurboQuant's.
+/// A reference for what the bit budget alone costs, not a codec: nothing is stored in `bits`.
+struct GaussianBound {
+  double bits = 0;  ///< > 0: the bound replaces the block format
+  bool center = false;
+  uint64_t seed = 1;
+};
+
+/// Keys and values in float32 (the reference), or rounded through a block format or the bound.
 class DenseKvStore : public KvStore {
  public:
   DenseKvStore(int layers, int kv_heads, int head_dim, BlockFormat format = BlockFormat::none);
+  DenseKvStore(int layers, int kv_heads, int head_dim, const GaussianBound& bound);
   size_t length(int layer) const override;
   void append_and_attend(int layer, size_t tokens, const float* k, const float* v, const float* q,
                          int heads, float* out) override;
@@ -87,9 +102,14 @@ class DenseKvStore : public KvStore {
   std::span<const float> values(int layer) const { return v_.at(size_t(layer)); }
 
  private:
+  void apply_bound(int layer, int side, float* x, size_t tokens);
+
   int kv_heads_, head_dim_;
   BlockFormat format_;
+  GaussianBound bound_;
+  std::mt19937_64 rng_;
   std::vector<std::vector<float>> k_, v_;  // per layer: [token][kv_head][d]
+  std::vector<std::vector<float>> offsets_[2];  // bound_.center: per side and layer, [kv_head][d]
 };
 
 /// Keys and values in a tqkv KVCache (one sequence), attention from the codes (attend()).

@@ -404,8 +404,9 @@ int run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
   evm->add_option("--tokens", em.tokens, "tokens per sampled sequence")->capture_default_str();
   evm->add_option("--sequences", em.sequences, "sequences")->capture_default_str();
   evm->add_option("--configs", em.configs,
-                  "comma-separated: full, q4_0, q8_0, k<bits>[p]v<bits>[p][-dense][-center] (p: prod; "
-                  "-center: centering codecs)")
+                  "comma-separated: full, q4_0, q8_0, k<bits>[p]v<bits>[p][-dense][-center] (p: "
+                  "prod; -center: centering codecs), bound<bits>[-center] (the distortion-rate "
+                  "bound for Gaussian coordinates: a reference, not a codec)")
       ->capture_default_str();
   evm->add_option("--seed", em.seed, "seed of the sampled sequences")->capture_default_str();
   evm->add_flag("--quantized-activations", em.quantized_activations,

@@ -24,13 +24,19 @@ namespace tqkv::cli {
 namespace {
 
 // A configuration by name: "full", "k<bits>[p]v<bits>[p][-dense][-center]" (p: prod codec;
-// -center: centering codecs on both sides), "q4_0", "q8_0".
+// -center: centering codecs on both sides), "q4_0", "q8_0", "bound<bits>[-center]" (the
+// distortion-rate bound for Gaussian coordinates, GaussianBound: a reference, not a codec).
 struct CacheChoice {
   std::string name;
   BlockFormat block = BlockFormat::none;
+  GaussianBound bound;
   bool compressed = false;
   CodecSpec key, value;
 };
+
+constexpr const char* kConfigForms =
+    "full, q4_0, q8_0, bound<bits>[-center] or k<bits>[p]v<bits>[p][-dense][-center] (e.g. "
+    "k3.5v3.5, k3pv4, k4v4-dense, k4v4-center, bound3.5)";
 
 CacheChoice parse_choice(const std::string& name, int head_dim) {
   CacheChoice c;
@@ -49,13 +55,20 @@ CacheChoice parse_choice(const std::string& name, int head_dim) {
     return has;
   };
   const bool center = strip("-center");
+  if (rest.rfind("bound", 0) == 0) {
+    const std::string bits = rest.substr(5);
+    TQKV_CHECK(!bits.empty(), "--configs: '", name, "' is not ", kConfigForms);
+    c.bound.bits = parse_bits(bits, "--configs '" + name + "'");
+    TQKV_CHECK(c.bound.bits > 0 && c.bound.bits <= 16, "--configs '", name,
+               "': the bound's bits must be in (0, 16]");
+    c.bound.center = center;
+    return c;
+  }
   const RotationChoice rotation = strip("-dense") ? RotationChoice::dense
                                                   : RotationChoice::automatic;
   const size_t v = rest.find('v');
   TQKV_CHECK(rest.size() > 1 && rest[0] == 'k' && v != std::string::npos && v > 1,
-             "--configs: '", name, "' is not full, q4_0, q8_0 or "
-             "k<bits>[p]v<bits>[p][-dense][-center] (e.g. k3.5v3.5, k3pv4, k4v4-dense, "
-             "k4v4-center)");
+             "--configs: '", name, "' is not ", kConfigForms);
   auto side = [&](std::string text, CodecSpec& spec, bool value) {
     spec.kind = CodecKind::mse;
     if (!text.empty() && text.back() == 'p') {
@@ -76,6 +89,8 @@ CacheChoice parse_choice(const std::string& name, int head_dim) {
 }
 
 std::unique_ptr<KvStore> make_store(const CacheChoice& c, const LlamaConfig& m, size_t tokens) {
+  if (c.bound.bits > 0)
+    return std::make_unique<DenseKvStore>(m.layers, m.kv_heads, m.head_dim, c.bound);
   if (!c.compressed)
     return std::make_unique<DenseKvStore>(m.layers, m.kv_heads, m.head_dim, c.block);
   CacheConfig cc;
@@ -125,16 +140,18 @@ void add_comparison(const std::vector<float>& full, const std::vector<float>& go
 }
 
 // Mean KL (log) and top-1 agreement against bits per coordinate: TurboQuant configurations, the
-// centering ones and the block baselines as three series (the full cache, at 0 KL, is not drawn).
+// centering ones, the block baselines and the bound as four series (the full cache, at 0 KL, is
+// not drawn).
 void plot_rows(const nlohmann::json& rows, const std::vector<CacheChoice>& choices,
                const EvalModelArgs& args, const LlamaConfig& mc, const std::string& path) {
   PlotPanel kl{"mean KL(full || config), next-token distributions", true,
                {{"TurboQuant", {}}, {"block absmax (q4_0, q8_0)", {}},
-                {"TurboQuant, centered", {}}}};
+                {"TurboQuant, centered", {}}, {"distortion-rate bound (Gaussian)", {}}}};
   PlotPanel top1{"top-1 agreement with the full cache", false, kl.series};
   for (size_t c = 0; c < choices.size(); ++c) {
-    if (!choices[c].compressed && choices[c].block == BlockFormat::none) continue;
-    const size_t s = !choices[c].compressed ? 1 : choices[c].key.center ? 2 : 0;
+    const CacheChoice& ch = choices[c];
+    if (!ch.compressed && ch.block == BlockFormat::none && ch.bound.bits == 0) continue;
+    const size_t s = ch.bound.bits > 0 ? 3 : !ch.compressed ? 1 : ch.key.center ? 2 : 0;
     const double bits = rows[c]["bits_per_coordinate"].get<double>();
     kl.series[s].points.push_back({bits, rows[c]["kl_mean"].get<double>(), choices[c].name});
     top1.series[s].points.push_back({bits, rows[c]["top1_agree"].get<double>(), choices[c].name});
@@ -279,8 +296,9 @@ int eval_model(const EvalModelArgs& args, std::ostream& out, std::ostream& err) 
     const double n = double(t.positions);
     nlohmann::json r;
     r["config"] = ch.name;
-    r["key_bits"] = ch.compressed ? ch.key.bits : bytes * 8.0 / coords;
-    r["value_bits"] = ch.compressed ? ch.value.bits : bytes * 8.0 / coords;
+    const bool coded = ch.compressed || ch.bound.bits > 0;
+    r["key_bits"] = ch.compressed ? ch.key.bits : coded ? ch.bound.bits : bytes * 8.0 / coords;
+    r["value_bits"] = ch.compressed ? ch.value.bits : coded ? ch.bound.bits : bytes * 8.0 / coords;
     r["bits_per_coordinate"] = bytes * 8.0 / coords;
     r["bytes_per_token"] = bytes;
     r["tokens"] = size_t(n);
