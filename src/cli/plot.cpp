@@ -37,7 +37,10 @@ namespace {
 
 constexpr double kPanelWidth = 620, kHeight = 540, kHeader = 70;
 constexpr double kLeft = 80, kRight = 24, kTop = kHeader + 16, kBottom = 62;
-constexpr double kColours[][3] = {{0.12, 0.38, 0.72}, {0.84, 0.24, 0.16}, {0.20, 0.60, 0.25}};
+// A series' colour and marker (circle, square, triangle, diamond), by its index modulo 4.
+constexpr double kColours[][3] = {
+    {0.12, 0.38, 0.72}, {0.84, 0.24, 0.16}, {0.20, 0.60, 0.25}, {0.45, 0.45, 0.45}};
+constexpr size_t kStyles = sizeof kColours / sizeof kColours[0];
 
 struct Range {
   double lo, hi;
@@ -60,16 +63,23 @@ std::string tick_text(double v, bool log) {
 
 void marker(cairo_t* cr, size_t series, double x, double y) {
   const double r = 5.5;
-  switch (series % 3) {
+  switch (series % kStyles) {
     case 0: cairo_arc(cr, x, y, r, 0, 2 * M_PI); break;
     case 1: cairo_rectangle(cr, x - r, y - r, 2 * r, 2 * r); break;
-    default:
+    case 2:
       cairo_move_to(cr, x, y - r * 1.2);
       cairo_line_to(cr, x + r * 1.1, y + r * 0.8);
       cairo_line_to(cr, x - r * 1.1, y + r * 0.8);
       cairo_close_path(cr);
+      break;
+    default:
+      cairo_move_to(cr, x, y - r * 1.3);
+      cairo_line_to(cr, x + r * 1.1, y);
+      cairo_line_to(cr, x, y + r * 1.3);
+      cairo_line_to(cr, x - r * 1.1, y);
+      cairo_close_path(cr);
   }
-  const double* c = kColours[series % 3];
+  const double* c = kColours[series % kStyles];
   cairo_set_source_rgb(cr, c[0], c[1], c[2]);
   cairo_fill(cr);
 }
