@@ -296,9 +296,9 @@ int eval_model(const EvalModelArgs& args, std::ostream& out, std::ostream& err) 
     const double n = double(t.positions);
     nlohmann::json r;
     r["config"] = ch.name;
-    const bool coded = ch.compressed || ch.bound.bits > 0;
-    r["key_bits"] = ch.compressed ? ch.key.bits : coded ? ch.bound.bits : bytes * 8.0 / coords;
-    r["value_bits"] = ch.compressed ? ch.value.bits : coded ? ch.bound.bits : bytes * 8.0 / coords;
+    const double plain_bits = ch.bound.bits > 0 ? ch.bound.bits : bytes * 8.0 / coords;
+    r["key_bits"] = ch.compressed ? ch.key.bits : plain_bits;
+    r["value_bits"] = ch.compressed ? ch.value.bits : plain_bits;
     r["bits_per_coordinate"] = bytes * 8.0 / coords;
     r["bytes_per_token"] = bytes;
     r["tokens"] = size_t(n);

@@ -208,8 +208,9 @@ __device__ __forceinline__ uint32_t spread_crumbs(uint32_t x) {
 // Quad lookups (the kernel built for 2-bit terms of 128 coordinates a side): a byte of four 2-bit
 // codes indexes a table of four float16 (8 bytes), so that one lookup yields two A registers of
 // an MMA where a code pair yields one. A key byte is one token's coordinates 4i..4i+3, as
-// stored; a value byte holds two tokens' codes of two coordinates (quad_values). Entry e:
-// (c[e & 3], c[e >> 2 & 3]) and (c[e >> 4 & 3], c[e >> 6]), read from the nibble-word pairs.
+// stored; a value byte holds two tokens' codes of two coordinates (see the kernel's value
+// lookups). Entry e: (c[e & 3], c[e >> 2 & 3]) and (c[e >> 4 & 3], c[e >> 6]), read from the
+// nibble-word pairs.
 __device__ __forceinline__ uint2 quad_entry(const uint32_t* pairs, uint32_t e) {
   return make_uint2(pairs[(e & 3u) | ((e >> 2 & 3u) << 4)], pairs[(e >> 4 & 3u) | ((e >> 6) << 4)]);
 }
@@ -805,13 +806,14 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
   // key term t: + kEntryBytes · kCopies · t
   const uint32_t key_sel = uint32_t(kEntryBytes) * uint32_t(lane % kCopies);
   const uint32_t value_sel = key_sel + uint32_t(kEntryBytes * kCopies * nk);
-  auto lut = [&](uint32_t sel, uint32_t w, int byte) {
-    const uint32_t offset = __byte_perm(w, sel, 0x5504u | (uint32_t(byte) << 4));
-    return *reinterpret_cast<const uint32_t*>(shared + offset);
+  auto entry = [&](uint32_t sel, uint32_t w, int byte) {
+    return shared + __byte_perm(w, sel, 0x5504u | (uint32_t(byte) << 4));
   };
-  auto lut_quad = [&](uint32_t sel, uint32_t w, int byte) {
-    const uint32_t offset = __byte_perm(w, sel, 0x5504u | (uint32_t(byte) << 4));
-    return *reinterpret_cast<const uint2*>(shared + offset);
+  auto lut = [&](uint32_t sel, uint32_t w, int byte) {
+    return *reinterpret_cast<const uint32_t*>(entry(sel, w, byte));
+  };
+  auto lut_quad = [&](uint32_t sel, uint32_t w, int byte) {  // an 8-byte entry (kQuad)
+    return *reinterpret_cast<const uint2*>(entry(sel, w, byte));
   };
   const uint32_t last = geo.hi - 1;
 
@@ -921,7 +923,8 @@ __global__ void __launch_bounds__(block_warps(kDim) * 32, kDim > 0 ? 1 : 2)
         const uint32_t sel = key_sel + uint32_t(kEntryBytes * kCopies * t);
         if constexpr (kQuad) {
           // A token's 8 code bytes (the lane's words 4·quad..4·quad + 3), byte 2k + h of them
-          // coordinates 4h..4h + 3 of word k: the two pairs of a byte 2h and 2h + 1 above.
+          // coordinates 4h..4h + 3 of word k: one lookup gives what the pair lookups of bytes
+          // 2h and 2h + 1 of a nibble word give below.
           uint2 kq[2];
 #pragma unroll
           for (int s = 0; s < 2; ++s)
